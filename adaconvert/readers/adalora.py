@@ -1,0 +1,119 @@
+"""Read a PEFT AdaLoRA directory: ΔW = B · diag(E) · A · lora_alpha / (init_r + 1e-5)."""
+
+from __future__ import annotations
+
+from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.errors import AdapterShapeError, InvalidConfigError
+from adaconvert.io.source import AdapterFiles, load_tensors, read_json
+from adaconvert.readers._common import check_finite, group_by_module, require, source_dtype
+from adaconvert.scaling import adalora_scaling
+
+# Written by adaconvert.training beside the adapter: rank per module at each budget step.
+RANK_HISTORY_FILE = "rank_history.json"
+
+
+def read_adalora(files: AdapterFiles) -> Adapter:
+    """Normalise an AdaLoRA checkpoint into an :class:`Adapter`.
+
+    Each module's triplet A: (r_m, in), E: (r_m, 1), B: (out, r_m) becomes LowRankDelta(A, B · diag(E) · s) with
+    s = lora_alpha / (init_r + 1e-5), the scaling PEFT applies. With ``rank_pattern`` set, r_m is the number of
+    kept entries (0 for a fully pruned module); with it null, r_m = init_r and pruned entries are zeros in E
+    (they become zero components, which ``strip_empty`` removes exactly).
+
+    Raises:
+        InvalidConfigError, MissingTensorError, AdapterShapeError, NonFiniteError, CorruptCheckpointError.
+    """
+    cfg, path = files.config, files.config_path
+    init_r = require(cfg, "init_r", int, path=path)
+    if init_r <= 0:
+        raise InvalidConfigError(f"init_r must be positive, got {init_r}", path=path)
+    lora_alpha = require(cfg, "lora_alpha", (int, float), path=path)
+    rank_pattern = cfg.get("rank_pattern")
+    if rank_pattern is not None and not isinstance(rank_pattern, dict):
+        raise InvalidConfigError("rank_pattern must be an object or null", path=path)
+    scale = adalora_scaling(lora_alpha, init_r)
+
+    tensors = load_tensors(files.weights_path)
+    dtype = source_dtype(tensors)
+    modules = group_by_module(tensors, ("lora_A", "lora_E", "lora_B"), path=files.weights_path)
+    deltas: dict[str, LowRankDelta] = {}
+    stored_ranks: dict[str, int] = {}
+    for module in sorted(modules):
+        parts = modules[module]
+        A, E, B = parts["lora_A"], parts["lora_E"], parts["lora_B"]
+        rank = _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
+        check_finite(module, parts, path=files.weights_path)
+        stored_ranks[module] = rank
+        A32, E32, B32 = A.float(), E.float(), B.float()
+        deltas[module] = LowRankDelta(A=A32, B=B32 * (E32.reshape(1, -1) * scale))
+
+    history_file = files.root / RANK_HISTORY_FILE
+    provenance = {
+        "source": str(files.root),
+        "peft_type": "ADALORA",
+        "dtype": str(dtype).removeprefix("torch."),
+        "init_r": init_r,
+        "target_r": cfg.get("target_r"),
+        "lora_alpha": lora_alpha,
+        "scaling": scale,
+        "rank_pattern_saved": rank_pattern is not None,
+        "stored_ranks": stored_ranks,
+        "effective_ranks": {m: int((d.B.abs().sum(0) != 0).sum()) for m, d in deltas.items()},
+        "total_step": cfg.get("total_step"),
+    }
+    if history_file.is_file():
+        provenance["rank_history"] = read_json(history_file)
+    return Adapter(
+        deltas=deltas,
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        base_model=cfg.get("base_model_name_or_path"),
+        task_type=cfg.get("task_type"),
+        source_kind="adalora",
+        provenance=provenance,
+    )
+
+
+def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles) -> int:
+    """The module's stored rank, after checking that A, E, B and rank_pattern agree."""
+    path = files.weights_path
+    if A.dim() != 2 or B.dim() != 2 or E.dim() != 2 or E.shape[1] != 1:
+        raise AdapterShapeError(
+            f"expected lora_A (r, in), lora_E (r, 1), lora_B (out, r); got {list(A.shape)}, {list(E.shape)}, "
+            f"{list(B.shape)}",
+            path=path,
+            module=module,
+        )
+    rank = A.shape[0]
+    if E.shape[0] != rank or B.shape[1] != rank:
+        raise AdapterShapeError(
+            f"rank mismatch: lora_A has {rank} rows, lora_E {E.shape[0]}, lora_B {B.shape[1]} columns",
+            path=path,
+            module=module,
+            expected=rank,
+            actual=(E.shape[0], B.shape[1]),
+        )
+    if rank_pattern is None:
+        if rank != init_r:
+            raise AdapterShapeError(
+                f"rank_pattern is null, so every module must have init_r={init_r} entries; found {rank}",
+                path=path,
+                module=module,
+            )
+        return rank
+    mask = rank_pattern.get(f"{module}.lora_E")
+    if mask is None:
+        raise InvalidConfigError(f"rank_pattern has no entry {module}.lora_E", path=files.config_path, module=module)
+    if not isinstance(mask, list) or len(mask) != init_r:
+        raise InvalidConfigError(
+            f"rank_pattern entry must be a list of init_r={init_r} booleans", path=files.config_path, module=module
+        )
+    kept = sum(bool(x) for x in mask)
+    if kept != rank:
+        raise AdapterShapeError(
+            f"rank_pattern keeps {kept} entries but the tensors have rank {rank}",
+            path=path,
+            module=module,
+            expected=kept,
+            actual=rank,
+        )
+    return rank

