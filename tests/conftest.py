@@ -68,16 +68,23 @@ def adalora_llama_b(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def adalora_llama_no_pattern(tiny_llama, tmp_path_factory):
-    """AdaLoRA saved mid-budgeting: rank_pattern null, full init_r tensors, pruned entries zero in lora_E."""
+    """AdaLoRA saved mid-budgeting with rank_pattern null: full init_r tensors, pruned entries zero in lora_E
+    (what PEFT saves when the pattern was never recorded, e.g. by older versions)."""
+
+    def forget_pattern(model):
+        model.peft_config["default"].rank_pattern = None
+
     out = tmp_path_factory.mktemp("adalora-llama-nopattern")
-    return train_peft(tiny_llama, out, adalora_config("llama", total_step=40), steps=20, seed=2, adalora=True)
+    cfg = adalora_config("llama", total_step=40)
+    # the last step (20) is a masking step (step % deltaT == 0), so the zeros are still there when saving
+    return train_peft(tiny_llama, out, cfg, steps=21, seed=2, adalora=True, before_save=forget_pattern)
 
 
 @pytest.fixture(scope="session")
-def adalora_llama_neg_alpha(tiny_llama, tmp_path_factory):
-    """lora_alpha ≤ 0: PEFT then scales by init_r / (init_r + 1e-5)."""
-    out = tmp_path_factory.mktemp("adalora-llama-negalpha")
-    return _train_adalora(tiny_llama, out, "llama", seed=3, lora_alpha=0)
+def adalora_llama_unpruned(tiny_llama, tmp_path_factory):
+    """AdaLoRA saved before pruning ever ran (step < tinit): rank_pattern null, every module at init_r."""
+    out = tmp_path_factory.mktemp("adalora-llama-unpruned")
+    return train_peft(tiny_llama, out, adalora_config("llama", total_step=40), steps=4, seed=4, adalora=True)
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +134,12 @@ def vllm_engine(tiny_llama):
     from tests.vllm_utils import make_engine
 
     return make_engine(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_llama, tmp_path_factory):
+    """Adapters trained by ``adaconvert.train`` on tiny_llama (lora, adalora, lora-drop-share, lora-drop-drop),
+    each trained on first use: ``trained.get("adalora").output``."""
+    from tests.training_utils import TrainedAdapters
+
+    return TrainedAdapters(tiny_llama, tmp_path_factory.mktemp("trained"))

@@ -31,9 +31,21 @@ def training_batch(base_dir: str | Path) -> dict[str, torch.Tensor]:
     return dict(tok(SENTENCES, return_tensors="pt", padding=True))
 
 
-def train_peft(base_dir, out_dir, peft_config, *, steps: int, seed: int = 0, lr: float = 2e-2, adalora: bool = False):
+def train_peft(
+    base_dir,
+    out_dir,
+    peft_config,
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float = 2e-2,
+    adalora: bool = False,
+    keep=False,
+    before_save=None,
+):
     """Train ``peft_config`` on the tiny sentences with a plain loop, the AdaLoRA way when ``adalora``:
-    ``update_and_allocate(step)`` after ``optimizer.step()`` and before ``zero_grad()``. Saves to ``out_dir``."""
+    ``update_and_allocate(step)`` after ``optimizer.step()`` and before ``zero_grad()``. Saves to ``out_dir``;
+    returns it, or (out_dir, trained PeftModel in eval mode) with ``keep``. ``before_save(model)`` runs before saving."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
@@ -47,8 +59,10 @@ def train_peft(base_dir, out_dir, peft_config, *, steps: int, seed: int = 0, lr:
         if adalora:
             model.base_model.update_and_allocate(step)
         opt.zero_grad()
+    if before_save is not None:
+        before_save(model)
     model.save_pretrained(str(out_dir))
-    return out_dir
+    return (out_dir, model.eval()) if keep else out_dir
 
 
 def peft_model(base_dir, adapter_dir, dtype: torch.dtype = torch.float32):
@@ -105,3 +119,23 @@ def max_rel_delta_error(reference: dict[str, torch.Tensor], other: dict[str, tor
             continue
         worst = max(worst, float((ref - got).norm() / norm))
     return worst
+
+
+@torch.no_grad()
+def peft_greedy(base_dir, adapter_dir, prompts: list[list[int]], *, max_tokens: int = 8):
+    """[(token ids, logprob of each chosen token)] for greedy decoding with PEFT, one prompt at a time (no padding).
+
+    ``adapter_dir`` None runs the base model."""
+    model = peft_model(base_dir, adapter_dir) if adapter_dir else load_base(base_dir)
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        tokens, logprobs = [], []
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+            nxt = int(logp.argmax())
+            tokens.append(nxt)
+            logprobs.append(float(logp[nxt]))
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        results.append((tokens, logprobs))
+    return results

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +109,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises a zoo of types for bad pickles; all mean "cannot read this file"
+        with warnings.catch_warnings():  # torch warns before raising; the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message suggests weights_only=False: exactly what must not be done with an untrusted file
         raise CorruptCheckpointError(
-            f"cannot be read as a weights-only torch checkpoint ({_one_line(exc)})", path=path
+            "refused by weights-only loading: it holds objects other than tensors (possibly code); "
+            "re-save it as safetensors in a trusted environment",
+            path=path,
         ) from exc
+    except Exception as exc:  # torch raises a zoo of types for bad files; all mean "cannot read this file"
+        raise CorruptCheckpointError(f"cannot be read as a torch checkpoint ({_one_line(exc)})", path=path) from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CorruptCheckpointError("expected a flat {name: tensor} state dict", path=path)
     return obj

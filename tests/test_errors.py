@@ -1,0 +1,251 @@
+"""Bad input: one line naming the file and the problem, a non-zero exit, no traceback, nothing left at DST."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaconvert.cli import main
+
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+
+
+def write_adalora(path, *, init_r=4, kept=(3, 0), in_f=16, out_f=16, seed=0):
+    """A small AdaLoRA directory laid out exactly as PEFT saves one with rank_pattern set."""
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, pattern = {}, {}
+    for module, k in zip(MODULES, kept, strict=True):
+        p = f"base_model.model.{module}"
+        tensors[f"{p}.lora_A"] = torch.randn(k, in_f, generator=g)
+        tensors[f"{p}.lora_E"] = torch.randn(k, 1, generator=g)
+        tensors[f"{p}.lora_B"] = torch.randn(out_f, k, generator=g)
+        pattern[f"{module}.lora_E"] = [True] * k + [False] * (init_r - k)
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {
+        "peft_type": "ADALORA",
+        "init_r": init_r,
+        "target_r": 2,
+        "lora_alpha": 8,
+        "rank_pattern": pattern,
+        "target_modules": ["q_proj", "down_proj"],
+        "base_model_name_or_path": "tiny",
+        "task_type": "CAUSAL_LM",
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_tensors(path, fn):
+    tensors = load_file(path / "adapter_model.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+def edit_config(path, fn):
+    config = json.loads((path / "adapter_config.json").read_text())
+    fn(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _truncate(p):
+    data = (p / "adapter_model.safetensors").read_bytes()
+    (p / "adapter_model.safetensors").write_bytes(data[: len(data) - 20])
+
+
+def _garbage(p):
+    (p / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+
+
+def _pickle_bomb(p):
+    (p / "adapter_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/adaconvert-pwned",))
+
+    (p / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+
+
+ERROR_CASES = [
+    # (id, breakage, extra CLI args, exit code, message fragment, file the message must name)
+    ("missing-dir", lambda p: shutil.rmtree(p), [], 3, "no such directory", ""),
+    ("missing-config", lambda p: (p / "adapter_config.json").unlink(), [], 3, "missing file", "adapter_config.json"),
+    (
+        "invalid-json",
+        lambda p: (p / "adapter_config.json").write_text("{nope"),
+        [],
+        2,
+        "not valid JSON",
+        "adapter_config.json",
+    ),
+    (
+        "not-an-object",
+        lambda p: (p / "adapter_config.json").write_text("[1]"),
+        [],
+        2,
+        "JSON object",
+        "adapter_config.json",
+    ),
+    (
+        "unknown-peft-type",
+        lambda p: edit_config(p, lambda c: c.update(peft_type="IA3")),
+        [],
+        2,
+        "unknown peft_type 'IA3'; supported: ADALORA, LORA",
+        "adapter_config.json",
+    ),
+    (
+        "missing-init-r",
+        lambda p: edit_config(p, lambda c: c.pop("init_r")),
+        [],
+        2,
+        "missing required field 'init_r'",
+        "adapter_config.json",
+    ),
+    ("no-weights", lambda p: (p / "adapter_model.safetensors").unlink(), [], 3, "no adapter weights", ""),
+    ("truncated", _truncate, [], 2, "corrupt or truncated safetensors", "adapter_model.safetensors"),
+    ("garbage", _garbage, [], 2, "corrupt or truncated safetensors", "adapter_model.safetensors"),
+    ("pickle-code", _pickle_bomb, [], 2, "refused by weights-only loading", "adapter_model.bin"),
+    (
+        "missing-lora-E",
+        lambda p: edit_tensors(p, lambda t: t.pop(f"{Q}.lora_E")),
+        [],
+        2,
+        "missing lora_E",
+        "adapter_model.safetensors",
+    ),
+    (
+        "missing-lora-B",
+        lambda p: edit_tensors(p, lambda t: t.pop(f"{Q}.lora_B")),
+        [],
+        2,
+        "missing lora_B",
+        "adapter_model.safetensors",
+    ),
+    (
+        "shape-mismatch",
+        lambda p: edit_tensors(p, lambda t: t.update({f"{Q}.lora_E": torch.ones(2, 1)})),
+        [],
+        2,
+        "rank mismatch",
+        "adapter_model.safetensors",
+    ),
+    (
+        "pattern-disagrees",
+        lambda p: edit_config(
+            p, lambda c: c["rank_pattern"].update({"model.layers.0.self_attn.q_proj.lora_E": [True] * 4})
+        ),
+        [],
+        2,
+        "rank_pattern keeps 4 entries but the tensors have rank 3",
+        "adapter_model.safetensors",
+    ),
+    (
+        "nan",
+        lambda p: edit_tensors(p, lambda t: t[f"{Q}.lora_A"].__setitem__((0, 0), float("nan"))),
+        [],
+        2,
+        "lora_A holds NaN or Inf",
+        "adapter_model.safetensors",
+    ),
+    (
+        "inf",
+        lambda p: edit_tensors(p, lambda t: t[f"{Q}.lora_B"].__setitem__((1, 0), float("inf"))),
+        [],
+        2,
+        "lora_B holds NaN or Inf",
+        "adapter_model.safetensors",
+    ),
+    (
+        "unexpected-key",
+        lambda p: edit_tensors(p, lambda t: t.update({"lm_head.weight": torch.ones(2)})),
+        [],
+        2,
+        "unexpected tensor 'lm_head.weight'",
+        "adapter_model.safetensors",
+    ),
+    ("rank-above-vllm-limit", lambda p: None, ["--vllm-max-lora-rank", "1"], 5, "exceed vLLM max_lora_rank 1", ""),
+    (
+        "invalid-vllm-bucket",
+        lambda p: None,
+        ["--vllm-max-lora-rank", "12"],
+        2,
+        "max_lora_rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512; got 12",
+        None,
+    ),
+    ("bad-energy", lambda p: None, ["--energy", "1.5"], 2, "--energy must be in (0, 1]", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "args", "code", "message", "names"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
+)
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, breakage, args, code, message, names):
+    src = write_adalora(tmp_path / "src")
+    breakage(src)
+    dst = tmp_path / "dst"
+    assert main(["to-lora", str(src), str(dst), *args]) == code
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err
+    if names is not None:
+        assert str(src / names).rstrip("/") in err
+    assert "Traceback" not in err
+    assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")] == []
+    assert not os.path.exists("/tmp/adaconvert-pwned")
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path, capsys):
+    src = write_adalora(tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    assert main(["to-lora", str(src), str(dst)]) == 4
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {dst}: output already exists; pass --overwrite to replace it"
+    assert (dst / "keep.txt").read_text() == "precious"
+    assert main(["to-lora", str(src), str(dst), "--overwrite", "--quiet"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "adapter_model.safetensors").exists()
+
+
+def test_failed_overwrite_keeps_the_old_output(tmp_path, capsys):
+    src = write_adalora(tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert main(["to-lora", str(src), str(dst), "--quiet"]) == 0
+    before = (dst / "adapter_model.safetensors").read_bytes()
+    _truncate(src)
+    assert main(["to-lora", str(src), str(dst), "--overwrite"]) == 2
+    assert (dst / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from adaconvert.errors import SourceNotFoundError
+
+    with pytest.raises(SourceNotFoundError):
+        main(["to-lora", str(tmp_path / "nope"), str(tmp_path / "dst"), "--debug"])
+
+
+def test_unsupported_lora_features_are_named(tmp_path, capsys):
+    src = tmp_path / "dora"
+    src.mkdir()
+    save_file(
+        {f"{Q}.lora_A.weight": torch.ones(2, 4), f"{Q}.lora_B.weight": torch.ones(4, 2)},
+        src / "adapter_model.safetensors",
+    )
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": True, "bias": "all"}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["to-lora", str(src), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported LoRA feature(s): DoRA (magnitude vectors); bias='all'" in err

