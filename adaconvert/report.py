@@ -56,16 +56,27 @@ def _empty_like(delta: LowRankDelta) -> LowRankDelta:
     return LowRankDelta(A=delta.A.new_zeros(0, delta.in_features), B=delta.B.new_zeros(delta.out_features, 0))
 
 
-def build_report(source: Adapter, result: Adapter, *, dtype: torch.dtype, destination: str) -> ConversionReport:
-    """Compare the written adapter (``result`` cast to ``dtype``) with ``source``, module by module.
+def build_report(
+    source: Adapter, exact: Adapter, result: Adapter, *, dtype: torch.dtype, destination: str
+) -> ConversionReport:
+    """Compare the written adapter (``result`` cast to ``dtype``) with the source, module by module.
 
-    ``source`` must be the reader's output before any transform, so that "before" means the checkpoint as saved.
+    Args:
+        source: the reader's output, before any transform: "before" means the checkpoint as saved.
+        exact: ``strip_empty(source)``, the same ΔW per module with zero components removed; errors are measured
+            against it, so that a module passed through untouched in float32 costs nothing to check (its error is
+            exactly 0: the tensors written are the ones compared).
+        result: what is written.
     """
     stored = source.provenance.get("stored_ranks", source.ranks)
     modules = []
     for name, before in sorted(source.deltas.items()):
-        after = result.deltas.get(name)
+        reference, after = exact.deltas.get(name), result.deltas.get(name)
         layer, kind = split_module_name(name)
+        if reference is None or (after is reference and dtype == torch.float32):
+            error = 0.0  # ΔW is zero in the source (and strip_empty removed it), or passed through bit for bit
+        else:
+            error = relative_error(reference, _cast(after, dtype) if after else _empty_like(reference))
         modules.append(
             ModuleReport(
                 name=name,
@@ -75,7 +86,7 @@ def build_report(source: Adapter, result: Adapter, *, dtype: torch.dtype, destin
                 rank_after=after.rank if after else 0,
                 params_before=before.num_params,
                 params_after=after.num_params if after else 0,
-                rel_error=relative_error(before, _cast(after, dtype) if after else _empty_like(before)),
+                rel_error=error,
             )
         )
     element = torch.empty((), dtype=dtype).element_size()
@@ -92,7 +103,5 @@ def build_report(source: Adapter, result: Adapter, *, dtype: torch.dtype, destin
         bytes_after=result.num_params * element,
         max_rel_error=max((m.rel_error for m in modules), default=0.0),
         removed_modules=sorted(set(source.deltas) - set(result.deltas)),
-        provenance={
-            k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "effective_ranks", "scalings")
-        },
+        provenance={k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "scalings")},
     )

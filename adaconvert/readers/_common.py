@@ -41,9 +41,16 @@ def group_by_module(
 
 
 def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> None:
-    """Raise NonFiniteError naming the first tensor of ``parts`` holding NaN or Inf."""
+    """Raise NonFiniteError naming the first tensor of ``parts`` holding NaN or Inf.
+
+    min and max propagate NaN and reach ±Inf, so one fast reduction per tensor decides it.
+    """
     for suffix, tensor in parts.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if (
+            tensor.is_floating_point()
+            and tensor.numel()
+            and not torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
+        ):
             raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
 
 

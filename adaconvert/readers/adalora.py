@@ -58,7 +58,6 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         "scaling": scale,
         "rank_pattern_saved": rank_pattern is not None,
         "stored_ranks": stored_ranks,
-        "effective_ranks": {m: int((d.B.abs().sum(0) != 0).sum()) for m, d in deltas.items()},
         "total_step": cfg.get("total_step"),
     }
     if history_file.is_file():

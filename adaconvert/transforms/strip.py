@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from adaconvert.adapter import Adapter, LowRankDelta
 
 
@@ -14,8 +16,14 @@ def strip_empty(adapter: Adapter) -> Adapter:
     """
     deltas: dict[str, LowRankDelta] = {}
     for name, delta in adapter.deltas.items():
-        keep = (delta.A != 0).any(dim=1) & (delta.B != 0).any(dim=0)
+        keep = _nonzero(delta.A, dim=1) & _nonzero(delta.B, dim=0)
         if not keep.any():
             continue
         deltas[name] = delta if keep.all() else LowRankDelta(A=delta.A[keep], B=delta.B[:, keep])
     return adapter.replace(deltas=deltas)
+
+
+def _nonzero(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per slice along ``dim``: holds a non-zero. aminmax is one fast pass with no tensor-sized temporary."""
+    lo, hi = torch.aminmax(x, dim=dim)
+    return (lo != 0) | (hi != 0)

@@ -1,0 +1,60 @@
+"""The streaming safetensors writer: byte-exact header, and files the reference library reads back."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from adaconvert.io.safetensors_writer import SafetensorsWriter, build_header, save_tensors
+
+
+def test_header_bytes_are_pinned():
+    header = build_header([("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (4,))], {"format": "pt"})
+    body = b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},' + (
+        b'"b":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]}}'
+    )
+    body += b" " * (-len(body) % 8)
+    assert header == struct.pack("<Q", len(body)) + body
+    assert len(header) % 8 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
+def test_roundtrip_with_the_reference_reader(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "x.weight": (torch.randn(5, 7, generator=g) * 10).to(dtype),
+        "empty": torch.zeros(0, 3, dtype=dtype),
+        "scalar": torch.tensor(3, dtype=dtype),
+        "t": torch.randn(3, 4, generator=g).to(dtype).T,  # non-contiguous input
+    }
+    save_tensors(tmp_path / "f.safetensors", tensors, {"format": "pt"})
+    back = load_file(tmp_path / "f.safetensors")
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == dtype and torch.equal(back[k], v)
+    with safe_open(tmp_path / "f.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_out_of_order_or_wrong_shape_is_refused(tmp_path):
+    layout = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(ValueError, match="expected a"), SafetensorsWriter(tmp_path / "f", layout) as w:
+        w.write("b", torch.zeros(3))
+    with (
+        pytest.raises(ValueError, match=r"expected a torch.float32 \[2\]"),
+        SafetensorsWriter(tmp_path / "g", layout) as w,
+    ):
+        w.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="never written"), SafetensorsWriter(tmp_path / "h", layout) as w:
+        w.write("a", torch.zeros(2))
+
+
+def test_header_is_valid_json_padded_with_spaces():
+    raw = build_header([("w", torch.float16, (3,))])
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert json.loads(raw[8 : 8 + n]) == {"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}}
