@@ -16,7 +16,6 @@ from adaconvert.adapter import Adapter
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
 from adaconvert.readers._common import PEFT_PREFIX
-from adaconvert.scaling import get_pattern_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -28,16 +27,13 @@ def lora_config_dict(adapter: Adapter) -> dict:
     ``target_modules`` lists the full module names, so PEFT wraps exactly the modules that have weights.
 
     Raises:
-        InvalidConfigError: the adapter has no module, or a module name would pick up another module's pattern
-            key under PEFT's suffix-matching rule (its rank would then be wrong).
+        InvalidConfigError: the adapter has no module.
     """
     if not adapter.deltas:
         raise InvalidConfigError("adapter has no module with a non-zero update left; nothing to write")
-    ranks = {name: d.rank for name, d in sorted(adapter.deltas.items())}
-    for name in ranks:
-        key = get_pattern_key(ranks, name)
-        if key != name:
-            raise InvalidConfigError(f"rank_pattern key {key!r} would also match module {name!r}", module=name)
+    # PEFT and vLLM take the first key matching a dotted suffix of a module name. Deeper names first: a module's
+    # own key then always comes before any key that is a suffix of it (``encoder.fc`` inside ``vision.encoder.fc``).
+    ranks = {name: adapter.deltas[name].rank for name in sorted(adapter.deltas, key=lambda n: (-n.count("."), n))}
     max_rank = max(ranks.values())
     return {
         "peft_type": "LORA",
