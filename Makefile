@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean
+.PHONY: test lint bench clean demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# trains, converts, validates and serves two tiny adapters; artefacts in ./adaconvert-demo (replaced on each run)
+demo: $(STAMP)
+	$(VENV)/bin/adaconvert demo
 
 bench: $(STAMP)
 	$(PY) tools/bench_convert.py

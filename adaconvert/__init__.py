@@ -5,14 +5,42 @@ The Python API mirrors the CLI verbs::
     import adaconvert
     report = adaconvert.to_lora("runs/adalora", "runs/adalora-lora")
     summary = adaconvert.inspect("runs/adalora-lora")
+    adaconvert.merge("models/base", ["runs/adalora-lora"], "models/merged")
 """
 
+from __future__ import annotations
+
+import importlib
+
 from adaconvert.adapter import Adapter, LowRankDelta
-from adaconvert.convert import to_lora
 from adaconvert.errors import AdaconvertError
-from adaconvert.inspection import inspect
-from adaconvert.readers import read_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaconvertError", "Adapter", "LowRankDelta", "inspect", "read_adapter", "to_lora"]
+# verb → module that defines it. Imported on first use: `adaconvert to-lora` should not pay for transformers'
+# Trainer, vLLM helpers or the Hub client (seconds and hundreds of MiB at start-up) when it does not use them.
+_LAZY = {
+    "inspect": "adaconvert.inspection",
+    "merge": "adaconvert.merging",
+    "push": "adaconvert.hub",
+    "read_adapter": "adaconvert.readers",
+    "serve": "adaconvert.serving",
+    "to_lora": "adaconvert.convert",
+    "to_lora_many": "adaconvert.batch",
+    "train": "adaconvert.training",
+    "validate": "adaconvert.validation",
+}
+
+__all__ = ["AdaconvertError", "Adapter", "LowRankDelta", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'adaconvert' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

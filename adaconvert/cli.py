@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -22,6 +23,9 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
     errors.OutputExistsError: 4,
     errors.RankLimitError: 5,
     errors.ValidationError: 6,
+    errors.HubError: 7,
+    errors.BatchConversionError: 8,
+    errors.ServeError: 9,
     errors.AdaconvertError: 2,
 }
 
@@ -53,6 +57,18 @@ def emit(result: dict, text: str, *, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
+def one_torch_thread() -> None:
+    """Use one torch thread unless OMP_NUM_THREADS says otherwise.
+
+    Conversion and inspection are memory-bound passes over many small tensors: one thread is as fast on an idle
+    machine, and OpenMP's thread hand-offs made them 10-20× slower on a busy one (measured on 2 cores).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @click.group()
 @click.version_option(package_name="adaconvert")
 def cli():
@@ -60,16 +76,38 @@ def cli():
 
 
 @cli.command("to-lora")
-@click.argument("src")
-@click.argument("dst", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, metavar="SRC DST | SRC... --output-dir DIR")
 @click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
 @click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
 @click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
 @click.option("--vllm-max-lora-rank", type=int, help="vLLM bucket every module must fit (compresses if asked to).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="Convert every SRC (paths, Hub ids, quoted globs, @list.txt) into DIR/<name>, with a summary table.",
+)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Worker processes for --output-dir.")
 @common_options(overwrite=True)
-def to_lora_cmd(src, dst, *, as_json, **options):
-    """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a rank-varying LoRA at DST."""
+def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
+    """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a rank-varying LoRA at DST.
+
+    With --output-dir DIR, convert many sources in --jobs worker processes; a bad source is reported and the
+    others go on; the exit status is non-zero if any failed, and the error names every failure.
+    """
+    one_torch_thread()
+    if output_dir is not None:
+        from adaconvert.batch import expand_sources, to_lora_many
+
+        progress = logging.getLogger().isEnabledFor(logging.INFO)
+        sources = expand_sources(paths)
+        result = to_lora_many(sources, output_dir, jobs=jobs, raise_on_failure=False, progress=progress, **options)
+        emit(result.to_dict(), result.table(), as_json=as_json)
+        result.raise_for_failures()
+        return
+    if len(paths) != 2 or jobs != 1:
+        raise click.UsageError("give SRC DST, or several sources with --output-dir DIR (and --jobs)")
+    src, dst = paths
     from adaconvert.convert import to_lora
 
     report = to_lora(src, dst, **options)
@@ -89,6 +127,7 @@ def to_lora_cmd(src, dst, *, as_json, **options):
 @common_options()
 def inspect_cmd(adapter, *, as_json, plot):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs."""
+    one_torch_thread()
     from adaconvert.card import rank_table
     from adaconvert.inspection import inspect
 
@@ -113,6 +152,280 @@ def inspect_cmd(adapter, *, as_json, plot):
     if plot:
         lines.append(f"heatmap: {plot}")
     emit(report.to_dict(), "\n".join(lines), as_json=as_json)
+
+
+@cli.command("push")
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", "--branch", "revision", help="Branch to commit to (created if missing; default main).")
+@click.option("--commit-message", help="Commit message (default: 'Upload adapter converted by adaconvert').")
+@click.option("--token", help="Hub token (default: HF_TOKEN, else the `hf auth login` token). Never printed.")
+@click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded, and the card; send nothing.")
+@click.option("--force", is_flag=True, help="Push even if the vLLM check fails or the conversion report is missing.")
+@common_options()
+def push_cmd(adapter, repo_id, *, as_json, **options):
+    """Upload ADAPTER (a to-lora or merge output) to the Hub as REPO_ID, in one commit, with a fresh model card."""
+    from adaconvert.hub import push
+
+    result = push(adapter, repo_id, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)
+    where = f"{result.repo_id}@{result.revision}" + (" (private)" if result.private else "")
+    listing = "\n".join(f"{size:>14,}  {name}" for name, size in result.files)
+    if result.dry_run:
+        card = f"\n\n--- README.md (model card) ---\n{result.card}" if result.card else ""
+        text = f"dry run: would push {len(result.files)} files to {where}:\n{listing}{card}"
+    else:
+        text = f"pushed {len(result.files)} files to {where}:\n{listing}\ncommit: {result.commit_url}"
+    emit(result.to_dict(), text, as_json=as_json)
+
+
+def _name_value(items, what: str) -> list[tuple[str, str]]:
+    """``["a=b", ...]`` → ``[("a", "b"), ...]``, split at the first ``=``; a UsageError naming ``what`` otherwise."""
+    pairs = [tuple(item.split("=", 1)) for item in items]
+    bad = [item for item, pair in zip(items, pairs, strict=True) if len(pair) != 2 or not all(pair)]
+    if bad:
+        raise click.UsageError(f"expected {what}, got {bad[0]!r}")
+    return pairs
+
+
+@cli.command("validate")
+@click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL CONVERTED]")
+@click.option("--pair", "pairs", multiple=True, metavar="ORIG=CONV", help="Another original/converted pair (repeat).")
+@click.option("--merged", type=click.Path(file_okay=False), help="Also check a merged checkpoint of ORIGINAL.")
+@click.option("--vllm", is_flag=True, help="Also run the converted adapters in a real vLLM engine.")
+@click.option(
+    "--vllm-static",
+    "static",
+    multiple=True,
+    metavar="ADAPTER",
+    help="Only check ADAPTER against vLLM's rules, without an engine (repeat; BASE adds module-name checks).",
+)
+@click.option("--max-lora-rank", type=int, help="With --vllm-static: the --max-lora-rank it will be served with.")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Prompts file: one per line, or a JSON list.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--tolerance", multiple=True, metavar="NAME=VALUE", help="Override a tolerance, e.g. logit_abs=1e-2.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, help="Greedy tokens per prompt (--vllm).")
+@common_options()
+def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **options):
+    """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
+
+    Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
+    """
+    if static:
+        from adaconvert.vllm_compat import check_vllm_compat
+
+        if len(paths) > 1:
+            raise click.UsageError("--vllm-static takes the adapters as options and at most BASE as argument")
+        base = paths[0] if paths else None
+        found = {a: check_vllm_compat(a, max_lora_rank=max_lora_rank, base_config=base) for a in static}
+        lines = []
+        for adapter, problems in found.items():
+            lines.append(f"{adapter}: {len(problems)} problem(s)" if problems else f"{adapter}: ok")
+            lines += [f"  {p}" for p in problems]
+        emit({a: [p.to_dict() for p in ps] for a, ps in found.items()}, "\n".join(lines), as_json=as_json)
+        failed = {a: ps for a, ps in found.items() if ps}
+        if failed:
+            first = next(iter(failed))
+            problems = {a: [str(p) for p in ps] for a, ps in failed.items()}
+            raise errors.ValidationError(f"vLLM would not load it: {failed[first][0]}", path=first, problems=problems)
+        return
+    if len(paths) not in (1, 3) or (len(paths) == 1 and not pairs):
+        raise click.UsageError("give BASE ORIGINAL CONVERTED, or BASE with --pair ORIG=CONV (repeatable)")
+    from adaconvert.validation import validate
+    from adaconvert.validation.runner import failure
+
+    base, *pair = paths
+    tolerances = {k: float(v) for k, v in _name_value(tolerance, "NAME=VALUE")}
+    result = validate(
+        base,
+        *pair,
+        pairs=_name_value(pairs, "ORIG=CONV"),
+        tolerances=tolerances,
+        raise_on_failure=False,
+        progress=logging.getLogger().isEnabledFor(logging.INFO),
+        **options,
+    )
+    emit(result.to_dict(), result.table(), as_json=as_json)
+    if not result.passed:
+        raise failure(result)
+
+
+# (flag, type, help) of `adaconvert train`; every option defaults to unset, so that a --config recipe can set it
+_TRAIN_OPTIONS = [
+    ("--model", str, "Base model: local directory or Hub id."),
+    ("--data", str, "Training data: .jsonl/.json/.txt/.csv/.parquet file, or a `datasets` Hub name."),
+    ("--output", str, "Adapter directory to write."),
+    ("--text-column", str, "Column / JSONL key holding the text (default text)."),
+    ("--split", str, "`datasets` split (default train)."),
+    ("--data-config", str, "`datasets` configuration name."),
+    ("--max-length", int, "Tokens per example; longer ones are truncated (default 512)."),
+    ("--batch-size", int, "Examples per device per micro-batch (default 4)."),
+    ("--grad-accum", int, "Micro-batches per optimizer step (default 1)."),
+    ("--lr", float, "Learning rate (default 2e-4)."),
+    ("--steps", int, "Optimizer steps (default: --epochs 1)."),
+    ("--epochs", float, "Passes over the data."),
+    ("--warmup-ratio", float, "Linear warm-up, as a fraction of the steps (default 0)."),
+    ("--target-modules", str, "Comma-separated module names to adapt (default all-linear)."),
+    ("--r", int, "LoRA rank, for lora and lora-drop (default 8)."),
+    ("--lora-alpha", float, "LoRA alpha (default 2 × rank)."),
+    ("--lora-dropout", float, "LoRA dropout (default 0.05)."),
+    ("--init-r", int, "AdaLoRA: initial rank per module (default 12)."),
+    ("--target-r", int, "AdaLoRA: average final rank per module (default 8)."),
+    ("--tinit", int, "AdaLoRA: warm-up steps before pruning (default 10% of the steps)."),
+    ("--tfinal", int, "AdaLoRA: final steps with fixed ranks (default 20% of the steps)."),
+    ("--delta-t", int, "AdaLoRA: steps between budget updates (default 1% of the steps)."),
+    ("--beta1", float, "AdaLoRA: sensitivity smoothing (default 0.85)."),
+    ("--beta2", float, "AdaLoRA: uncertainty smoothing (default 0.85)."),
+    ("--orth-reg-weight", float, "AdaLoRA: orthogonality loss weight (default 0.5)."),
+    ("--pilot-fraction", float, "LoRA-Drop: share of data and steps for the pilot run (default 0.1)."),
+    ("--importance", click.Choice(["output", "weight-l1"]), "LoRA-Drop scoring: Σ‖ΔW x‖² (default) or ‖A‖₁+‖B‖₁."),
+    ("--threshold", float, "LoRA-Drop: keep layers up to this cumulative importance (default 0.9)."),
+    ("--keep-fraction", float, "LoRA-Drop: keep this fraction of the layers instead."),
+    ("--policy", click.Choice(["share", "drop"]), "LoRA-Drop: the other layers share one LoRA (default) or none."),
+    ("--granularity", click.Choice(["layer", "module"]), "LoRA-Drop selection unit (default layer)."),
+    ("--importance-samples", int, "LoRA-Drop: pilot examples scored (default 256)."),
+    ("--precision", click.Choice(["auto", "bf16", "fp16", "fp32"]), "Default auto: bf16/fp16 on GPU, fp32 on CPU."),
+    ("--seed", int, "Random seed (default 0)."),
+    ("--logging-steps", int, "Log the loss every N steps (default 10)."),
+]
+
+
+def _train_options(fn):
+    for flag, kind, text in reversed(_TRAIN_OPTIONS):
+        fn = click.option(flag, type=kind, default=None, help=text)(fn)
+    fn = click.option("--bf16", "precision_flag", flag_value="bf16", help="Same as --precision bf16.")(fn)
+    fn = click.option("--fp16", "precision_flag", flag_value="fp16", help="Same as --precision fp16.")(fn)
+    fn = click.option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Trade compute for memory."
+    )(fn)
+    return click.option("--config", type=click.Path(dir_okay=False), help="YAML recipe (see training/).")(fn)
+
+
+@cli.command("train")
+@click.argument("method", type=click.Choice(["lora", "adalora", "lora-drop"]))
+@_train_options
+@common_options(overwrite=True)
+def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
+    """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP via torchrun.
+
+    Example: adaconvert train adalora --model Qwen/Qwen2.5-0.5B --data data.jsonl --output runs/ada --steps 500
+    """
+    from adaconvert.training import train
+
+    options["precision"] = precision_flag or options["precision"]
+    quiet = click.get_current_context().params.get("quiet", False) or as_json
+    result = train(method, config=config, overwrite=overwrite or None, quiet=quiet or None, **options)
+    if not result.written:  # a non-main process of a torchrun / accelerate run: the main one reports
+        return
+    main = result.main
+    lines = [
+        f"wrote {result.output}: {method}, "
+        f"{main.optimizer_steps} optimizer steps in {main.wall_s:.1f} s "
+        f"(median {main.median_step_s * 1e3:.1f} ms/step, {main.tokens_per_s:,.0f} tokens/s), "
+        f"{main.trainable_params:,} trainable parameters, loss {main.train_loss:.4f}"
+    ]
+    if result.ranks is not None:
+        history = result.rank_history
+        lines.append(
+            f"AdaLoRA: total rank {sum(result.ranks.values())} (budget {history['target_budget']}, from "
+            f"{history['init_r']} × {len(result.ranks)} modules), {len(history['history'])} budget steps; "
+            f"history in rank_history.json"
+        )
+    if result.lora_drop is not None:
+        drop = result.lora_drop
+        lines.append(
+            f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
+            f"parameters {drop['pilot']['trainable_params']:,} in the pilot, {drop['main']['trainable_params']:,} "
+            "in the main run; details in lora_drop.json"
+        )
+    lines.append(f"next: adaconvert to-lora {result.output} {result.output}-lora")
+    emit(result.to_dict(), "\n".join(lines), as_json=as_json)
+
+
+@cli.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where to leave the artefacts.")
+@click.option("--steps", type=click.IntRange(min=10), help="Optimizer steps per training run (default 300).")
+@click.option("--vllm/--no-vllm", default=None, help="Serve both adapters under vLLM (default: if installed).")
+@common_options(overwrite=True)
+def demo_cmd(*, as_json, directory, steps, vllm, overwrite):
+    """Tiny model, AdaLoRA and LoRA-Drop trained on an embedded dataset, converted, validated and served."""
+    from adaconvert.demo.demo import run_demo
+
+    quiet = click.get_current_context().params.get("quiet", False) or as_json
+    report = run_demo(directory, steps=steps, vllm=vllm, overwrite=overwrite, echo=None if quiet else click.echo)
+    emit(report.to_dict(), f"demo finished; artefacts in {report.directory}", as_json=as_json)
+
+
+class _PassThroughCommand(click.Command):
+    """A command whose arguments after ``--`` are kept apart, untouched, in ``ctx.meta['passthrough']``."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            cut = args.index("--")
+            args, ctx.meta["passthrough"] = args[:cut], args[cut + 1 :]
+        return super().parse_args(ctx, args)
+
+
+@cli.command("serve", cls=_PassThroughCommand)
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="NAME=ADAPTER... [-- VLLM_ARGS...]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-lora-rank", type=int, help="vLLM bucket (default: the smallest that serves every adapter).")
+@click.option("--max-loras", type=click.IntRange(min=1), help="Adapters in one batch (default: all).")
+@click.option("--max-cpu-loras", type=click.IntRange(min=1), help="Adapters kept in CPU memory (default: all).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where conversions made for serving go.")
+@click.option("--print-command", is_flag=True, help="Print the exact `vllm serve` command instead of running it.")
+@click.option("--dry-run", is_flag=True, help="Read, check and convert everything, check the port; start nothing.")
+@click.option("--ready-timeout", type=float, default=1800, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Send vLLM's output to this file.")
+@common_options()
+def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
+    """Serve NAME=ADAPTER pairs on BASE with vLLM's OpenAI-compatible server; Ctrl-C stops it.
+
+    Adapters not in the safe export layout (AdaLoRA, LoRA with alpha != r...) are converted first, into the cache.
+    """
+    from adaconvert.serving import serve
+
+    extra = click.get_current_context().meta.get("passthrough", [])
+    named = _name_value(adapters, "NAME=ADAPTER")
+    plan = serve(base, named, extra_args=extra, print_command=print_command, dry_run=dry_run, **options)
+    if print_command:
+        emit(plan.to_dict(), plan.shell_command(), as_json=as_json)
+    elif dry_run:
+        lines = [f"{'name':<16} {'kind':<9} {'rank':>4}  {'served from'}"]
+        for a in plan.adapters:
+            how = " (converted, cached)" if a.cached else " (converted now)" if a.converted else ""
+            lines.append(f"{a.name:<16} {a.kind:<9} {a.max_rank:>4}  {a.path}{how}")
+        lines += [f"--max-lora-rank {plan.max_lora_rank}; listening on {plan.url}", plan.shell_command()]
+        emit(plan.to_dict(), "\n".join(lines), as_json=as_json)
+
+
+@cli.command("merge")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: base).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
+@common_options(overwrite=True)
+def merge_cmd(base, adapters, dst, *, as_json, **options):
+    """Fold ADAPTERs (AdaLoRA, LoRA, LoRA-Drop; `path:0.5` weights one) into BASE and write a full checkpoint at DST.
+
+    Streams tensor by tensor: memory stays flat whatever the model size. BASE is a directory or Hub id with
+    safetensors weights; DST gets shards, index, config and tokenizer files that transformers and vLLM load.
+    """
+    from adaconvert.merging import merge
+
+    quiet = click.get_current_context().params.get("quiet", False) or as_json
+    report = merge(base, adapters, dst, progress=not quiet, **options)
+    weights = ", ".join(f"{a['source']} ×{a['weight']:g} ({a['modules']} modules)" for a in report.adapters)
+    rss = f", peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB" if report.peak_rss_bytes else ""
+    text = (
+        f"wrote {dst}: {report.tensors_touched} of {report.tensors} tensors merged from {weights}; "
+        f"{report.bytes_written / 2**20:,.1f} MiB {report.dtype} in {report.shards} shard(s), "
+        f"{report.seconds:.1f} s{rss}"
+    )
+    emit(report.to_dict(), text, as_json=as_json)
 
 
 def main(argv: list[str] | None = None) -> int:

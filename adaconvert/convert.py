@@ -14,7 +14,7 @@ from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.report import REPORT_NAME, ConversionReport, build_report
 from adaconvert.transforms import compress_ranks, strip_empty
-from adaconvert.vllm_compat import check_bucket
+from adaconvert.vllm_compat import check_bucket, require_vllm_compat
 from adaconvert.writers import write_peft_lora
 
 logger = logging.getLogger(__name__)
@@ -67,17 +67,23 @@ def to_lora(
     cap = min((x for x in (max_rank, vllm_max_lora_rank if compressing else None) if x is not None), default=None)
 
     source = read_adapter(src)
-    adapter = strip_empty(source)
+    exact = adapter = strip_empty(source)
     if compressing:
         adapter = strip_empty(compress_ranks(adapter, max_rank=cap, energy=energy, tol=tol))
+    if not adapter.deltas:
+        raise InvalidConfigError("every module is empty (rank 0 or all-zero weights); nothing to write", path=src)
     if vllm_max_lora_rank is not None:
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, source.provenance.get("dtype", "float32"))
-    report = build_report(source, adapter, dtype=out_dtype, destination=str(dst))
+    report = build_report(source, exact, adapter, dtype=out_dtype, destination=str(dst))
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         write_peft_lora(adapter, tmp, dtype=out_dtype)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(conversion_card(report, base_model=adapter.base_model), encoding="utf-8")
+        # DESIGN.md §3, checked on the files as written: nothing vLLM would reject gets renamed into place.
+        # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
+        warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()
+        require_vllm_compat(tmp, max_lora_rank=vllm_max_lora_rank, what="the conversion", warn_only=warn_only)
     logger.info("wrote %s: %d modules, max rank %d", dst, len(adapter.deltas), adapter.max_rank)
     return report
 

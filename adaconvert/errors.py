@@ -79,3 +79,19 @@ class OutputExistsError(AdaconvertError, FileExistsError):
 
 class ValidationError(AdaconvertError, ValueError):
     """A validation found differences beyond tolerance; ``fields['problems']`` lists every one."""
+
+
+class InvalidDataError(AdaconvertError, ValueError):
+    """Training data cannot be used: empty, malformed (line number in ``fields['line']``), or a column is missing."""
+
+
+class HubError(AdaconvertError, ConnectionError):
+    """A Hub operation failed: no token, the Hub refused (HTTP status in the message) or could not be reached."""
+
+
+class BatchConversionError(AdaconvertError, RuntimeError):
+    """Some adapters of a batch failed; ``fields['failures']`` maps each source to its one-line error."""
+
+
+class ServeError(AdaconvertError, OSError):
+    """The vLLM server cannot start or stopped: port in use, vLLM missing, exited early, not ready in time."""

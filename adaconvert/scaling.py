@@ -5,6 +5,7 @@ Every reader calls these; nobody else multiplies by alpha / r.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -20,9 +21,14 @@ def get_pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None
     suffix of it that starts after a dot. First key wins. ``None`` when nothing matches.
     """
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if _suffix_regex(key).match(module_name):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _suffix_regex(key: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def lora_rank_and_alpha(

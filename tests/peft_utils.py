@@ -45,7 +45,8 @@ def train_peft(
 ):
     """Train ``peft_config`` on the tiny sentences with a plain loop, the AdaLoRA way when ``adalora``:
     ``update_and_allocate(step)`` after ``optimizer.step()`` and before ``zero_grad()``. Saves to ``out_dir``;
-    returns it, or (out_dir, trained PeftModel in eval mode) with ``keep``. ``before_save(model)`` runs before saving."""
+    returns it, or (out_dir, trained PeftModel in eval mode) with ``keep``. ``before_save(model)`` runs before
+    saving."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)

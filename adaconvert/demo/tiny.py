@@ -90,12 +90,15 @@ def build_tiny_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     max_shard_size: str | None = None,
+    sentences: list[str] | None = None,
 ):
-    """Create a random ``arch`` model with a trained tokenizer and save both to ``directory``; return the model."""
+    """Create a random ``arch`` model with a trained tokenizer and save both to ``directory``; return the model.
+
+    ``sentences`` (default :data:`SENTENCES`) are the texts the word-level tokenizer is trained on."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    tokenizer = build_tokenizer(directory)
+    tokenizer = build_tokenizer(directory, sentences)
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers, hidden=hidden)
     config.dtype = dtype

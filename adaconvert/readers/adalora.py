@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 from adaconvert.io.source import AdapterFiles, load_tensors, read_json
@@ -17,8 +19,8 @@ def read_adalora(files: AdapterFiles) -> Adapter:
 
     Each module's triplet A: (r_m, in), E: (r_m, 1), B: (out, r_m) becomes LowRankDelta(A, B · diag(E) · s) with
     s = lora_alpha / (init_r + 1e-5), the scaling PEFT applies. With ``rank_pattern`` set, r_m is the number of
-    kept entries (0 for a fully pruned module); with it null, r_m = init_r and pruned entries are zeros in E
-    (they become zero components, which ``strip_empty`` removes exactly).
+    kept entries (0 for a fully pruned module); with it null, r_m = init_r and pruned entries are zeros in E,
+    which are dropped here (exact: they contribute nothing).
 
     Raises:
         InvalidConfigError, MissingTensorError, AdapterShapeError, NonFiniteError, CorruptCheckpointError.
@@ -44,8 +46,11 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         rank = _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
         check_finite(module, parts, path=files.weights_path)
         stored_ranks[module] = rank
-        A32, E32, B32 = A.float(), E.float(), B.float()
-        deltas[module] = LowRankDelta(A=A32, B=B32 * (E32.reshape(1, -1) * scale))
+        E32 = E.float().reshape(-1)
+        kept = torch.nonzero(E32).flatten()
+        if len(kept) < rank:  # masked singular values (rank_pattern null): drop them now, before any math
+            A, B, E32 = A.index_select(0, kept), B.index_select(1, kept), E32[kept]
+        deltas[module] = LowRankDelta(A=A.float(), B=B.float() * (E32 * scale))
 
     history_file = files.root / RANK_HISTORY_FILE
     provenance = {

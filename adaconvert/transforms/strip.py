@@ -16,14 +16,13 @@ def strip_empty(adapter: Adapter) -> Adapter:
     """
     deltas: dict[str, LowRankDelta] = {}
     for name, delta in adapter.deltas.items():
-        keep = _nonzero(delta.A, dim=1) & _nonzero(delta.B, dim=0)
+        # Σ|x| per component is exact (no squares to underflow) and NaN-safe (NaN != 0 keeps it, never dropped)
+        keep = (delta.A.abs().sum(dim=1) != 0) & (delta.B.abs().sum(dim=0) != 0)
         if not keep.any():
             continue
-        deltas[name] = delta if keep.all() else LowRankDelta(A=delta.A[keep], B=delta.B[:, keep])
+        if keep.all():
+            deltas[name] = delta
+        else:
+            idx = torch.nonzero(keep).flatten()
+            deltas[name] = LowRankDelta(A=delta.A.index_select(0, idx), B=delta.B.index_select(1, idx))
     return adapter.replace(deltas=deltas)
-
-
-def _nonzero(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per slice along ``dim``: holds a non-zero. aminmax is one fast pass with no tensor-sized temporary."""
-    lo, hi = torch.aminmax(x, dim=dim)
-    return (lo != 0) | (hi != 0)

@@ -1,0 +1,330 @@
+"""``push``: upload a converted adapter (or a merged model) to the Hugging Face Hub in one commit, with its card.
+
+Plan, gate, upload: list the files, regenerate the model card with the repo id, refuse what vLLM would not load
+(or what adaconvert did not write) unless forced, then ``create_repo`` + one ``create_commit``. Network errors are
+retried by huggingface_hub (its ``http_backoff`` on preupload/LFS calls) and end in one :class:`HubError` line.
+The token never appears in results, messages or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from adaconvert.card import conversion_card
+from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError
+from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+HEATMAP_NAME = "rank_heatmap.png"
+VALIDATION_NAME = "validation_report.json"
+# Reports that prove adaconvert wrote the directory: a conversion (to-lora) or a merge.
+MERGE_REPORT_NAMES = ("merge_report.json",)
+
+
+@dataclass
+class PushResult:
+    """What was (or, with ``dry_run``, would be) uploaded.
+
+    Attributes:
+        repo_id: the target repo (with its namespace once the Hub resolved it).
+        revision: the branch committed to.
+        kind: ``adapter`` or ``merged``.
+        files: (path in repo, size in bytes) for every file of the commit, README.md (the card) included.
+        card: the README.md text uploaded.
+        problems: what the pre-push checks found (only non-empty when ``force`` let it through).
+        commit_url: the commit's URL; None for a dry run.
+    """
+
+    repo_id: str
+    revision: str
+    kind: str
+    private: bool
+    files: list[tuple[str, int]]
+    card: str | None
+    dry_run: bool
+    problems: list[str] = field(default_factory=list)
+    commit_url: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def push(
+    adapter: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> PushResult:
+    """Upload a directory written by adaconvert (converted adapter or merged model) to the Hub, in one commit.
+
+    The README.md is regenerated from ``conversion_report.json`` with ``repo_id`` in its snippets (the local file is
+    left as it is). An adapter must pass the static vLLM check (LoRA keys only, positive integer ranks within
+    vLLM's buckets, no DoRA/bias) and carry its conversion report, unless ``force``.
+
+    Args:
+        adapter: local directory (``to-lora`` or ``merge`` output).
+        repo_id: ``namespace/name`` on the Hub; created if missing (existing repos are committed to).
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: branch to commit to (created from main if missing); default ``main``.
+        commit_message: default "Upload <kind> converted by adaconvert".
+        token: Hub token; default the usual ``HF_TOKEN`` / ``hf auth login`` token. Never printed or logged.
+        dry_run: only plan: no token needed, nothing sent.
+        force: push even when the checks fail (their problems are still returned).
+        progress: show huggingface_hub's upload progress bars (stderr).
+
+    Returns:
+        :class:`PushResult`.
+
+    Raises:
+        SourceNotFoundError: ``adapter`` is not a directory.
+        InvalidConfigError: not an adaconvert output / fails the vLLM check (without ``force``), or a bad repo id.
+        HubError: no token, or the Hub refused or could not be reached (after huggingface_hub's retries).
+
+    Example:
+        >>> push("runs/adalora-lora", "me/adalora-lora", dry_run=True).files
+        [('README.md', 2817), ('adapter_config.json', 1320), ...]
+    """
+    root = Path(adapter)
+    if not root.is_dir():
+        raise SourceNotFoundError("no such directory", path=root)
+    _check_repo_id(repo_id)
+    kind = _kind(root)
+    problems = _check(root, kind)
+    if problems and not force:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise InvalidConfigError(
+            f"refusing to push: {shown} (pass --force to push anyway)", path=root, problems=problems
+        )
+    for problem in problems:
+        logger.warning("pushing despite: %s", problem)
+
+    card = _card(root, kind, repo_id)
+    local = _local_files(root, skip={CARD_NAME} if card is not None else set())
+    files = sorted([(name, path.stat().st_size) for name, path in local.items()])
+    if card is not None:
+        files = sorted([*files, (CARD_NAME, len(card.encode("utf-8")))])
+    result = PushResult(
+        repo_id=repo_id,
+        revision=revision or "main",
+        kind=kind,
+        private=private,
+        files=files,
+        card=card,
+        dry_run=dry_run,
+        problems=problems,
+    )
+    if dry_run:
+        return result
+    message = commit_message or f"Upload {kind} converted by adaconvert"
+    result.commit_url, result.repo_id = _upload(
+        local, card, repo_id, private=private, revision=revision, token=token, progress=progress, message=message
+    )
+    logger.info("pushed %d files to %s@%s", len(files), result.repo_id, result.revision)
+    return result
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise InvalidConfigError(f"invalid Hub repo id {repo_id!r}: {_first_line(exc)}") from exc
+
+
+def _kind(root: Path) -> str:
+    if (root / "adapter_config.json").is_file():
+        return "adapter"
+    if (root / "config.json").is_file():
+        return "merged"
+    raise InvalidConfigError("neither an adapter (adapter_config.json) nor a model (config.json)", path=root)
+
+
+def _check(root: Path, kind: str) -> list[str]:
+    """Every reason not to push: missing report, and (adapters) whatever vLLM would reject."""
+    if kind == "merged":
+        if any((root / name).is_file() for name in (*MERGE_REPORT_NAMES, REPORT_NAME)):
+            return []
+        return [f"no {' or '.join(MERGE_REPORT_NAMES)}: not written by adaconvert merge"]
+    problems = (
+        [] if (root / REPORT_NAME).is_file() else [f"no {REPORT_NAME}: convert it with adaconvert to-lora first"]
+    )
+    return problems + vllm_problems(root)
+
+
+def vllm_problems(root: Path) -> list[str]:
+    """What vLLM's LoRA loader would reject in the adapter at ``root``, found without starting an engine
+    (:func:`adaconvert.vllm_compat.check_vllm_compat`); module names are checked against the base model too when
+    ``base_model_name_or_path`` is a local directory."""
+    from adaconvert.vllm_compat import check_vllm_compat
+
+    base = _local_base(root)
+    try:
+        return [str(p) for p in check_vllm_compat(root, base_config=base)]
+    except AdaconvertError as exc:  # the base model's config cannot be read: check the adapter alone
+        logger.warning("checking without the base model %s: %s", base, exc)
+        return [str(p) for p in check_vllm_compat(root)]
+
+
+def _local_base(root: Path) -> Path | None:
+    try:
+        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return Path(base) if isinstance(base, str) and base and (Path(base) / "config.json").is_file() else None
+
+
+def load_report(path: Path) -> ConversionReport:
+    """A :class:`ConversionReport` from its JSON (unknown fields, e.g. from a newer version, are ignored)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    names = {f.name for f in fields(ConversionReport)}
+    module_names = {f.name for f in fields(ModuleReport)}
+    modules = [ModuleReport(**{k: v for k, v in m.items() if k in module_names}) for m in data.get("modules", [])]
+    return ConversionReport(**{**{k: v for k, v in data.items() if k in names}, "modules": modules})
+
+
+def _card(root: Path, kind: str, repo_id: str) -> str | None:
+    """The card to upload, regenerated with ``repo_id``; None to keep the local README.md (no report to build on)."""
+    if kind == "merged":
+        return _merged_card(root, repo_id)
+    report_path = root / REPORT_NAME
+    if not report_path.is_file():
+        return None
+    try:
+        report = load_report(report_path)
+        config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+        validation = (
+            json.loads((root / VALIDATION_NAME).read_text("utf-8")) if (root / VALIDATION_NAME).is_file() else None
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidConfigError(f"cannot build the model card ({_first_line(exc)})", path=report_path) from exc
+    return conversion_card(
+        report,
+        base_model=config.get("base_model_name_or_path"),
+        repo_id=repo_id,
+        task_type=config.get("task_type"),
+        heatmap=HEATMAP_NAME if (root / HEATMAP_NAME).is_file() else None,
+        validation=validation if isinstance(validation, dict) else None,
+    )
+
+
+def _merged_card(root: Path, repo_id: str) -> str | None:
+    from adaconvert.card import merged_card
+
+    report_path = next((root / n for n in MERGE_REPORT_NAMES if (root / n).is_file()), None)
+    if report_path is None:
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidConfigError(f"cannot build the model card ({_first_line(exc)})", path=report_path) from exc
+    adapters = [a for a in report.get("adapters") or [] if isinstance(a, dict)]
+    used = ", ".join(f"{a.get('source')} (weight {a.get('weight', 1.0)})" for a in adapters) or None
+    figures = {k: report[k] for k in ("dtype", "shards", "tensors", "tensors_touched", "bytes_written") if k in report}
+    return merged_card(
+        base_model=report.get("base"),
+        adapter=used,
+        source_kind=adapters[0].get("kind", "lora") if adapters else "lora",
+        repo_id=repo_id,
+        figures=figures,
+    )
+
+
+def _local_files(root: Path, *, skip: set[str]) -> dict[str, Path]:
+    """{path in repo: local path} for every regular file under ``root``; hidden files and dirs are left out."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in skip:
+            out[rel.as_posix()] = path
+    return out
+
+
+def _upload(local, card, repo_id, *, private, revision, token, progress, message) -> tuple[str, str]:
+    """create_repo + (create_branch) + one create_commit. Returns (commit URL, resolved repo id)."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            f"push to {repo_id}: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`",
+            repo_id=repo_id,
+        )
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    operations = [CommitOperationAdd(name, str(path)) for name, path in local.items()]
+    if card is not None:
+        operations.append(CommitOperationAdd(CARD_NAME, card.encode("utf-8")))
+    step = "creating the repo"
+    try:
+        with _progress_bars(progress):
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            repo_id = url.repo_id or repo_id
+            if revision and revision != "main":
+                step = f"creating branch {revision!r}"
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            step = "uploading the files"
+            info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    except _network_errors() as exc:
+        raise HubError(f"push to {repo_id}: {_describe(exc, step, token)}", repo_id=repo_id) from None
+    return str(info.commit_url), repo_id
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises for HTTP errors, transport failures and server-side refusals (ValueError)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    types: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError]
+    for module in ("httpx2", "httpx", "requests"):  # whichever transport this huggingface_hub version loaded
+        lib = sys.modules.get(module)
+        base = getattr(lib, "HTTPError", None) or getattr(lib, "RequestException", None)
+        if base is not None:
+            types.append(base)
+    return tuple(t for t in types if isinstance(t, type) and not issubclass(t, AdaconvertError))
+
+
+def _describe(exc: BaseException, step: str, token: str) -> str:
+    """One line: which step failed, the HTTP status and server message or the transport error, and what to do."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        server = getattr(exc, "server_message", None) or ""
+        what = f"the Hub answered HTTP {status}" + (f" ({_first_line(server)})" if server.strip() else "")
+        if status in (401, 403):
+            what += "; check the token (--token / HF_TOKEN) and its write access"
+    else:
+        what = f"{type(exc).__name__}: {_first_line(exc)}"
+    text = f"{step} failed: {what}; nothing was changed locally and pushing again is safe"
+    return text.replace(token, "***") if token else text
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

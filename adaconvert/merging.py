@@ -1,0 +1,451 @@
+"""``merge``: fold one or more adapters into the base weights, streamed block by block with bounded memory.
+
+Plan first, then write: every adapter module is matched to exactly one base tensor of the right shape, and
+every shard header is checked, before the first byte of output exists. Then each base tensor is read in row
+blocks, W' = W + Σ wᵢ·ΔWᵢ is computed in float32 for the blocks that have updates, cast to the output dtype, and
+appended to its output shard. Peak memory is a few blocks, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.errors import (
+    AdapterShapeError,
+    InvalidConfigError,
+    MissingTensorError,
+    NonFiniteError,
+)
+from adaconvert.io.atomic import atomic_output_dir, check_output
+from adaconvert.io.checkpoint import Checkpoint, FileSlice, TensorInfo, TensorReader, open_checkpoint
+from adaconvert.io.prefetch import prefetched
+from adaconvert.readers import read_adapter
+from adaconvert.transforms import strip_empty
+from adaconvert.writers.merged import Block, Shard, copy_side_files, parse_size, plan_shards, write_shards
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPORT_NAME = "merge_report.json"
+# float32 bytes per row block. Working memory is (PREFETCH_BLOCKS + 3) such blocks, whatever the model size.
+BLOCK_BYTES = 32 * 2**20
+# output blocks computed ahead of the writer
+PREFETCH_BLOCKS = 2
+# fewest rows in a block (see row_blocks)
+MIN_BLOCK_ROWS = 16
+# output heads that share the input embedding matrix when tie_word_embeddings is set
+_TIED_HEADS = ("lm_head", "embed_out")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter to merge and the weight its ΔW is multiplied by."""
+
+    source: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Update:
+    """One adapter's contribution to one base tensor: W += weight · ΔW, or ΔWᵀ when the base stores (in, out)."""
+
+    delta: LowRankDelta
+    weight: float
+    transpose: bool
+
+    def add_rows_(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """``out += weight · (ΔW or ΔWᵀ)[start:stop]`` in place; ``out`` is float32 (stop - start, cols).
+
+        One fused ``addmm`` (BLAS with β = 1): each element gets its dot product over the rank, then one addition,
+        as ``W + B @ A`` does, without a ΔW block in memory.
+        """
+        A, B = self.delta.A, self.delta.B
+        if self.transpose:
+            out.addmm_(A[:, start:stop].T, B.T, alpha=self.weight)
+        else:
+            out.addmm_(B[start:stop], A, alpha=self.weight)
+
+
+@dataclass
+class MergeReport:
+    """What a merge did. ``to_dict()`` is the ``--json`` output and ``merge_report.json``."""
+
+    base: str
+    destination: str
+    adapters: list[dict]
+    dtype: str
+    shards: int
+    tensors: int
+    tensors_touched: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int | None
+    files_copied: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_adapter_spec(spec: str | Path | tuple | AdapterSpec) -> AdapterSpec:
+    """``path``, ``path:0.5`` or ``(path, 0.5)`` → :class:`AdapterSpec`. A path that exists as given wins over the
+    ``:weight`` reading, so directories with a colon in their name still work.
+
+    Raises:
+        InvalidConfigError: the weight is not a finite number.
+    """
+    if isinstance(spec, AdapterSpec):
+        source, weight = spec.source, spec.weight
+    elif isinstance(spec, tuple):
+        source, weight = str(spec[0]), spec[1]
+    else:
+        source, weight = str(spec), 1.0
+        head, sep, tail = source.rpartition(":")
+        if sep and head and not Path(source).exists():
+            with contextlib.suppress(ValueError):  # not a number: the colon is part of the name
+                source, weight = head, float(tail)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+        raise InvalidConfigError(f"adapter weight must be a finite number, got {weight!r}", path=source)
+    return AdapterSpec(source=source, weight=float(weight))
+
+
+def merge(
+    base: str | Path,
+    adapters: str | Path | Sequence[str | Path | tuple | AdapterSpec],
+    dst: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeReport:
+    """Merge adapters into a base model and write a complete checkpoint that transformers and vLLM load.
+
+    W' = W + Σᵢ wᵢ · ΔWᵢ for every adapted module (ΔW = B @ A, (out, in); transposed for ``fan_in_fan_out``
+    bases such as GPT-2's Conv1D), computed in float32 and cast to the base dtype (or ``dtype``). The base is read
+    in row blocks and the output written the same way, so peak memory does not grow with the model. Output is
+    atomic: safetensors shards (+ index), the base's config, generation config and tokenizer files, and
+    ``merge_report.json``.
+
+    Args:
+        base: model directory or Hub repo id, with ``model.safetensors`` or a sharded index.
+        adapters: AdaLoRA / LoRA / LoRA-Drop directories or repo ids; ``"path:0.5"`` or ``(path, 0.5)`` weights one.
+        dst: output directory; must not exist unless ``overwrite``.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` for every floating tensor; default: as in the base.
+        max_shard_size: bytes per output shard, an int or a string like ``5GB`` / ``2GiB``.
+        overwrite: replace an existing ``dst`` (only once the new one is complete).
+        progress: show a progress bar over bytes on stderr.
+
+    Returns:
+        A :class:`MergeReport`.
+
+    Raises:
+        OutputExistsError: ``dst`` exists and ``overwrite`` is false.
+        MissingTensorError: an adapter module has no base tensor (or several candidates).
+        AdapterShapeError: a base tensor's shape does not fit its module (adapter for another base?).
+        InvalidConfigError: bad weight, dtype or shard size; an adapter on a head tied to the embeddings.
+        CorruptCheckpointError, SourceNotFoundError: unreadable base or adapter.
+        NonFiniteError: a merged tensor holds NaN or Inf.
+
+    Example:
+        >>> report = merge("meta-llama/Llama-3.1-8B", ["runs/adalora-lora"], "runs/merged", dtype="bfloat16")
+        >>> report.tensors_touched
+        224
+    """
+    started = time.perf_counter()
+    dst = check_output(dst, overwrite=overwrite)
+    specs = [parse_adapter_spec(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    if not specs:
+        raise InvalidConfigError("give at least one adapter to merge")
+    shard_bytes = parse_size(max_shard_size)
+    override = _parse_dtype(dtype)
+
+    checkpoint = open_checkpoint(base)
+    loaded = [(spec, strip_empty(read_adapter(spec.source))) for spec in specs]
+    for spec, adapter in loaded:
+        if not adapter.deltas:
+            logger.warning("%s has no non-zero update: it changes nothing", spec.source)
+    updates = plan_updates(checkpoint, loaded)
+    layout = [(name, _output_dtype(info.dtype, override), info.shape) for name, info in checkpoint.tensors.items()]
+    shards = plan_shards(layout, shard_bytes)
+
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        write_merged(tmp, checkpoint, shards, updates, progress=progress)
+        copied = copy_side_files(checkpoint.root, tmp, dtype=override)
+        report = MergeReport(
+            base=str(base),
+            destination=str(dst),
+            adapters=[
+                {"source": s.source, "weight": s.weight, "kind": a.source_kind, "modules": len(a.deltas)}
+                for s, a in loaded
+            ],
+            dtype=str(override or _main_dtype(checkpoint)).removeprefix("torch."),
+            shards=len(shards),
+            tensors=len(layout),
+            tensors_touched=len(updates),
+            bytes_written=sum(s.nbytes for s in shards),
+            seconds=round(time.perf_counter() - started, 3),
+            peak_rss_bytes=peak_rss_bytes(),
+            files_copied=copied,
+        )
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote %s: %d of %d tensors merged, %d shard(s)", dst, len(updates), len(layout), len(shards))
+    return report
+
+
+def write_merged(
+    directory: Path, checkpoint: Checkpoint, shards: Sequence[Shard], updates: dict[str, list[Update]], *, progress
+) -> None:
+    """Stream every tensor of ``checkpoint`` into ``shards`` in ``directory``, with ``updates`` added.
+
+    Reading and computing run in a background thread, ahead of the writes (file I/O and torch both release the
+    GIL); tensors that are neither merged nor cast are copied file to file.
+    """
+    from tqdm.auto import tqdm
+
+    computed = [
+        (checkpoint.tensors[name], out)
+        for shard in shards
+        for name, out, _ in shard.layout
+        if name in updates or out != checkpoint.tensors[name].dtype
+    ]
+    total = sum(s.nbytes for s in shards)
+    with (
+        TensorReader() as reader,
+        tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress) as bar,
+    ):
+        maker = BlockMaker(reader, computed, ring=PREFETCH_BLOCKS + 2)
+        blocks = (
+            (name, block)
+            for shard in shards
+            for name, out_dtype, _ in shard.layout
+            for block in maker.blocks(checkpoint.tensors[name], updates.get(name, ()), out_dtype)
+        )
+        for nbytes in write_shards(directory, shards, prefetched(blocks, depth=PREFETCH_BLOCKS)):
+            bar.update(nbytes)
+
+
+def plan_updates(checkpoint: Checkpoint, adapters: Sequence[tuple[AdapterSpec, Adapter]]) -> dict[str, list[Update]]:
+    """Base tensor name → the updates to add to it, in adapter order; every module checked against the base.
+
+    Each module must match exactly one floating-point base tensor (see :func:`match_tensor`) whose shape is ΔW's
+    (out, in), or (in, out) for ``fan_in_fan_out``. All problems of an adapter are collected; the first is raised
+    with a count of the others.
+
+    Raises:
+        MissingTensorError, AdapterShapeError, InvalidConfigError (tied output head).
+    """
+    plan: dict[str, list[Update]] = {}
+    for spec, adapter in adapters:
+        problems: list[tuple[type, str, str]] = []
+        claimed: dict[str, str] = {}
+        for module, delta in adapter.deltas.items():
+            problem = _check_module(checkpoint, module, delta, adapter.fan_in_fan_out, claimed)
+            if problem:
+                problems.append((*problem, module))
+                continue
+            plan.setdefault(claimed[module], []).append(
+                Update(delta=delta, weight=spec.weight, transpose=adapter.fan_in_fan_out)
+            )
+        if problems:
+            cls, message, module = problems[0]
+            more = f" (and {len(problems) - 1} more module(s) that do not fit)" if len(problems) > 1 else ""
+            raise cls(f"{message}{more}", path=spec.source, module=module)
+    return {name: plan[name] for name in checkpoint.tensors if name in plan}
+
+
+def _check_module(checkpoint, module, delta, fan_in_fan_out, claimed) -> tuple[type, str] | None:
+    """None when ``module`` fits one base tensor (recorded in ``claimed``), else (error class, message)."""
+    if checkpoint.tie_word_embeddings and module.rsplit(".", 1)[-1] in _TIED_HEADS:
+        return InvalidConfigError, (
+            f"the base ties {module} to the input embeddings (tie_word_embeddings=true), so merging it would change "
+            "the embeddings too; train the adapter without it, or untie the base first"
+        )
+    candidates = match_tensor(module, checkpoint.tensors)
+    if len(candidates) != 1:
+        found = f"several candidates ({', '.join(candidates)})" if candidates else "no tensor"
+        return MissingTensorError, f"base {checkpoint.root} has {found} for {module}.weight"
+    info = checkpoint.tensors[candidates[0]]
+    expected = (delta.in_features, delta.out_features) if fan_in_fan_out else (delta.out_features, delta.in_features)
+    if info.shape != expected:
+        return AdapterShapeError, (
+            f"base tensor {info.name} has shape {list(info.shape)} but the adapter's update is {list(expected)}"
+            f"{' (fan_in_fan_out)' if fan_in_fan_out else ''}; is the adapter for another base model?"
+        )
+    if not info.dtype.is_floating_point:
+        return InvalidConfigError, f"base tensor {info.name} is {info.dtype}; quantized bases cannot be merged into"
+    if info.name in claimed.values():
+        other = next(m for m, t in claimed.items() if t == info.name)
+        return InvalidConfigError, f"modules {other} and {module} both map to base tensor {info.name}"
+    claimed[module] = info.name
+    return None
+
+
+def match_tensor(module: str, names) -> list[str]:
+    """The base tensors that may hold ``module``'s weight: ``<module>.weight`` itself if present; otherwise keys
+    that add a prefix (``language_model.<module>.weight``) or lack the first component (``layers.0...`` for a
+    checkpoint saved without the ``model.`` wrapper). The caller requires exactly one."""
+    exact = f"{module}.weight"
+    if exact in names:
+        return [exact]
+    found = [n for n in names if n.endswith(f".{exact}")]
+    _, _, rest = module.partition(".")
+    if rest and f"{rest}.weight" in names:
+        found.append(f"{rest}.weight")
+    return sorted(found)
+
+
+class BlockMaker:
+    """Turns base tensors into output blocks, reusing a fixed ring of buffers: no allocation per block.
+
+    Untouched tensors in their own dtype become :class:`FileSlice` records, copied file to file by the writer (in
+    the kernel, never through this process's memory). Touched tensors are read in row blocks of at most
+    ``BLOCK_BYTES`` in float32 into a ring slot, upcast into a float32 work buffer, get every update added in
+    order, and are cast back into the same slot, which is yielded. A slot is reused ``ring`` blocks later: the
+    consumer must be done with a block by then (``io.prefetch.prefetched`` with ``depth = ring - 2`` guarantees
+    it).
+
+    Memory: ``ring`` slots of ``slot_bytes`` plus one float32 work buffer, allocated on first use and sized for the
+    largest block of this checkpoint.
+    """
+
+    def __init__(self, reader: TensorReader, work: Sequence[tuple[TensorInfo, torch.dtype]], *, ring: int):
+        self.reader = reader
+        self.ring = ring
+        elems = [max((b - a for a, b in row_blocks(info)), default=0) * _row_numel(info) for info, _ in work]
+        sizes = [n * max(_itemsize(info.dtype), _itemsize(out)) for n, (info, out) in zip(elems, work, strict=True)]
+        self.slot_bytes = max(sizes, default=0)
+        self.work_elems = max(elems, default=0)
+        self._slots: list[torch.Tensor | None] = [None] * ring
+        self._turn = 0
+        self._work: torch.Tensor | None = None
+
+    def blocks(self, info: TensorInfo, updates: Sequence[Update], out_dtype: torch.dtype) -> Iterator[Block]:
+        """The output bytes of one tensor, as consecutive blocks.
+
+        Raises:
+            NonFiniteError: a merged block holds NaN/Inf, or the cast to ``out_dtype`` overflows.
+        """
+        if not updates and out_dtype == info.dtype:
+            for begin in range(0, info.nbytes, BLOCK_BYTES):
+                yield FileSlice(info.file, info.offset + begin, min(BLOCK_BYTES, info.nbytes - begin))
+            return
+        for start, stop in row_blocks(info):
+            shape = (stop - start, *info.shape[1:]) if info.shape else ()
+            numel = (stop - start) * _row_numel(info)
+            slot = self._next_slot()
+            raw = self.reader.read_into(info, start * info.row_nbytes, numel * _itemsize(info.dtype), slot)
+            work = self._work_buffer()[:numel].view(shape)
+            work.copy_(raw.view(info.dtype).view(shape))
+            for update in updates:
+                update.add_rows_(work, start, stop)
+            if out_dtype.is_floating_point:
+                _check_finite(work, out_dtype, info, start, stop, merged=bool(updates))
+            out = slot[: numel * _itemsize(out_dtype)].view(out_dtype).view(shape)
+            out.copy_(work)
+            yield out
+
+    def _next_slot(self) -> torch.Tensor:
+        i = self._turn % self.ring
+        self._turn += 1
+        if self._slots[i] is None:
+            self._slots[i] = torch.empty(self.slot_bytes, dtype=torch.uint8)
+        return self._slots[i]
+
+    def _work_buffer(self) -> torch.Tensor:
+        if self._work is None:
+            self._work = torch.empty(self.work_elems, dtype=torch.float32)
+        return self._work
+
+
+def row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering ``info``: about ``BLOCK_BYTES`` of float32 each, a multiple of
+    ``MIN_BLOCK_ROWS`` rows, a short tail joined to the block before it.
+
+    Why a minimum: BLAS takes another code path (gemv-like) for a matrix product of fewer than 4 rows, whose
+    roundings differ from the full product's; blocks of 16 rows or more give the bits ``W + B @ A`` gives.
+    """
+    rows = info.shape[0] if info.shape else 1
+    step = BLOCK_BYTES // (4 * _row_numel(info))
+    step = max(MIN_BLOCK_ROWS, step - step % MIN_BLOCK_ROWS)
+    blocks, start = [], 0
+    while start < rows:
+        stop = rows if rows - start < step + MIN_BLOCK_ROWS else start + step
+        blocks.append((start, stop))
+        start = stop
+    return blocks
+
+
+def _check_finite(work: torch.Tensor, out_dtype: torch.dtype, info: TensorInfo, start: int, stop: int, *, merged):
+    """NaN/Inf in the float32 block, or values the cast to ``out_dtype`` would turn into ±Inf: one ``aminmax`` pass
+    (NaN propagates into both ends; rounding is monotonic, so if the extremes survive the cast, all values do).
+    ``torch.isfinite(t).all()`` would be some 30× slower on CPU."""
+    if work.numel() == 0:
+        return
+    lo, hi = torch.aminmax(work)
+    where = f"(rows {start}-{stop - 1})"
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        if merged:
+            raise NonFiniteError(f"merged tensor {info.name} holds NaN or Inf {where}")
+        return  # a base tensor that already holds Inf (masks, buffers) is copied as it is
+    if not bool(torch.isfinite(torch.stack([lo, hi]).to(out_dtype)).all()):
+        raise NonFiniteError(f"{'merged ' if merged else ''}tensor {info.name} overflows {out_dtype} {where}")
+
+
+def _row_numel(info: TensorInfo) -> int:
+    return math.prod(info.shape[1:]) if info.shape else 1
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far, in bytes (None where the OS does not say).
+
+    Linux: ``VmHWM`` of /proc/self/status, the peak of this program's own address space. ``ru_maxrss`` would
+    also count the parent's memory: a child created by fork or vfork inherits its high-water mark through exec.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _parse_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise InvalidConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _output_dtype(dtype: torch.dtype, override: torch.dtype | None) -> torch.dtype:
+    return override if override is not None and dtype.is_floating_point else dtype
+
+
+def _main_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The dtype holding most bytes of the checkpoint."""
+    totals: dict[torch.dtype, int] = {}
+    for info in checkpoint.tensors.values():
+        totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
+    return max(totals, key=totals.get) if totals else torch.float32

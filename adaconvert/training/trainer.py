@@ -1,0 +1,333 @@
+"""``train``: LoRA, AdaLoRA or LoRA-Drop on top of ``transformers.Trainer`` (DDP through ``torchrun`` or
+``accelerate launch``; FSDP goes through the same Trainer but is untested, and saving does not gather FSDP shards),
+written as a standard PEFT adapter directory.
+
+The story: check options and output, load tokenizer, data and base model, run the method's phases, and write
+the adapter atomically with its metadata (``rank_history.json`` for AdaLoRA, ``lora_drop.json`` for LoRA-Drop,
+``training_summary.json`` for all). Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.io.atomic import atomic_output_dir, check_output
+from adaconvert.readers.adalora import RANK_HISTORY_FILE
+from adaconvert.readers.lora import LORA_DROP_FILE
+from adaconvert.training import lora_drop
+from adaconvert.training.adalora import AdaLoraCallback, adalora_config, module_ranks
+from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
+from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
+from adaconvert.training.phase import PhaseStats, run_phase, world_size
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "training_summary.json"
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did. ``model`` is the trained ``PeftModel`` (left out of ``to_dict``)."""
+
+    method: str
+    output: str
+    written: bool
+    world_size: int
+    total_params: int
+    main: PhaseStats
+    pilot: PhaseStats | None = None
+    rank_history: dict | None = None
+    ranks: dict[str, int] | None = None
+    lora_drop: dict | None = None
+    options: dict = field(default_factory=dict)
+    model: object = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "model"}
+        for phase in ("main", "pilot"):
+            if data[phase] is not None:
+                stats = data[phase]
+                data[phase] = {
+                    **asdict(stats),
+                    "median_step_s": stats.median_step_s,
+                    "tokens_per_s": stats.tokens_per_s,
+                }
+        return data
+
+
+def train(method: str | None = None, *, config: str | Path | None = None, callbacks=(), **options) -> TrainResult:
+    """Train an adapter with ``method`` and write it as a PEFT directory.
+
+    Args:
+        method: ``lora``, ``adalora`` or ``lora-drop`` (or from the recipe).
+        config: a YAML recipe; explicit ``options`` override it.
+        callbacks: extra ``transformers.TrainerCallback`` objects, added to every phase.
+        **options: any :class:`~adaconvert.training.config.TrainOptions` field (``model``, ``data``, ``output``,
+            ``steps``, ``init_r``...).
+
+    Returns:
+        :class:`TrainResult`; ``written`` is false on the non-main processes of a distributed run.
+
+    Raises:
+        InvalidConfigError: bad or impossible settings. InvalidDataError: unusable data. SourceNotFoundError:
+        missing model, data or recipe. OutputExistsError: ``output`` exists and ``overwrite`` is false.
+
+    Example:
+        >>> result = train("adalora", model="Qwen/Qwen2.5-0.5B", data="data.jsonl", output="runs/ada", steps=500)
+        >>> result.rank_history["history"][-1]["total_rank"] == result.rank_history["target_budget"]
+        True
+    """
+    opts = load_options(method, config=config, **options)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        check_output(opts.output, overwrite=opts.overwrite)
+    precision = resolve_precision(opts.precision)
+    _set_seed(opts.seed)
+    with _progress_bars(enabled=not opts.quiet):
+        tokenizer = load_tokenizer(opts.model)
+        texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
+        dataset = tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.data)
+        logger.info("%d training examples, %d tokens", len(dataset), dataset.num_tokens)
+        if opts.method == "adalora":  # impossible schedules are refused before the (large) model is loaded
+            adalora_schedule(opts, optimizer_steps(opts, len(dataset), world_size()))
+        base = load_base_model(opts.model, precision)
+        total_params = sum(p.numel() for p in base.parameters())
+        run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
+        result = run(base, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
+    result.total_params = total_params
+    result.options = opts.to_dict()
+    result.written = main_process
+    if main_process:
+        _write(result, opts)
+    return result
+
+
+@contextlib.contextmanager
+def _progress_bars(*, enabled: bool):
+    """transformers' own progress bars (model loading) off while ``enabled`` is false, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(model: str):
+    """The base model's tokenizer, with a pad token (EOS when it has none).
+
+    Raises:
+        SourceNotFoundError: no such model directory, or a Hub id that cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    _check_model_exists(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise SourceNotFoundError(f"cannot load the tokenizer ({_first_line(exc)})", path=model) from exc
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise InvalidConfigError("the tokenizer has neither a pad nor an EOS token", path=model)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _check_model_exists(model: str) -> None:
+    text = str(model)
+    if not Path(text).exists() and (text.startswith((".", "~", os.sep)) or text.count("/") > 1):
+        raise SourceNotFoundError("no such model directory", path=text)
+
+
+def resolve_precision(precision: str) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: ``auto`` is bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU.
+
+    Raises:
+        InvalidConfigError: fp16 asked for without a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise InvalidConfigError("--fp16 needs a CUDA GPU; use --bf16 or --precision fp32 on CPU")
+    return precision
+
+
+def load_base_model(model: str, precision: str):
+    """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    _check_model_exists(model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise SourceNotFoundError(f"cannot load the model ({_first_line(exc)})", path=model) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _targets(opts: TrainOptions):
+    return "all-linear" if opts.target_modules == ["all-linear"] else list(opts.target_modules)
+
+
+def _peft(base, config):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(base, config)
+    except ValueError as exc:  # target modules not found, unsupported layer type
+        raise InvalidConfigError(f"cannot apply the adapter ({_first_line(exc)})") from exc
+
+
+def _lora_config(opts: TrainOptions, target_modules):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=opts.r,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _run_lora(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    model = _peft(base, _lora_config(opts, _targets(opts)))
+    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    return TrainResult("lora", opts.output, False, world, 0, stats, model=model)
+
+
+def _run_adalora(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    world = world_size()
+    schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
+    model = _peft(base, adalora_config(opts, schedule, _targets(opts)))
+    budget = AdaLoraCallback(model, opts)
+    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
+    history = budget.history_record()
+    pattern = model.peft_config["default"].rank_pattern
+    ranks = module_ranks(pattern) if pattern else None
+    return TrainResult("adalora", opts.output, False, world, 0, stats, rank_history=history, ranks=ranks, model=model)
+
+
+def _run_lora_drop(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run."""
+    n_pilot = max(1, math.ceil(opts.pilot_fraction * len(dataset)))
+    order = list(range(len(dataset)))
+    random.Random(opts.seed).shuffle(order)
+    pilot_data = TokenizedDataset([dataset.examples[i] for i in order[:n_pilot]])
+    pilot_steps = max(1, math.ceil(opts.pilot_fraction * opts.steps)) if opts.steps is not None else None
+
+    pilot = _peft(base, _lora_config(opts, _targets(opts)))
+    pilot_stats, world = run_phase(
+        pilot, pilot_data, tokenizer, opts, precision=precision, callbacks=callbacks, steps=pilot_steps, desc="pilot"
+    )
+    module_scores = _importance(pilot, pilot_data, tokenizer, opts)
+    module_scores = _same_on_every_process(module_scores)
+    scores = lora_drop.unit_scores(module_scores, opts.granularity)
+    importance = lora_drop.normalise(scores)
+    threshold = opts.threshold if opts.keep_fraction is None else None
+    if threshold is None and opts.keep_fraction is None:
+        threshold = DEFAULT_THRESHOLD
+    kept, rest = lora_drop.select_units(importance, threshold=threshold, keep_fraction=opts.keep_fraction)
+    drop_plan = lora_drop.plan(list(module_scores), kept, policy=opts.policy, granularity=opts.granularity)
+    logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(importance), opts.policy)
+
+    base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
+    _set_seed(opts.seed)
+    model = _peft(base, _lora_config(opts, drop_plan.target_modules))
+    lora_drop.tie_shared(model, drop_plan.shared_groups)
+    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    record = {
+        "method": "lora-drop",
+        "importance": opts.importance,
+        "granularity": opts.granularity,
+        "policy": opts.policy,
+        "threshold": threshold,
+        "keep_fraction": opts.keep_fraction,
+        "scores": scores,
+        "normalized_importance": importance,
+        "module_scores": module_scores,
+        "kept": kept,
+        "shared": rest if opts.policy == "share" else [],
+        "dropped": rest if opts.policy == "drop" else [],
+        "kept_modules": drop_plan.kept_modules,
+        "shared_groups": drop_plan.shared_groups,
+        "dropped_modules": drop_plan.dropped_modules,
+        "pilot": {
+            "examples": len(pilot_data),
+            "optimizer_steps": pilot_stats.optimizer_steps,
+            "trainable_params": pilot_stats.trainable_params,
+        },
+        "main": {"trainable_params": stats.trainable_params},
+    }
+    return TrainResult(
+        "lora-drop", opts.output, False, world, 0, stats, pilot=pilot_stats, lora_drop=record, model=model
+    )
+
+
+def _importance(model, data: TokenizedDataset, tokenizer, opts: TrainOptions) -> dict[str, float]:
+    if opts.importance == "weight-l1":
+        return lora_drop.weight_l1_importance(model)
+    sample = data.examples[: opts.importance_samples]
+    collate = CausalCollator(tokenizer.pad_token_id)
+    batches = (
+        collate([{"input_ids": ids} for ids in sample[i : i + opts.batch_size]])
+        for i in range(0, len(sample), opts.batch_size)
+    )
+    return lora_drop.output_importance(model, batches)
+
+
+def _same_on_every_process(scores: dict[str, float]) -> dict[str, float]:
+    """Rank 0's scores everywhere, so that every process selects the same layers (they agree anyway: same pilot
+    weights after DDP, same sample)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return scores
+    payload = [scores]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _write(result: TrainResult, opts: TrainOptions) -> None:
+    """The PEFT adapter, its method metadata and a summary, written atomically to ``opts.output``."""
+    with atomic_output_dir(opts.output, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
+        # AdaLoRA saves a fully pruned module as zero-size tensors (DESIGN.md §2); PEFT warns that they look like
+        # un-gathered FSDP / ZeRO-3 shards, which they are not
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        result.model.save_pretrained(str(tmp))
+        if result.rank_history is not None:
+            _dump(tmp / RANK_HISTORY_FILE, result.rank_history)
+        if result.lora_drop is not None:
+            _dump(tmp / LORA_DROP_FILE, result.lora_drop)
+        _dump(tmp / SUMMARY_FILE, result.to_dict())
+    logger.info("wrote %s", opts.output)
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

@@ -1,0 +1,274 @@
+"""``validate``: prove that converted (and merged) adapters compute what the original does, at three levels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adaconvert.adapter import Adapter
+from adaconvert.base_modules import base_modules
+from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError
+from adaconvert.readers import read_adapter
+from adaconvert.validation import logits as logits_level
+from adaconvert.validation import weights as weights_level
+from adaconvert.validation.report import Check, Tolerances, ValidationReport
+from adaconvert.validation.vllm_level import VllmPair, engine_settings, make_engine, run_vllm_level
+
+logger = logging.getLogger(__name__)
+
+
+def validate(
+    base: str | Path,
+    original: str | Path | None = None,
+    converted: str | Path | None = None,
+    *,
+    pairs: Sequence[tuple[str | Path, str | Path]] | None = None,
+    merged: str | Path | None = None,
+    vllm: bool = False,
+    llm=None,
+    prompts: Sequence[str] | str | Path | None = None,
+    tolerances: dict[str, float] | None = None,
+    max_new_tokens: int = 8,
+    report: str | Path | None = None,
+    raise_on_failure: bool = True,
+    progress: bool = True,
+) -> ValidationReport:
+    """Compare original adapters with their conversions (and a merged model) at the weights, logits and vLLM levels.
+
+    Weights: per-module ‖ΔW_orig − ΔW_conv‖/‖ΔW_orig‖ from the factors, modules present on one side only, and
+    modules that match nothing in the base model (vLLM would silently ignore them); for ``merged``,
+    W_merged − W_base against ΔW_orig, tensor by tensor. Logits: PEFT(original) against PEFT(converted) and the
+    merged model on ``prompts``: max |Δlogit|, max KL, top-1 agreement. vLLM (``vllm=True``): the static check and
+    vLLM's own loader, then greedy decoding of every converted adapter in one batch against PEFT(original): token
+    agreement and max |Δlogprob|. Every problem is collected; the validation fails once, at the end.
+
+    Args:
+        base: base model directory (the one the adapters were trained on).
+        original: the adapter as trained (AdaLoRA, LoRA, LoRA-Drop output: anything PEFT loads).
+        converted: its conversion (``adaconvert to-lora`` output). May be None when only ``merged`` is checked.
+        pairs: several (original, converted) pairs instead of ``original`` / ``converted``.
+        merged: a merged checkpoint directory built from the (single) original.
+        vllm: run the vLLM level.
+        llm: an existing ``vllm.LLM`` with LoRA enabled to use for the vLLM level (else one is started and
+            stopped here); its ``max_lora_rank`` must fit the adapters.
+        prompts: a list of prompts or a file (JSON list, or one prompt per line); default: built-in prompts.
+        tolerances: overrides of :class:`Tolerances` fields (``{"logit_abs": 1e-2}``); the defaults depend on the
+            dtypes (the converted adapter's and the merged model's; float32 tight, bfloat16 loosest).
+        max_new_tokens: greedy tokens per prompt at the vLLM level.
+        report: write the report as JSON here.
+        raise_on_failure: raise :class:`ValidationError` when any check fails (else just return the report).
+        progress: show model-loading progress bars (stderr).
+
+    Returns:
+        The :class:`ValidationReport` (``report.table()`` prints it).
+
+    Raises:
+        ValidationError: some check failed (with ``raise_on_failure``); ``fields['problems']`` lists them all and
+            ``fields['report']`` holds the report.
+        InvalidConfigError, SourceNotFoundError: bad arguments, or a base model that cannot be read.
+
+    Example:
+        >>> r = validate("models/base", "runs/adalora", "runs/adalora-lora", vllm=True)
+        >>> r.passed
+        True
+    """
+    pair_list = _pair_list(original, converted, pairs, merged=merged)
+    if max_new_tokens < 1:
+        raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    prompt_list = logits_level.read_prompts(prompts)
+    Tolerances.for_dtypes(overrides=tolerances)  # reject bad overrides before any work
+    modules = base_modules(base)
+    labels = _labels(pair_list)
+    result = ValidationReport(
+        base=str(base),
+        pairs=[
+            {"label": lb, "original": str(o), "converted": _str(c)}
+            for lb, (o, c) in zip(labels, pair_list, strict=True)
+        ],
+        merged=_str(merged),
+    )
+
+    # weights: read everything once; a pair whose original cannot be read is reported and left out of the rest
+    result.levels.append("weights")
+    adapters: dict[str, tuple[Adapter | None, Adapter | None]] = {}
+    tols: dict[str, Tolerances] = {}
+    for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
+        orig = _read(orig_dir, result, label, role="original")
+        conv = _read(conv_dir, result, label, role="conversion") if conv_dir is not None else None
+        tols[label] = Tolerances.for_dtypes(_dtype(conv), overrides=tolerances)
+        result.tolerances[label] = tols[label].to_dict()
+        reported: set[str] = set()
+        for adapter, role in ((orig, "original"), (conv, "conversion")):
+            if adapter is not None:
+                reported |= weights_level.check_against_base(adapter, modules, result, subject=label, role=role)
+        if orig is not None and conv is not None:
+            result.modules[label] = weights_level.compare_adapters(
+                orig, conv, result, subject=label, tol=tols[label], reported=reported
+            )
+        adapters[label] = (orig, conv)
+    merged_tol = None
+    if merged is not None:
+        merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged), overrides=tolerances)
+        result.tolerances["merged"] = merged_tol.to_dict()
+        orig = adapters[labels[0]][0]
+        if orig is not None:
+            weights_level.compare_merged(orig, base, merged, result, tol=merged_tol)
+
+    # logits: one base model, adapters attached one at a time
+    result.levels.append("logits")
+    runner = logits_level.HFRunner(base, progress=progress)
+    ids, mask = runner.encode(prompt_list)
+    base_logits = runner.logits(ids, mask)
+    for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
+        reference = _peft_logits(runner, ids, mask, orig_dir, result, label, role="original")
+        if reference is None:
+            continue
+        effect = logits_level.logit_metrics(reference, base_logits, mask)["max_abs"]
+        result.checks.append(Check("logits", label, "adapter effect: max |Δlogit| vs base", effect))
+        if effect <= tols[label].logit_abs:
+            result.notes.append(
+                f"{label}: the original adapter changes the logits by at most {effect:.2g}, within the logit "
+                "tolerance: the logits level cannot tell it from no adapter at all"
+            )
+        if conv_dir is not None:
+            other = _peft_logits(runner, ids, mask, conv_dir, result, label, role="conversion")
+            if other is not None:
+                metrics = logits_level.logit_metrics(reference, other, mask)
+                logits_level.add_logit_checks(result, label, metrics, tols[label], prompt_list)
+        if merged is not None and label == labels[0]:
+            metrics = logits_level.logit_metrics(reference, runner.merged_logits(merged, ids, mask), mask)
+            logits_level.add_logit_checks(result, "merged", metrics, merged_tol, prompt_list)
+
+    if vllm:
+        result.levels.append("vllm")
+        # the engine's context: the longest prompt (vLLM adds no special tokens HF would not) plus the new tokens
+        context = int(ids.shape[1]) + max_new_tokens + 8
+        engine_options = {"max_model_len": context, "quiet": not progress}
+        _run_vllm(base, llm, runner, pair_list, labels, tols, tolerances, result, prompt_list, modules, max_new_tokens,
+                  engine_options)  # fmt: skip
+
+    if report is not None:
+        result.write_json(report)
+    logger.info(
+        "validation %s: %d checks, %d problems",
+        "passed" if result.passed else "failed",
+        len(result.checks),
+        len(result.problems),
+    )
+    if raise_on_failure and not result.passed:
+        raise failure(result)
+    return result
+
+
+def failure(report: ValidationReport) -> ValidationError:
+    """The one error for a failed validation: the levels that failed and the first problem, in one line."""
+    first = report.problems[0]
+    more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+    return ValidationError(
+        f"validation failed at level(s) {', '.join(report.failed_levels)}: {first}{more}",
+        problems=[str(p) for p in report.problems],
+        report=report,
+    )
+
+
+def _run_vllm(
+    base, llm, runner, pair_list, labels, tols, overrides, result, prompts, modules, max_new_tokens, engine_options
+):
+    runnable = [(lb, o, c) for lb, (o, c) in zip(labels, pair_list, strict=True) if c is not None]
+    if not runnable:
+        return
+    own_engine = llm is None
+    if own_engine:
+        llm = make_engine(base, [c for _, _, c in runnable], **engine_options)
+    _, engine_dtype = engine_settings(llm)
+    pairs = [VllmPair(lb, str(o), str(c), _loosest(tols[lb], engine_dtype, overrides)) for lb, o, c in runnable]
+    try:
+        run_vllm_level(
+            llm, runner, pairs, result, prompts=prompts, base_modules=modules, max_new_tokens=max_new_tokens
+        )
+    finally:
+        if own_engine:
+            del llm
+
+
+def _loosest(tol: Tolerances, engine_dtype: str, overrides) -> Tolerances:
+    """The pair's tolerances, loosened to the engine's dtype when that is looser; overrides win."""
+    engine = Tolerances.for_dtypes(engine_dtype)
+    merged = {
+        name: (min(a, b) if name in ("top1", "greedy") else max(a, b))
+        for (name, a), b in zip(tol.to_dict().items(), engine.to_dict().values(), strict=True)
+    }
+    return Tolerances(**{**merged, **{k: float(v) for k, v in (overrides or {}).items()}})
+
+
+def _pair_list(original, converted, pairs, *, merged) -> list[tuple[Path, Path | None]]:
+    result = []
+    if original is not None:
+        result.append((Path(original), Path(converted) if converted is not None else None))
+    elif converted is not None:
+        raise InvalidConfigError("CONVERTED given without ORIGINAL")
+    for item in pairs or ():
+        if len(item) != 2:
+            raise InvalidConfigError(f"a pair is (original, converted), got {item!r}")
+        result.append((Path(item[0]), Path(item[1])))
+    if not result:
+        raise InvalidConfigError("nothing to validate: give ORIGINAL and CONVERTED, or pairs")
+    if merged is not None and len(result) != 1:
+        raise InvalidConfigError("--merged needs exactly one original adapter to compare with")
+    if any(c is None for _, c in result) and merged is None:
+        raise InvalidConfigError("CONVERTED is missing (it may only be left out when --merged is checked)")
+    return result
+
+
+def _labels(pair_list) -> list[str]:
+    labels = []
+    for original, converted in pair_list:
+        name = (converted or original).name or str(converted or original)
+        labels.append(name if name not in labels else f"{name}#{len(labels) + 1}")
+    return labels
+
+
+def _read(src, report: ValidationReport, label: str, *, role: str) -> Adapter | None:
+    try:
+        return read_adapter(src)
+    except AdaconvertError as exc:
+        report.fail("weights", label, f"cannot read the {role}: {exc}")
+        return None
+
+
+def _peft_logits(runner, ids, mask, adapter_dir, report, label, *, role) -> torch.Tensor | None:
+    try:
+        return runner.logits(ids, mask, adapter=adapter_dir)
+    except logits_level.PEFT_LOAD_ERRORS as exc:
+        report.fail("logits", label, f"PEFT cannot load the {role}: {str(exc).splitlines()[0][:300]}")
+        return None
+
+
+def _dtype(adapter: Adapter | None) -> str | None:
+    return adapter.provenance.get("dtype") if adapter is not None else None
+
+
+def _checkpoint_dtype(directory) -> str:
+    """The floating dtype of a checkpoint's first floating tensor (float32 if none)."""
+    from safetensors import safe_open
+
+    index = weights_level.checkpoint_index(directory)
+    path = next(iter(sorted(set(index.values()))), None)
+    if path is None:
+        return "float32"
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118
+            name = _SAFETENSORS_DTYPES.get(str(f.get_slice(key).get_dtype()).upper())
+            if name is not None:
+                return name
+    return "float32"
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)

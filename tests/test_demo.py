@@ -1,0 +1,61 @@
+"""`adaconvert demo` end to end, as a user runs it (a fresh process), in a smaller setting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaconvert.demo.demo import OWNER_MARK, SUMMARY_FILE, run_demo
+from adaconvert.errors import OutputExistsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vllm_expected() -> bool:
+    installed = importlib.util.find_spec("vllm") is not None
+    if not installed and os.environ.get("CI"):
+        pytest.fail("vLLM is not installed, but CI must run the demo's vLLM part")
+    return installed
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    with_vllm = _vllm_expected()
+    directory = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "adaconvert.cli", "demo", "--dir", str(directory), "--steps", "40"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    story = proc.stdout
+    for expected in ("AdaLoRA rank allocation", "LoRA-Drop layer importance", "PASSED", "artefacts in"):
+        assert expected in story, story
+
+    summary = json.loads((directory / SUMMARY_FILE).read_text())
+    assert summary["validation"]["passed"]
+    assert summary["adalora"]["params"] < summary["adalora"]["lora_params"]  # parameter savings
+    assert summary["lora_drop"]["main_params"] < summary["lora_drop"]["pilot_params"]
+    for name in ("base", "adalora", "lora-drop", "adalora-lora", "lora-drop-lora"):
+        assert (directory / name).is_dir()
+    assert (directory / "adalora" / "rank_history.json").is_file()
+    assert (directory / "lora-drop" / "lora_drop.json").is_file()
+    if with_vllm:
+        assert set(summary["generations"]) == {"adalora", "lora-drop"}, "vLLM must serve both adapters"
+        assert "vllm" in {c["level"] for c in json.loads((directory / "validation.json").read_text())["checks"]}
+        assert "vLLM serves both converted adapters at once" in story
+    else:
+        assert summary["generations"] is None
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="was not made by the demo; pass --overwrite"):
+        run_demo(tmp_path / "mine", vllm=False)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "mine" / OWNER_MARK).exists()

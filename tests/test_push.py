@@ -1,0 +1,298 @@
+"""push: the real huggingface_hub client against a fake Hub on 127.0.0.1 (tests/fake_hub.py), via HF_ENDPOINT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+import adaconvert
+from adaconvert.cli import main
+from adaconvert.convert import to_lora
+from adaconvert.demo.synthetic import write_synthetic_adalora
+from adaconvert.hub import push
+from tests.fake_hub import FakeHub
+
+TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
+REPO = "team/adalora-lora"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with FakeHub(TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    src = write_synthetic_adalora(tmp_path_factory.mktemp("adalora") / "run", seed=5)
+    dst = tmp_path_factory.mktemp("converted") / "adalora-lora"
+    to_lora(src, dst)
+    return dst
+
+
+@pytest.fixture
+def adapter(converted, tmp_path) -> Path:
+    """A private copy of the converted adapter, next to nothing else (so stray files would show)."""
+    return Path(shutil.copytree(converted, tmp_path / "work" / "adapter"))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_cli(args, capsys, caplog) -> tuple[int, str, str]:
+    caplog.set_level(logging.DEBUG)  # the token must not show even in debug logs (ours and huggingface_hub's)
+    code = main(args)
+    out, err = capsys.readouterr()
+    for text in (out, err, caplog.text):
+        assert TOKEN not in text
+    return code, out, err
+
+
+def test_push_uploads_exact_files_and_card(hub, adapter, capsys, caplog):
+    from huggingface_hub import ModelCard
+
+    before = tree(adapter)
+    code, out, err = run_cli(["push", str(adapter), REPO, "--private"], capsys, caplog)
+    assert code == 0, err
+
+    received = hub.files(REPO)
+    assert set(received) == set(before)  # every local file, README.md replaced by the card
+    for name, data in before.items():
+        if name != "README.md":
+            assert received[name] == data, name
+    card = ModelCard(received["README.md"].decode())
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == "tiny-llama"
+    assert card.data.pipeline_tag == "text-generation"
+    assert {"lora", "adalora", "converted"} <= set(card.data.tags)
+    report = json.loads(before["conversion_report.json"])
+    assert f"--max-lora-rank {report['vllm_max_lora_rank']}" in card.text
+    assert f"--lora-modules adalora-lora={REPO}" in card.text
+    assert f'PeftModel.from_pretrained(model, "{REPO}")' in card.text
+
+    repo = hub.repos[REPO]
+    assert (
+        repo.private
+        and len(repo.commits) == 1
+        and repo.commits[0]["summary"] == "Upload adapter converted by adaconvert"
+    )
+    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert tree(adapter) == before  # the local README.md is left as it was
+    assert f"pushed {len(before)} files to {REPO}@main (private)" in out
+    assert hub.url in out
+
+
+def test_branch_commit_message_and_token_option(hub, adapter, capsys, caplog, monkeypatch):
+    assert push(adapter, REPO).commit_url.startswith(hub.url)
+    monkeypatch.delenv("HF_TOKEN")
+    args = ["push", str(adapter), REPO, "--branch", "v2", "--commit-message", "second try", "--token", TOKEN]
+    code, _, err = run_cli(args, capsys, caplog)
+    assert code == 0, err
+    repo = hub.repos[REPO]
+    assert set(repo.branches) == {"main", "v2"}
+    assert repo.commits[-1]["summary"] == "second try" and repo.commits[-1]["branch"] == "v2"
+    assert hub.files(REPO, "v2")["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    assert [r.path for r in hub.requests if "/branch/" in r.path] == [f"/api/models/{REPO}/branch/v2"]
+
+
+def test_dry_run_lists_files_and_card_and_sends_nothing(hub, adapter, capsys, caplog, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")  # a dry run needs no token
+    code, out, _ = run_cli(["push", str(adapter), REPO, "--dry-run"], capsys, caplog)
+    assert code == 0
+    assert hub.requests == []
+    listed = [line.split()[-1] for line in out.split("--- README.md")[0].splitlines()[1:] if line.strip()]
+    assert listed == sorted(tree(adapter))
+    result = adaconvert.push(adapter, REPO, dry_run=True)
+    assert result.card in out and result.commit_url is None
+    assert [name for name, _ in result.files] == listed
+    assert dict(result.files)["README.md"] == len(result.card.encode())
+
+
+@pytest.mark.parametrize(
+    ("path", "failure", "match"),
+    [
+        ("/commit/", "500", r"uploading the files failed: the Hub answered HTTP 500 \(Internal Error"),
+        ("/commit/", "reset", r"uploading the files failed: ReadError: .*Connection reset"),
+        ("/api/repos/create", "500", r"creating the repo failed: the Hub answered HTTP 500"),
+        ("/api/repos/create", "reset", r"creating the repo failed: .*Connection reset"),
+    ],
+)
+def test_server_failure_gives_one_clear_line_and_no_partial_state(hub, adapter, capsys, caplog, path, failure, match):
+    import re
+
+    before = tree(adapter)
+    around = sorted(p.name for p in adapter.parent.iterdir())
+    hub.fail(path, failure)
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: push to {REPO}: ") and re.search(match, err), err
+    assert "nothing was changed locally" in err
+    assert tree(adapter) == before and sorted(p.name for p in adapter.parent.iterdir()) == around
+    assert REPO not in hub.repos or hub.repos[REPO].commits == []
+    # nothing half-done remains on our side: the same push then goes through
+    assert push(adapter, REPO).commit_url
+    assert set(hub.files(REPO)) == set(before)
+
+
+def test_transient_errors_are_retried_by_huggingface_hub(hub, adapter):
+    hub.fail("/preupload/", "500", "reset")
+    push(adapter, REPO, progress=False)
+    assert len([r for r in hub.requests if "/preupload/" in r.path]) == 3
+    assert len(hub.repos[REPO].commits) == 1
+
+
+def test_bad_token_and_no_token(hub, adapter, capsys, caplog, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    wrong = "hf_WRONGtoken9876543210"
+    monkeypatch.setenv("HF_TOKEN", wrong)
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and "HTTP 401" in err and "check the token" in err
+    assert wrong not in err + out + caplog.text
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and "no Hugging Face token; pass --token, set HF_TOKEN" in err
+
+
+def _no_report(adapter: Path) -> Path:
+    (adapter / "conversion_report.json").unlink()
+    return adapter
+
+
+def _dora(adapter: Path) -> Path:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    return adapter
+
+
+def _raw_adalora(adapter: Path) -> Path:
+    shutil.rmtree(adapter)
+    return write_synthetic_adalora(adapter, seed=1)
+
+
+def _empty(adapter: Path) -> Path:
+    shutil.rmtree(adapter)
+    adapter.mkdir()
+    return adapter
+
+
+@pytest.mark.parametrize(
+    ("breakage", "code", "match"),
+    [
+        (_no_report, 2, r"refusing to push: no conversion_report.json: convert it with adaconvert to-lora first"),
+        (_dora, 2, r"refusing to push: \[feature\] DoRA is not supported"),
+        (_raw_adalora, 2, r"no conversion_report.json.*\[rank-pattern\].*raw AdaLoRA mask.*and \d+ more"),
+        (_empty, 2, r"neither an adapter \(adapter_config.json\) nor a model \(config.json\)"),
+        (lambda a: a / "missing", 3, r"missing: no such directory"),
+    ],
+)
+def test_refusals_send_nothing(hub, adapter, capsys, caplog, breakage, code, match):
+    import re
+
+    target = breakage(adapter)
+    got, _, err = run_cli(["push", str(target), REPO], capsys, caplog)
+    assert got == code and re.search(match, err), err
+    assert len(err.strip().splitlines()) == 1
+    assert hub.requests == []
+
+
+def test_bad_repo_id(hub, adapter, capsys, caplog):
+    code, _, err = run_cli(["push", str(adapter), "team//x y"], capsys, caplog)
+    assert code == 2 and "invalid Hub repo id 'team//x y'" in err
+    assert hub.requests == []
+
+
+def test_force_pushes_anyway_with_the_local_readme(hub, adapter, capsys, caplog):
+    _no_report(adapter)
+    (adapter / "README.md").write_text("my own card\n")
+    code, _, err = run_cli(["push", str(adapter), REPO, "--force"], capsys, caplog)
+    assert code == 0, err
+    assert "pushing despite: no conversion_report.json" in caplog.text
+    assert hub.files(REPO) == tree(adapter)
+
+
+def test_merged_model_gets_a_merged_card(hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from adaconvert.hub import MERGE_REPORT_NAMES
+    from adaconvert.merging import REPORT_NAME
+
+    assert REPORT_NAME in MERGE_REPORT_NAMES
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    adapters = [{"source": "team/adalora-lora", "weight": 1.0, "kind": "adalora", "modules": 14}]
+    report = {"base": "org/base-7b", "destination": str(model), "adapters": adapters, "dtype": "bfloat16", "shards": 1}
+    (model / "merge_report.json").write_text(json.dumps(report))  # the fields adaconvert.merging.MergeReport writes
+    result = push(model, "team/merged")
+    assert result.kind == "merged"
+    card = ModelCard(hub.files("team/merged")["README.md"].decode())
+    assert card.data.library_name == "transformers" and card.data.base_model == "org/base-7b"
+    assert {"merged", "adalora"} <= set(card.data.tags)
+    assert "vllm serve team/merged" in card.text and "| dtype | bfloat16 |" in card.text
+    assert "`org/base-7b` with `team/adalora-lora (weight 1.0)` merged" in card.text
+    assert str(tmp_path) not in card.text  # no local paths in a public card
+    assert hub.files("team/merged")["model.safetensors"] == (model / "model.safetensors").read_bytes()
+
+
+def test_card_of_a_real_conversion(adalora_llama, tiny_llama, tmp_path):
+    """A PEFT-trained AdaLoRA, converted: the card (from to_lora and regenerated by push) parses and says what
+    the report says; the static vLLM check runs against the local base model."""
+    from huggingface_hub import ModelCard
+
+    from adaconvert.card import markdown_rank_table
+
+    report = to_lora(adalora_llama, tmp_path / "conv")
+    ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}
+    written = ModelCard((tmp_path / "conv" / "README.md").read_text())
+    assert written.data.library_name == "peft"
+    assert written.data.base_model is None  # a local path is not a Hub id: kept out of the metadata
+
+    result = push(tmp_path / "conv", "me/tiny-adalora", dry_run=True)
+    assert result.problems == []
+    card = ModelCard(result.card)
+    assert card.data.library_name == "peft" and {"lora", "adalora", "converted"} <= set(card.data.tags)
+    assert markdown_rank_table(ranks) in card.text
+    assert f"| this adapter (rank per module) | {report.params_after:,} |" in card.text
+    widths = sum(m.params_after // m.rank_after for m in report.modules if m.rank_after)
+    assert (
+        f"| fixed-rank LoRA, r = {report.max_rank} on the same modules | {report.max_rank * widths:,} |" in card.text
+    )
+    assert f"{report.max_rel_error:.2e}" in card.text
+    assert f"vllm serve {tiny_llama} --enable-lora --max-lora-rank {report.vllm_max_lora_rank}" in card.text
+    assert "--lora-modules tiny-adalora=me/tiny-adalora" in card.text
+
+
+def test_card_shows_heatmap_and_validation_when_present(adapter):
+    from huggingface_hub import ModelCard
+
+    from adaconvert.inspection import plot_rank_heatmap
+
+    report = json.loads((adapter / "conversion_report.json").read_text())
+    plot_rank_heatmap({m["name"]: m["rank_after"] for m in report["modules"]}, adapter / "rank_heatmap.png")
+    checks = [
+        {"level": "weights", "subject": "lora", "metric": "max rel. ΔW error", "value": 3e-8, "limit": 1e-5,
+         "passed": True, "higher_is_better": False},
+        {"level": "logits", "subject": "lora", "metric": "top-1 agreement", "value": 1.0, "limit": 0.99,
+         "passed": True, "higher_is_better": True},
+    ]  # fmt: skip
+    (adapter / "validation_report.json").write_text(json.dumps({"checks": checks, "passed": True}))
+    result = push(adapter, REPO, dry_run=True)
+    card = ModelCard(result.card)
+    assert "![rank per layer and module](rank_heatmap.png)" in card.text
+    assert "| weights | lora | max rel. ΔW error | 3e-08 | ≤ 1e-05 | ok |" in card.text
+    assert "| logits | lora | top-1 agreement | 1 | ≥ 0.99 | ok |" in card.text and "**PASSED**" in card.text
+    assert {"rank_heatmap.png", "validation_report.json"} <= {name for name, _ in result.files}

@@ -1,0 +1,149 @@
+"""Training options, recipes and data: what is accepted, and one-line errors for everything else."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from adaconvert import errors
+from adaconvert.cli import main
+from adaconvert.training.config import TrainOptions, adalora_schedule, load_options, optimizer_steps
+from adaconvert.training.data import CausalCollator, load_texts, tokenize
+from tests.training_utils import write_jsonl
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid(recipe):
+    options = load_options(config=recipe, output="runs/x")
+    assert options.method == recipe.stem
+    assert options.precision == "auto" and options.gradient_checkpointing
+    if options.method == "adalora":
+        schedule = adalora_schedule(options, optimizer_steps(options, 9846))
+        assert schedule.tinit + schedule.tfinal < schedule.total_step
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "method: adalora\nmodel: m\ndata: d.jsonl\nmax-length: 64\ninit_r: 10\ntarget_modules: q_proj,v_proj\n"
+    )
+    options = load_options("adalora", config=recipe, output="o", init_r=16, target_r=None)
+    assert (options.max_length, options.init_r, options.target_r) == (64, 16, 8)  # None leaves the recipe/default
+    assert options.target_modules == ["q_proj", "v_proj"]
+    assert options.alpha == 32  # default 2 × init_r
+
+
+def test_optimizer_steps_like_the_trainer():
+    opts = TrainOptions(method="lora", model="m", data="d", output="o", batch_size=4, grad_accum=3, epochs=2)
+    # 50 examples on 2 processes: 25 each -> 7 micro-batches -> 3 optimizer steps per epoch (last one partial)
+    assert optimizer_steps(opts, 50, world_size=2) == 6
+    assert optimizer_steps(TrainOptions(method="lora", model="m", data="d", output="o", steps=7), 50) == 7
+
+
+def test_texts_from_jsonl_text_and_json(tmp_path):
+    (tmp_path / "a.txt").write_text("one line\n\n  \nanother line\n")
+    assert load_texts(tmp_path / "a.txt") == ["one line", "another line"]
+    write_jsonl(tmp_path / "b.jsonl", ["x y", "z"], column="content")
+    assert load_texts(tmp_path / "b.jsonl", text_column="content") == ["x y", "z"]
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "p q"}, {"text": "r"}]))
+    assert load_texts(tmp_path / "c.json") == ["p q", "r"]
+    (tmp_path / "d.csv").write_text("text,other\nhello world,1\nbye,2\n")
+    assert load_texts(tmp_path / "d.csv") == ["hello world", "bye"]
+
+
+def test_tokenize_and_collate(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    data = tokenize(["the quick brown fox jumps over the lazy dog", "the", ""], tok, max_length=5)
+    assert len(data) == 2  # "" has only the EOS: no next-token loss
+    assert all(ids[-1] == tok.eos_token_id for ids in data.examples)
+    assert max(len(ids) for ids in data.examples) == 5
+    batch = CausalCollator(tok.pad_token_id)([data[0], data[1]])
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["labels"][1].tolist() == [*data.examples[1], -100, -100, -100]
+
+
+ERROR_CASES = [
+    # (arguments after `train`, files to write {name: text}, expected error line)
+    (["adalora", "--init-r", "4", "--target-r", "4"], {}, r"--init-r \(4\) must be larger than --target-r \(4\)"),
+    (["adalora", "--steps", "10", "--tinit", "5", "--tfinal", "5"], {}, r"tinit=5 \+ tfinal=5 >= 10 optimizer steps"),
+    (["adalora", "--steps", "10", "--tfinal", "0"], {}, r"--tfinal must be at least 1"),
+    (["lora", "--steps", "5", "--epochs", "1"], {}, r"give --steps or --epochs, not both"),
+    (["lora", "--lr", "-1", "--batch-size", "0"], {}, r"--batch-size must be at least 1.*--lr must be positive"),
+    (["lora-drop", "--threshold", "0.8", "--keep-fraction", "0.5"], {}, r"--threshold or --keep-fraction, not both"),
+    (["lora-drop", "--pilot-fraction", "1.5"], {}, r"--pilot-fraction must be in \(0, 1\]"),
+    (["lora", "--precision", "fp16", "--steps", "2"], {}, r"--fp16 needs a CUDA GPU"),
+    (["lora", "--data", "{tmp}/empty.jsonl"], {"empty.jsonl": ""}, r"empty.jsonl: no training text"),
+    (["lora", "--data", "{tmp}/blank.txt"], {"blank.txt": "\n  \n"}, r"blank.txt: no training text"),
+    (
+        ["lora", "--data", "{tmp}/cols.jsonl"],
+        {"cols.jsonl": '{"prompt": "a"}\n'},
+        r"cols.jsonl: record 1 has no column 'text' \(it has: prompt\); choose one with --text-column",
+    ),
+    (["lora", "--data", "{tmp}/bad.jsonl"], {"bad.jsonl": '{"text": "a"}\n{"text": \n'}, r"line 2 is not valid JSON"),
+    (["lora", "--data", "{tmp}/num.jsonl"], {"num.jsonl": '{"text": 3}\n'}, r"column 'text' holds int, not text"),
+    (["lora", "--data", "{tmp}/missing.jsonl"], {}, r"missing.jsonl: no such data file"),
+    (["lora", "--data", "{tmp}/bin.txt"], {"bin.txt": b"\xff\xfe\x00"}, r"bin.txt: not UTF-8 text"),
+    (["lora", "--data", "{tmp}/x.xml"], {"x.xml": "<a/>"}, r"unknown data file type '.xml'"),
+    (["lora", "--model", "{tmp}/no-model"], {}, r"no-model: no such model directory"),
+    (["lora", "--target-modules", "nope_proj", "--steps", "1"], {}, r"cannot apply the adapter \(Target modules"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "lr: 1e-4\nbogus: 1\n"}, r"r.yaml: unknown option\(s\) bogus"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "method: adalora\n"}, r"recipe is for method 'adalora'"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "steps: many\n"}, r"option 'steps' must be int, got 'many'"),
+    (["lora", "--config", "{tmp}/none.yaml"], {}, r"none.yaml: no such recipe file"),
+]
+
+
+@pytest.mark.parametrize(("args", "files", "message"), ERROR_CASES, ids=[c[2][:40] for c in ERROR_CASES])
+def test_bad_settings_and_data_give_one_line_errors(args, files, message, tiny_llama, tmp_path, capsys):
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    good = write_jsonl(tmp_path / "good.jsonl")
+    defaults = {"--model": str(tiny_llama), "--data": str(good), "--output": str(tmp_path / "out")}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args += [item for flag, value in defaults.items() if flag not in args for item in (flag, value)]
+    code = main(["train", *args, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_before_any_work(tiny_llama, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code = main(
+        ["train", "lora", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--output", str(tmp_path / "out")]
+    )
+    assert code == 4
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_missing_options_are_named(capsys):
+    assert main(["train", "lora", "--steps", "3"]) == 2
+    assert "missing training option(s): --model, --data, --output" in capsys.readouterr().err
+
+
+def test_error_types():
+    with pytest.raises(errors.InvalidConfigError):
+        load_options("adalora", model="m", data="d", output="o", init_r=2, target_r=3)
+    with pytest.raises(errors.InvalidConfigError, match="unknown training option"):
+        load_options("lora", model="m", data="d", output="o", rank=3)
+
+
+def test_cli_train_json_is_the_only_stdout(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    args = ["train", "lora", "--model", str(tiny_llama), "--data", str(data), "--output", str(out)]
+    assert main([*args, "--steps", "3", "--batch-size", "8", "--max-length", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)  # Trainer logs must not leak onto stdout
+    assert result["method"] == "lora" and result["main"]["optimizer_steps"] == 3 and result["written"]
+    assert json.loads((out / "training_summary.json").read_text())["main"]["trainable_params"] > 0
+    assert main([*args, "--steps", "3"]) == 4  # exists: refused without --overwrite

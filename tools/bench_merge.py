@@ -1,0 +1,178 @@
+"""Benchmark `adaconvert merge` against `cp -r` (the I/O floor), `dd` (the floor through user memory) and PEFT's
+merge_and_unload, at two model sizes.
+
+The base is synthetic, with Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 heads, 8 k/v heads) and a 32000
+vocabulary, in bfloat16; the adapter a rank-varying AdaLoRA (init_r 16, about 60% kept) on all 7 projections.
+Each method runs in its own process, measured for wall time and peak RSS (``wait4`` from a minimal launcher, whose
+~10 MiB is a floor for the figure), after a ``sync`` and with the base already in the page cache.
+
+    python tools/bench_merge.py                      # 2 and 8 layers (about 1.4 and 4 GB), ~10 min
+    python tools/bench_merge.py --layers 1 2 --no-peft
+
+PEFT holds the whole model in memory (plus its copy while saving): 8 layers need about 9 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adaconvert.demo.synthetic import LlamaShape, write_synthetic_adalora
+from adaconvert.demo.synthetic_base import write_synthetic_llama
+
+DIMS = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000}
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+DD = 'mkdir "$2" && for f in "$1"/*; do dd if="$f" of="$2/${f##*/}" bs=16M status=none || exit 1; done'
+
+# Runs argv[1:] and prints the child's peak RSS. A fresh, tiny process: a child inherits its parent's RSS high-water
+# mark through fork + exec, so measuring straight from this (large) process would report this process's size.
+LAUNCHER = "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, u = os.wait4(p.pid, 0); "
+LAUNCHER += "print(u.ru_maxrss * 1024, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(s))"
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of ``cmd`` run in a child process; exits if it fails."""
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LAUNCHER, *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{cmd[:4]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, int(done.stderr.strip().splitlines()[-1])
+
+
+def warm(directory: Path) -> None:
+    """Read every file once, so that every method starts from the page cache."""
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            while f.read(64 * 2**20):
+                pass
+
+
+def same_layout(a: Path, b: Path) -> bool:
+    """Both checkpoints hold the same tensor names, shapes and dtypes (read from the headers only)."""
+    from adaconvert.io.checkpoint import open_checkpoint
+
+    def layout(d):
+        return {n: (t.dtype, t.shape) for n, t in open_checkpoint(d).tensors.items()}
+
+    return layout(a) == layout(b)
+
+
+def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int) -> list[dict]:
+    base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
+    if not base.exists():
+        print(f"building a {layers}-layer base in {base} ...", file=sys.stderr, flush=True)
+        write_synthetic_llama(base, layers=layers, dtype=torch.bfloat16, **DIMS)
+        shape = LlamaShape(hidden=4096, intermediate=14336, layers=layers, kv_dim=1024)
+        write_synthetic_adalora(adapter, shape=shape, init_r=init_r, target_r=init_r // 2, base_model=str(base))
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    warm(base)
+    rows = []
+    methods = {
+        "cp -r": ["cp", "-r", str(base), str(work / "out-cp")],
+        # the floor for any tool that brings the bytes into its own memory (cp copies inside the kernel)
+        "dd bs=16M": ["sh", "-c", DD, "dd", str(base), str(work / "out-dd")],
+        "adaconvert merge": [*(sys.executable, "-m", "adaconvert.cli", "merge"), str(base), str(adapter)],
+    }
+    methods["adaconvert merge"] += [str(work / "out-ours"), "-q"]
+    if peft:
+        methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter)]
+        methods["PEFT merge_and_unload"].append(str(work / "out-peft"))
+    for name, cmd in methods.items():
+        runs = 1 if name.startswith("PEFT") else repeat  # PEFT is slow and its gap is wide: once is enough
+        walls, peaks = [], []
+        for i in range(runs):
+            print(f"  {layers} layers: {name} ({i + 1}/{runs}) ...", file=sys.stderr, flush=True)
+            wall, rss = measure(cmd)
+            walls.append(wall)
+            peaks.append(rss)
+            if i + 1 < runs:
+                shutil.rmtree(cmd[-2] if cmd[-1] == "-q" else cmd[-1], ignore_errors=True)
+        row = {"layers": layers, "method": name, "gb": size / 1e9, "wall_s": min(walls), "runs": runs}
+        rows.append(row | {"peak_rss_mb": max(peaks) / 2**20, "all_wall_s": walls})
+        if name == "adaconvert merge":  # time inside merge(), without interpreter and torch start-up
+            rows[-1]["inside_s"] = json.loads((work / "out-ours" / "merge_report.json").read_text())["seconds"]
+    if peft and not same_layout(work / "out-ours", work / "out-peft"):
+        sys.exit("our merged checkpoint and PEFT's do not hold the same tensors")
+    for out in ("out-cp", "out-dd", "out-ours", "out-peft"):
+        shutil.rmtree(work / out, ignore_errors=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["layers"], r["method"]): r for r in rows}
+    lines = [
+        "| layers | size | method | wall (best of runs) | peak RSS | wall / cp | RSS / PEFT |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cp = by[r["layers"], "cp -r"]
+        peft = by.get((r["layers"], "PEFT merge_and_unload"))
+        rss_ratio = f"{r['peak_rss_mb'] / peft['peak_rss_mb']:.2f}" if peft else "-"
+        lines.append(
+            f"| {r['layers']} | {r['gb']:.2f} GB | {r['method']} | {r['wall_s']:.1f} s ({r['runs']}) "
+            f"| {r['peak_rss_mb']:,.0f} MiB "
+            f"| {r['wall_s'] / cp['wall_s']:.2f} | {rss_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--init-r", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3, help="Runs of cp and of our merge; the fastest counts.")
+    parser.add_argument("--no-peft", action="store_true", help="Skip PEFT (it needs RAM for the whole model).")
+    parser.add_argument("--dir", type=Path, help="Work directory (kept; bases are reused). Default: a temp dir.")
+    parser.add_argument("--json", type=Path, help="Also write the rows as JSON here.")
+    args = parser.parse_args()
+
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = [
+            row
+            for n in args.layers
+            for row in run(n, work, peft=not args.no_peft, init_r=args.init_r, repeat=args.repeat)
+        ]
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ours = [r for r in rows if r["method"] == "adaconvert merge"]
+    print(table(rows))
+    peaks = ", ".join(f"{r['peak_rss_mb']:,.0f} MiB ({r['layers']} layers)" for r in ours)
+    inside = ", ".join(f"{r['inside_s']:.1f} s ({r['layers']} layers)" for r in ours)
+    print(f"\nour peak RSS across sizes: {peaks}; time inside merge() (last run): {inside}")
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
