@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
-import torch
-
+from adaconvert.demo.demo import single_thread
 from adaconvert.demo.tiny import SENTENCES
 
 # small and fast: 32 examples, batch 8, a high learning rate so that a few steps move the adapters
@@ -20,17 +18,6 @@ def write_jsonl(path: Path, texts=None, *, column: str = "text", repeat: int = 4
     texts = texts if texts is not None else SENTENCES * repeat
     path.write_text("".join(json.dumps({column: t}) + "\n" for t in texts), encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def single_thread():
-    """One torch thread while training tiny models: on a shared 2-core machine more threads only fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quick_train(method: str, base, data, output, **options):

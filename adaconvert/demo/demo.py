@@ -105,7 +105,7 @@ def run_demo(
     build_tiny_model(base, MODEL["arch"], layers=MODEL["layers"], hidden=MODEL["hidden"], sentences=texts)
 
     say(f"[2/5] training AdaLoRA and LoRA-Drop, {steps} optimizer steps each (HF Trainer, CPU)")
-    with _single_thread():
+    with single_thread():
         common = {"model": str(base), "data": str(DATA_FILE), "steps": steps, **COMMON}
         ada = train("adalora", output=str(root / "adalora"), **common, **ADALORA)
         drop = train("lora-drop", output=str(root / "lora-drop"), **common, **LORA_DROP)
@@ -151,7 +151,7 @@ def _prepare(root: Path, *, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def _single_thread():
+def single_thread():
     """One intra-op thread: a tiny model gains nothing from more, and on a busy machine threads fight."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

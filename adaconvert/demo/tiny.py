@@ -52,30 +52,20 @@ def tiny_config(arch: str, *, vocab_size: int, layers: int = 2, hidden: int = 64
         "eos_token_id": 3,
         "pad_token_id": 0,
     }
+    decoder = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 32,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 256,
+        **common,
+    }
     if arch == "llama":
-        return LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 32,
-            num_key_value_heads=1,
-            head_dim=32,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            **common,
-        )
+        return LlamaConfig(**decoder, tie_word_embeddings=False)
     if arch == "qwen2":
-        return Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 32,
-            num_key_value_heads=1,
-            head_dim=32,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            **common,
-        )
+        return Qwen2Config(**decoder, tie_word_embeddings=True)
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=hidden // 32, n_positions=256, **common)
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,7 +21,7 @@ import torch
 
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError
 from adaconvert.io.safetensors_writer import SAFETENSORS_DTYPES
-from adaconvert.io.source import read_json
+from adaconvert.io.source import read_json, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ CONFIG_NAME = "config.json"
 DTYPES_BY_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 # what a merge needs from a Hub repo besides the weights: configs, tokenizer files, chat templates, custom code
 _HUB_SIDE_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MAX_HEADER = 100_000_000  # the safetensors reference implementation's limit
 
 
@@ -87,27 +85,16 @@ def resolve_checkpoint(src: str | Path) -> Path:
     Raises:
         SourceNotFoundError: neither a directory nor a repo id the Hub (or its cache) can provide.
     """
-    path = Path(src)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise SourceNotFoundError("is a file; expected a model directory", path=path)
-    text = str(src)
-    if not _REPO_ID_RE.match(text) or text.startswith((".", "~")):
-        raise SourceNotFoundError("no such directory", path=path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
-        root = Path(snapshot_download(text, allow_patterns=_HUB_SIDE_FILES))
+    def fetch(repo_id: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(repo_id, allow_patterns=_HUB_SIDE_FILES))
         index = root / INDEX_NAME
         weights = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else [SINGLE_NAME]
-        return Path(snapshot_download(text, allow_patterns=[*_HUB_SIDE_FILES, *weights]))
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceNotFoundError(
-            f"no such local directory, and the Hub could not provide it ({first_line})", path=text
-        ) from exc
+        return Path(snapshot_download(repo_id, allow_patterns=[*_HUB_SIDE_FILES, *weights]))
+
+    return resolve_source(src, what="a model directory", fetch=fetch)
 
 
 def open_checkpoint(src: str | Path) -> Checkpoint:

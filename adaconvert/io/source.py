@@ -11,6 +11,7 @@ import logging
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,17 @@ _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.md"]
 
 
-def resolve_source(src: str | Path) -> Path:
+def resolve_source(
+    src: str | Path, *, what: str = "an adapter directory", fetch: Callable[[str], Path] | None = None
+) -> Path:
     """A local directory for ``src``: the path itself, or the Hub snapshot of a repo id.
 
     Hub ids go through ``huggingface_hub.snapshot_download``, so ``HF_HUB_OFFLINE=1`` is served from the local
     cache and a cached snapshot costs no network.
+
+    Args:
+        what: what ``src`` should be, for the message when it is a file.
+        fetch: ``repo_id -> local snapshot``; default: the adapter files (json, safetensors, bin, pt, md).
 
     Raises:
         SourceNotFoundError: neither a directory nor a repo id the Hub (or its cache) can provide.
@@ -39,7 +46,7 @@ def resolve_source(src: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise SourceNotFoundError("is a file; expected an adapter directory", path=path)
+        raise SourceNotFoundError(f"is a file; expected {what}", path=path)
     text = str(src)
     if not _REPO_ID_RE.match(text) or text.startswith((".", "~")):
         raise SourceNotFoundError("no such directory", path=path)
@@ -47,11 +54,10 @@ def resolve_source(src: str | Path) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        return fetch(text) if fetch else Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceNotFoundError(
-            f"no such local directory, and the Hub could not provide it ({first_line})", path=text
+            f"no such local directory, and the Hub could not provide it ({_one_line(exc)})", path=text
         ) from exc
 
 
