@@ -60,6 +60,18 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[tuple[str, list[i
     return kinds, [(label, [rows[label].get(k) for k in kinds]) for label in order]
 
 
+def text_rank_table(ranks: dict[str, int]) -> list[str]:
+    """Lines of a fixed-width layers × modules table of ``ranks``, for terminals ("-": module not targeted)."""
+    kinds, rows = rank_table(ranks)
+    short = [k.split(".")[-1] for k in kinds]
+    widths = [max(len(s), 4) for s in short]
+    lines = ["layer " + " ".join(s.rjust(w) for s, w in zip(short, widths, strict=True))]
+    for label, row in rows:
+        cells = ["-" if r is None else str(r) for r in row]
+        lines.append(label.rjust(5) + " " + " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    return lines
+
+
 def markdown_rank_table(ranks: dict[str, int]) -> str:
     kinds, rows = rank_table(ranks)
     lines = ["| layer | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]

@@ -128,17 +128,11 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
 def inspect_cmd(adapter, *, as_json, plot):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs."""
     one_torch_thread()
-    from adaconvert.card import rank_table
+    from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
     report = inspect(adapter, plot=plot)
-    kinds, rows = rank_table(report.ranks)
-    short = [k.split(".")[-1] for k in kinds]
-    widths = [max(len(s), 4) for s in short]
-    lines = ["layer " + " ".join(s.rjust(w) for s, w in zip(short, widths, strict=True))]
-    for label, row in rows:
-        cells = ["-" if r is None else str(r) for r in row]
-        lines.append(label.rjust(5) + " " + " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    lines = text_rank_table(report.ranks)
     lines += [
         "",
         f"kind: {report.source_kind}   dtype: {report.dtype}",

@@ -43,7 +43,6 @@ from tests.peft_utils import (
     peft_model,
     prompt_ids,
     train_peft,
-    training_batch,
 )
 
 ARCHS = ("llama", "qwen2", "gpt2")
@@ -102,23 +101,9 @@ def no_output(dst: Path) -> bool:
 
 
 def train_with_llama_tokens(base_dir, out_dir, peft_config, *, tokens_from, steps: int, seed: int, adalora: bool):
-    """``tests.peft_utils.train_peft``, with the batch tokenized by ``tokens_from``'s tokenizer: transformers 5 maps
-    the tiny qwen2 to Qwen2Tokenizer, which ignores the saved tokenizer.json and yields no tokens (same vocab)."""
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_base(base_dir).train(), peft_config)
-    batch = training_batch(tokens_from)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    for step in range(steps):
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
-        if adalora:
-            model.base_model.update_and_allocate(step)
-        opt.zero_grad()
-    model.save_pretrained(str(out_dir))
-    return out_dir
+    """``train_peft`` with the batch tokenized by ``tokens_from``'s tokenizer: transformers 5 maps the tiny qwen2 to
+    Qwen2Tokenizer, which ignores the saved tokenizer.json and yields no tokens (same vocab)."""
+    return train_peft(base_dir, out_dir, peft_config, steps=steps, seed=seed, adalora=adalora, tokens_from=tokens_from)
 
 
 def untrained_lora(base_dir, out_dir, targets, *, seed: int = 0):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.card import rank_table
+from adaconvert.card import text_rank_table
 from adaconvert.errors import InvalidConfigError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _adalora_story(result, report, say) -> dict:
         f"target_r {history['target_r']} × {len(result.ranks)} modules; {len(history['history'])} budget steps, "
         f"first at step {first['step'] if first else '-'}):"
     )
-    for line in _table(result.ranks):
+    for line in text_rank_table(result.ranks):
         say("      " + line)
     saved = 1 - report.params / lora_params
     say(
@@ -215,17 +215,6 @@ def _width(module: str, result) -> int:
     layer = result.model.base_model.model.get_submodule(module)
     base = getattr(layer, "base_layer", layer)
     return base.in_features + base.out_features
-
-
-def _table(ranks: dict[str, int]) -> list[str]:
-    kinds, rows = rank_table(ranks)
-    short = [k.split(".")[-1] for k in kinds]
-    widths = [max(len(s), 4) for s in short]
-    lines = ["layer " + " ".join(s.rjust(w) for s, w in zip(short, widths, strict=True))]
-    for label, row in rows:
-        cells = ["-" if r is None else str(r) for r in row]
-        lines.append(label.rjust(5) + " " + " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
-    return lines
 
 
 def _engine(base: Path, adapters: list[Path]):
