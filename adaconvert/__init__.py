@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import importlib
 
-from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import AdaconvertError
 
 __version__ = "0.1.0"
 
-# verb → module that defines it. Imported on first use: `adaconvert to-lora` should not pay for transformers'
-# Trainer, vLLM helpers or the Hub client (seconds and hundreds of MiB at start-up) when it does not use them.
+# name → module that defines it. Imported on first use: `adaconvert to-lora` should not pay for transformers'
+# Trainer, vLLM helpers or the Hub client (seconds and hundreds of MiB at start-up) when it does not use them, and
+# the CLI imports torch itself, the way that costs least (cli.import_torch).
 _LAZY = {
+    "Adapter": "adaconvert.adapter",
+    "LowRankDelta": "adaconvert.adapter",
     "inspect": "adaconvert.inspection",
     "merge": "adaconvert.merging",
     "push": "adaconvert.hub",
@@ -31,7 +33,7 @@ _LAZY = {
     "validate": "adaconvert.validation",
 }
 
-__all__ = ["AdaconvertError", "Adapter", "LowRankDelta", *_LAZY]
+__all__ = ["AdaconvertError", *_LAZY]
 
 
 def __getattr__(name: str):

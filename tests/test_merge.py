@@ -376,6 +376,18 @@ def _missing_shard(bases, tmp_path):
     return base
 
 
+def _nan_base(bases, tmp_path):
+    """The llama base with one NaN in a projection the LoRA adapts."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "nan-base"
+    shutil.copytree(bases("llama"), base)
+    tensors = read_checkpoint(base)
+    tensors["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
 def _bin_only(bases, tmp_path):
     base = tmp_path / "bin-only"
     base.mkdir()
@@ -429,6 +441,7 @@ BAD_INPUTS = [
     ("tied-head", "qwen2", [_tied_head_adapter], {}, errors.InvalidConfigError, r"lm_head.*tie_word_embeddings"),
     ("overflow", "llama", ["lora:llama:1e30"], {"dtype": "float16"}, errors.NonFiniteError, r"overflows.*float16"),
     ("nan-weight", "llama", ["lora:llama:nan"], {}, errors.InvalidConfigError, r"finite number"),
+    ("nan-in-base", _nan_base, ["lora:llama"], {}, errors.NonFiniteError, r"v_proj.*NaN or Inf \(rows 0-"),
     ("bad-shard-size", "llama", ["lora:llama"], {"max_shard_size": "5XB"}, errors.InvalidConfigError, r"5GB"),
     ("dst-exists", "llama", ["lora:llama"], {"exists": True}, errors.OutputExistsError, r"--overwrite"),
 ]
@@ -554,28 +567,39 @@ def test_hub_id_base_from_the_local_cache(tiny_llama, loras, tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "variant", "dtype"), [("llama", "float32", None), ("gpt2", "bfloat16", "float32")])
-def test_small_blocks_and_the_copy_fallback_give_the_same_bytes(
+def test_small_blocks_and_any_thread_count_give_the_same_bytes(
     arch, variant, dtype, bases, loras, tmp_path, monkeypatch
 ):
-    """Tensors split into many row blocks (the buffer ring wraps many times; GPT-2's transposed updates are cut
-    along the input dimension), and untouched tensors copied through memory where copy_file_range is refused:
-    the same checkpoint, bit for bit."""
+    """Tensors split into many row blocks (every worker's buffer ring wraps many times; GPT-2's transposed updates
+    are cut along the input dimension), computed by one worker or by more workers than cores, so that blocks are
+    written out of order: the same checkpoint, bit for bit."""
     import adaconvert.merging as merging
 
     base = bases(arch, variant)
     adaconvert.merge(base, [loras[arch]], tmp_path / "reference", dtype=dtype)
-    monkeypatch.setattr(merging, "BLOCK_BYTES", 1000)  # a few rows per block, 250-byte file slices
-
-    def refuse(*args, **kwargs):
-        raise OSError(18, "Invalid cross-device link")
-
-    monkeypatch.setattr(os, "copy_file_range", refuse)
-    adaconvert.merge(base, [loras[arch]], tmp_path / "blocks", dtype=dtype)
-    reference, blocks = read_checkpoint(tmp_path / "reference"), read_checkpoint(tmp_path / "blocks")
-    assert reference.keys() == blocks.keys() and all(torch.equal(reference[k], blocks[k]) for k in reference)
+    reference = read_checkpoint(tmp_path / "reference")
+    monkeypatch.setattr(merging, "BLOCK_BYTES", 1000)  # a few rows per block
+    for threads in (1, 5):
+        adaconvert.merge(base, [loras[arch]], tmp_path / f"blocks-{threads}", dtype=dtype, threads=threads)
+        blocks = read_checkpoint(tmp_path / f"blocks-{threads}")
+        assert reference.keys() == blocks.keys() and all(torch.equal(reference[k], blocks[k]) for k in reference)
 
 
 # ---------------------------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_overflow_bound_is_where_the_cast_starts_giving_inf(dtype):
+    from adaconvert.merging import _overflow_bound
+
+    bound = _overflow_bound(dtype)
+    if dtype == torch.float32:
+        assert bound == float("inf")
+        return
+    at = torch.tensor([bound, -bound], dtype=torch.float32)
+    below = torch.nextafter(at, torch.zeros(2))
+    assert at.tolist() == [bound, -bound]  # the bound is itself a float32
+    assert torch.isinf(at.to(dtype)).all() and torch.isfinite(below.to(dtype)).all()
 
 
 def test_checkpoint_reader_reads_what_safetensors_reads(bases):

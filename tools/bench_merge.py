@@ -74,17 +74,17 @@ def warm(directory: Path) -> None:
                 pass
 
 
-def same_layout(a: Path, b: Path) -> bool:
-    """Both checkpoints hold the same tensor names, shapes and dtypes (read from the headers only)."""
+def layout(directory: Path) -> dict:
+    """Tensor names, shapes and dtypes of a checkpoint, read from its headers only."""
     from adaconvert.io.checkpoint import open_checkpoint
 
-    def layout(d):
-        return {n: (t.dtype, t.shape) for n, t in open_checkpoint(d).tensors.items()}
-
-    return layout(a) == layout(b)
+    return {n: (t.dtype, t.shape) for n, t in open_checkpoint(directory).tensors.items()}
 
 
 def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int) -> list[dict]:
+    """Every method on one base size. The methods take turns (cp, dd, ours, cp, dd, ours...) so that a change in
+    the machine's load hits all of them alike, and every output is deleted before the next run: a run must not
+    pay for evicting the previous run's pages from the page cache."""
     base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
     if not base.exists():
         print(f"building a {layers}-layer base in {base} ...", file=sys.stderr, flush=True)
@@ -93,54 +93,85 @@ def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int) -> lis
         write_synthetic_adalora(adapter, shape=shape, init_r=init_r, target_r=init_r // 2, base_model=str(base))
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     warm(base)
-    rows = []
+    out = work / "out"
     methods = {
-        "cp -r": ["cp", "-r", str(base), str(work / "out-cp")],
+        "cp -r": ["cp", "-r", str(base), str(out)],
         # the floor for any tool that brings the bytes into its own memory (cp copies inside the kernel)
-        "dd bs=16M": ["sh", "-c", DD, "dd", str(base), str(work / "out-dd")],
-        "adaconvert merge": [*(sys.executable, "-m", "adaconvert.cli", "merge"), str(base), str(adapter)],
+        "dd bs=16M": ["sh", "-c", DD, "dd", str(base), str(out)],
+        "adaconvert merge": [sys.executable, "-m", "adaconvert.cli", "merge", str(base), str(adapter), str(out), "-q"],
     }
-    methods["adaconvert merge"] += [str(work / "out-ours"), "-q"]
-    if peft:
-        methods["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter)]
-        methods["PEFT merge_and_unload"].append(str(work / "out-peft"))
-    for name, cmd in methods.items():
-        runs = 1 if name.startswith("PEFT") else repeat  # PEFT is slow and its gap is wide: once is enough
-        walls, peaks = [], []
-        for i in range(runs):
-            print(f"  {layers} layers: {name} ({i + 1}/{runs}) ...", file=sys.stderr, flush=True)
+    walls: dict[str, list[float]] = {name: [] for name in methods}
+    peaks: dict[str, list[int]] = {name: [] for name in methods}
+    inside, ours = [], {}
+    for i in range(repeat):
+        for name, cmd in methods.items():
+            print(f"  {layers} layers: {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             wall, rss = measure(cmd)
-            walls.append(wall)
-            peaks.append(rss)
-            if i + 1 < runs:
-                shutil.rmtree(cmd[-2] if cmd[-1] == "-q" else cmd[-1], ignore_errors=True)
-        row = {"layers": layers, "method": name, "gb": size / 1e9, "wall_s": min(walls), "runs": runs}
-        rows.append(row | {"peak_rss_mb": max(peaks) / 2**20, "all_wall_s": walls})
-        if name == "adaconvert merge":  # time inside merge(), without interpreter and torch start-up
-            rows[-1]["inside_s"] = json.loads((work / "out-ours" / "merge_report.json").read_text())["seconds"]
-    if peft and not same_layout(work / "out-ours", work / "out-peft"):
-        sys.exit("our merged checkpoint and PEFT's do not hold the same tensors")
-    for out in ("out-cp", "out-dd", "out-ours", "out-peft"):
-        shutil.rmtree(work / out, ignore_errors=True)
+            walls[name].append(wall)
+            peaks[name].append(rss)
+            if name == "adaconvert merge":  # time inside merge(), without interpreter and torch start-up
+                inside.append(json.loads((out / "merge_report.json").read_text())["seconds"])
+                ours = layout(out)
+            shutil.rmtree(out)
+    if peft:  # slow, and its gap is wide: once is enough
+        print(f"  {layers} layers: PEFT merge_and_unload ...", file=sys.stderr, flush=True)
+        wall, rss = measure([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)])
+        walls["PEFT merge_and_unload"], peaks["PEFT merge_and_unload"] = [wall], [rss]
+        same = layout(out) == ours
+        shutil.rmtree(out)
+        if not same:
+            sys.exit("our merged checkpoint and PEFT's do not hold the same tensors")
+    rows = [
+        {
+            "layers": layers,
+            "method": name,
+            "gb": size / 1e9,
+            "wall_s": min(walls[name]),
+            "runs": len(walls[name]),
+            "peak_rss_mb": max(peaks[name]) / 2**20,
+            "all_wall_s": walls[name],
+        }
+        for name in walls
+    ]
+    next(r for r in rows if r["method"] == "adaconvert merge")["inside_s"] = min(inside)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     by = {(r["layers"], r["method"]): r for r in rows}
     lines = [
-        "| layers | size | method | wall (best of runs) | peak RSS | wall / cp | RSS / PEFT |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| layers | size | method | wall (best of runs) | wall / cp | in merge() / cp | peak RSS | RSS / PEFT |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cp = by[r["layers"], "cp -r"]
         peft = by.get((r["layers"], "PEFT merge_and_unload"))
         rss_ratio = f"{r['peak_rss_mb'] / peft['peak_rss_mb']:.2f}" if peft else "-"
+        inside = f"{r['inside_s'] / cp['wall_s']:.2f} ({r['inside_s']:.1f} s)" if "inside_s" in r else "-"
         lines.append(
             f"| {r['layers']} | {r['gb']:.2f} GB | {r['method']} | {r['wall_s']:.1f} s ({r['runs']}) "
-            f"| {r['peak_rss_mb']:,.0f} MiB "
-            f"| {r['wall_s'] / cp['wall_s']:.2f} | {rss_ratio} |"
+            f"| {r['wall_s'] / cp['wall_s']:.2f} | {inside} | {r['peak_rss_mb']:,.0f} MiB | {rss_ratio} |"
         )
     return "\n".join(lines)
+
+
+def marginal(rows: list[dict]) -> str | None:
+    """Seconds per extra GB between the smallest and the largest base, ours against cp's: the ratio a large model
+    converges to, once the fixed costs (interpreter and torch start-up, reading the adapter) are spread thin."""
+    sizes = sorted({r["layers"] for r in rows})
+    if len(sizes) < 2:
+        return None
+    by = {(r["layers"], r["method"]): r for r in rows}
+    small, large = sizes[0], sizes[-1]
+
+    def per_gb(method):
+        a, b = by[small, method], by[large, method]
+        return (b["wall_s"] - a["wall_s"]) / (b["gb"] - a["gb"])
+
+    ours, cp = per_gb("adaconvert merge"), per_gb("cp -r")
+    return (
+        f"marginal cost from {small} to {large} layers: ours {ours:.2f} s/GB, cp {cp:.2f} s/GB, ratio {ours / cp:.2f}"
+    )
 
 
 def main() -> None:
@@ -168,7 +199,9 @@ def main() -> None:
     print(table(rows))
     peaks = ", ".join(f"{r['peak_rss_mb']:,.0f} MiB ({r['layers']} layers)" for r in ours)
     inside = ", ".join(f"{r['inside_s']:.1f} s ({r['layers']} layers)" for r in ours)
-    print(f"\nour peak RSS across sizes: {peaks}; time inside merge() (last run): {inside}")
+    print(f"\nour peak RSS across sizes: {peaks}; time inside merge() (best run): {inside}")
+    if line := marginal(rows):
+        print(line)
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

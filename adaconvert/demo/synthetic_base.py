@@ -86,6 +86,5 @@ def write_synthetic_llama(
             torch.ones(shape, dtype=dtype) if len(shape) == 1 else (torch.randn(shape, generator=gen) * 0.02).to(dtype)
         )
 
-    for _ in write_shards(directory, shards, ((name, tensor(shape)) for name, shape in shapes.items())):
-        pass
+    write_shards(directory, shards, ((name, tensor(shape)) for name, shape in shapes.items()))
     return directory

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -196,19 +197,11 @@ def _tensor_info(name: str, entry, path: Path, data_start: int) -> TensorInfo:
     return TensorInfo(name=name, dtype=dtype, shape=shape, file=path, offset=data_start + begin, nbytes=nbytes)
 
 
-@dataclass(frozen=True)
-class FileSlice:
-    """``nbytes`` bytes of ``path`` from byte ``offset``: data to copy as it is, without reading it into memory."""
-
-    path: Path
-    offset: int
-    nbytes: int
-
-
 class TensorReader:
     """Reads tensors, or blocks of their rows, of a :class:`Checkpoint` with positioned reads.
 
-    Keeps one open handle per file; nothing is cached. ``read_rows``/``read_bytes`` return new tensors,
+    Keeps one open handle per file, shared by every thread (positioned reads need no file position); nothing is
+    cached. ``read_rows``/``read_bytes`` return new tensors,
     ``read_into`` fills a buffer the caller reuses.
 
     Example:
@@ -218,6 +211,7 @@ class TensorReader:
 
     def __init__(self):
         self._files: dict[Path, object] = {}
+        self._lock = threading.Lock()
 
     def read_into(self, info: TensorInfo, begin: int, length: int, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``length`` bytes of ``info`` from byte ``begin`` of its data into the start of ``buffer`` (a uint8
@@ -229,18 +223,23 @@ class TensorReader:
         view = buffer[:length]
         if length == 0:
             return view
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        got = os.preadv(f.fileno(), [memoryview(view.numpy())], info.offset + begin)
+        fd = self._fileno(info.file)
+        got = os.preadv(fd, [memoryview(view.numpy())], info.offset + begin)
         while 0 < got < length:  # short reads: regular files only give them at the end, but be exact
-            more = os.preadv(f.fileno(), [memoryview(view[got:].numpy())], info.offset + begin + got)
+            more = os.preadv(fd, [memoryview(view[got:].numpy())], info.offset + begin + got)
             if more == 0:
                 break
             got += more
         if got != length:
             raise CorruptCheckpointError(f"truncated while reading {info.name!r}", path=info.file)
         return view
+
+    def _fileno(self, path: Path) -> int:
+        with self._lock:  # threads share the reader: open each file once
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            return f.fileno()
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The whole tensor, in its dtype and shape (a new tensor)."""

@@ -1,7 +1,8 @@
 """Write a full model checkpoint shard by shard, each tensor streamed in blocks, plus its index and side files.
 
 Shards are planned from names, dtypes and shapes alone, so every safetensors header is known before any data
-exists (``io.safetensors_writer.build_header``); data is then appended block by block as the caller produces it.
+exists (``io.safetensors_writer.build_header``); data then goes straight to its place in the file, block by block
+and in any order, as the caller produces it.
 The layout matches ``transformers``' ``save_pretrained``: ``model.safetensors`` when one shard suffices, else
 ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``.
 """
@@ -12,23 +13,21 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from adaconvert.errors import CorruptCheckpointError, InvalidConfigError
-from adaconvert.io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, FileSlice
+from adaconvert.errors import InvalidConfigError
+from adaconvert.io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from adaconvert.io.safetensors_writer import TensorSpec, build_header, tensor_nbytes
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-# a block of output: tensor data, or a byte range of a base file copied as it is
-Block = torch.Tensor | FileSlice
 
 
 def parse_size(size: int | str) -> int:
@@ -81,110 +80,101 @@ def plan_shards(layout: Sequence[TensorSpec], max_shard_size: int) -> list[Shard
     return shards
 
 
-class StreamingShardWriter:
-    """Writes one safetensors file whose header is computed from ``layout``; each tensor's bytes arrive in blocks.
+class ShardFiles:
+    """The output files of a shard plan, open for positioned writes: tensor bytes go to (tensor, byte offset) in
+    any order.
 
-    Unlike ``SafetensorsWriter`` (one whole tensor per call), a tensor may be written as consecutive row blocks,
-    so that no tensor ever needs to be in memory at once.
+    Every header is written when the files are opened, so each tensor's place in its file is fixed from the start
+    and blocks can be written as soon as they are ready, whatever order they are computed in. ``close`` checks
+    that every byte of every tensor arrived, then writes the index when there is more than one shard.
+
+    Example:
+        >>> with ShardFiles(directory, plan_shards(layout, 5 * 10**9)) as files:
+        ...     files.write("lm_head.weight", 0, memoryview(block_bytes))
     """
 
-    def __init__(self, path: Path, layout: Sequence[TensorSpec]):
-        self.path = path
-        self._remaining = {name: tensor_nbytes(dtype, shape) for name, dtype, shape in layout}
-        self._order = [name for name, _, _ in layout]
-        self._next = 0
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._write_all(memoryview(build_header(layout, {"format": "pt"})))
+    def __init__(self, directory: Path, shards: Sequence[Shard]):
+        self.directory = directory
+        self.shards = list(shards)
+        self._where: dict[str, tuple[int, int, int]] = {}  # tensor → (fd, file offset of its data, nbytes)
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        try:
+            for shard in self.shards:
+                fd = os.open(directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                header = build_header(shard.layout, {"format": "pt"})
+                _pwrite_all(fd, memoryview(header), 0)
+                offset = len(header)
+                for name, dtype, shape in shard.layout:
+                    nbytes = tensor_nbytes(dtype, shape)
+                    self._where[name] = (fd, offset, nbytes)
+                    self._written[name] = 0
+                    offset += nbytes
+        except BaseException:
+            self._close_files()
+            raise
 
-    @property
-    def pending(self) -> str | None:
-        """The tensor whose bytes come next; None once every tensor is complete."""
-        while self._next < len(self._order) and self._remaining[self._order[self._next]] == 0:
-            self._next += 1
-        return self._order[self._next] if self._next < len(self._order) else None
+    def write(self, name: str, begin: int, data: memoryview) -> int:
+        """Write ``data`` at byte ``begin`` of tensor ``name``'s data; returns the bytes written."""
+        fd, offset = self._claim(name, begin, data.nbytes)
+        _pwrite_all(fd, data, offset)
+        return data.nbytes
 
-    def write_block(self, name: str, block: Block) -> int:
-        """Append the next bytes of tensor ``name``; returns the bytes written.
+    def _claim(self, name: str, begin: int, nbytes: int) -> tuple[int, int]:
+        """(fd, file offset) for ``nbytes`` at ``begin`` of ``name``; counts them towards the tensor's total."""
+        if name not in self._where:
+            raise ValueError(f"{self.directory}: tensor {name!r} is not in the shard plan")
+        fd, offset, size = self._where[name]
+        if begin < 0 or begin + nbytes > size:
+            raise ValueError(f"{self.directory}: bytes [{begin}, {begin + nbytes}) fall outside {name!r} ({size} B)")
+        with self._lock:
+            self._written[name] += nbytes
+        return fd, offset + begin
 
-        A tensor block is written from memory; a :class:`FileSlice` is copied from its file by the kernel
-        (``copy_file_range``), falling back to reads and writes where the filesystem cannot.
+    def close(self) -> None:
+        """Close the files; raise ValueError when a tensor did not get exactly its bytes; write the index."""
+        self._close_files()
+        wrong = [name for name, (_, _, size) in self._where.items() if self._written[name] != size]
+        if wrong:
+            first, got, size = wrong[0], self._written[wrong[0]], self._where[wrong[0]][2]
+            raise ValueError(f"{self.directory}: {len(wrong)} tensor(s) incomplete, first {first!r} ({got}/{size} B)")
+        if len(self.shards) > 1:
+            write_index(self.directory, self.shards)
 
-        Raises:
-            ValueError: ``name`` is not the tensor being written, or more bytes arrive than it holds.
-            CorruptCheckpointError: the source of a FileSlice ends early.
-        """
-        if self.pending != name:
-            raise ValueError(f"{self.path}: got data for {name!r} while {self.pending!r} is being written")
-        nbytes = block.nbytes if isinstance(block, FileSlice) else block.numel() * block.element_size()
-        if nbytes > self._remaining[name]:
-            raise ValueError(f"{self.path}: more bytes for {name!r} than its shape holds")
-        if isinstance(block, FileSlice):
-            self._copy_slice(block)
-        else:
-            self._write_all(memoryview(block.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        self._remaining[name] -= nbytes
-        return nbytes
+    def _close_files(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
-    def _write_all(self, data: memoryview) -> None:
-        while data.nbytes:
-            data = data[self._file.write(data) :]
-
-    def _copy_slice(self, src: FileSlice) -> None:
-        done = 0
-        with open(src.path, "rb", buffering=0) as f:
-            while done < src.nbytes:
-                count = src.nbytes - done
-                try:
-                    n = os.copy_file_range(f.fileno(), self._file.fileno(), count, src.offset + done)
-                except OSError:  # EXDEV, EOPNOTSUPP, ENOSYS...: copy through memory instead
-                    n = self._write_through_memory(f.fileno(), src.offset + done, min(count, 2**24))
-                if n == 0:
-                    raise CorruptCheckpointError("file ended while copying a tensor", path=src.path)
-                done += n
-
-    def _write_through_memory(self, fd: int, offset: int, count: int) -> int:
-        data = os.pread(fd, count, offset)
-        self._write_all(memoryview(data))
-        return len(data)
-
-    def __enter__(self) -> StreamingShardWriter:
+    def __enter__(self) -> ShardFiles:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
-
-    def close(self) -> None:
-        """Close the file; raises ValueError when a tensor of the layout is incomplete."""
-        self._file.close()
-        unfinished = [name for name, left in self._remaining.items() if left]
-        if unfinished:
-            raise ValueError(f"{self.path}: {len(unfinished)} tensor(s) incomplete, first {unfinished[0]!r}")
+            self._close_files()
 
 
-def write_shards(directory: Path, shards: Sequence[Shard], blocks: Iterable[tuple[str, Block]]) -> Iterator[int]:
-    """Write ``shards`` into ``directory`` from ``blocks``: (tensor name, data) pairs in layout order, each tensor's
-    data split into any number of consecutive blocks (none for an empty tensor); then the index when there is
-    more than one shard. A generator: yields the bytes written after each block (for progress bars); the files
-    are complete once it is exhausted.
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done
+
+
+def write_shards(directory: Path, shards: Sequence[Shard], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write ``shards`` into ``directory`` from whole ``tensors``, (name, tensor) pairs each dropped once written;
+    then the index when there is more than one shard.
 
     Raises:
-        ValueError: the blocks do not match the layout (wrong order, too few or too many bytes).
+        ValueError: a tensor is not in the plan, or the plan's tensors are not all given exactly once.
     """
-    blocks = iter(blocks)
-    for shard in shards:
-        with StreamingShardWriter(directory / shard.filename, shard.layout) as writer:
-            while writer.pending:
-                item = next(blocks, None)
-                if item is None:
-                    raise ValueError(f"{writer.path}: data ended before {writer.pending!r} was complete")
-                yield writer.write_block(*item)
-    if next(blocks, None) is not None:
-        raise ValueError("more data than the layout announces")
-    if len(shards) > 1:
-        write_index(directory, shards)
+    with ShardFiles(directory, shards) as files:
+        for name, tensor in tensors:
+            files.write(name, 0, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_index(directory: Path, shards: Sequence[Shard]) -> None:
