@@ -2,8 +2,9 @@
 
 Plan first, then write: every adapter module is matched to exactly one base tensor of the right shape, and
 every shard header is checked, before the first byte of output exists. Then each base tensor is read in row
-blocks, W' = W + Σ wᵢ·ΔWᵢ is computed in float32 for the blocks that have updates, cast to the output dtype, and
-appended to its output shard. Peak memory is a few blocks, whatever the model size.
+blocks by worker threads, W' = W + Σ wᵢ·ΔWᵢ is computed in float32 for the blocks that have updates and cast to
+the output dtype, and one writer puts every block at its fixed place in its output shard. Peak memory is a few
+blocks per worker, whatever the model size.
 """
 
 from __future__ import annotations
