@@ -413,7 +413,7 @@ def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: base).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
-@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: one per CPU).")
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: one per CPU, at most 4).")
 @common_options(overwrite=True)
 def merge_cmd(base, adapters, dst, *, as_json, **options):
     """Fold ADAPTERs (AdaLoRA, LoRA, LoRA-Drop; `path:0.5` weights one) into BASE and write a full checkpoint at DST.

@@ -48,6 +48,9 @@ BLOCK_BYTES = 2 * 2**20
 # blocks computed ahead of the writer. Working memory is about (PREFETCH_BLOCKS + 3) blocks per worker thread,
 # whatever the model size.
 PREFETCH_BLOCKS = 4
+# default cap on worker threads: there is one writer, and measured here a worker computes blocks about as fast as
+# the writer puts them into the page cache, so more than a few workers would only wait (and hold buffers)
+MAX_DEFAULT_THREADS = 4
 # fewest rows in a block (see row_blocks)
 MIN_BLOCK_ROWS = 16
 # output heads that share the input embedding matrix when tie_word_embeddings is set
@@ -152,8 +155,8 @@ def merge(
         max_shard_size: bytes per output shard, an int or a string like ``5GB`` / ``2GiB``.
         overwrite: replace an existing ``dst`` (only once the new one is complete).
         progress: show a progress bar over bytes on stderr.
-        threads: worker threads (default: one per usable CPU). Each uses one torch thread; the output is the same
-            bits whatever the count.
+        threads: worker threads (default: one per usable CPU, at most ``MAX_DEFAULT_THREADS``). Each uses one torch
+            thread; the output is the same bits whatever the count.
 
     Returns:
         A :class:`MergeReport`.
@@ -239,7 +242,7 @@ def write_merged(
         "out_bytes": max((t.nbytes for t in tasks), default=0),
         "work_numel": max((t.numel for t in computed), default=0),
     }
-    n_threads = max(1, min(threads or _usable_cpus(), len(tasks) or 1))
+    n_threads = max(1, min(threads or min(_usable_cpus(), MAX_DEFAULT_THREADS), len(tasks) or 1))
     with (
         ShardFiles(directory, shards) as files,
         TensorReader() as reader,
