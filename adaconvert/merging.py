@@ -232,6 +232,7 @@ def write_merged(
     file order; this thread writes each one at its fixed place in the output. One writer, because a filesystem
     serialises writes to a file anyway: two threads writing would wait on each other instead of computing. Each
     worker keeps to one torch thread: the blocks are small, and two levels of threads would fight over the cores.
+    torch's thread count is process-wide: other torch work in this process sees 1 thread until the merge ends.
     """
     from tqdm.auto import tqdm
 
