@@ -95,3 +95,10 @@ class BatchConversionError(AdaconvertError, RuntimeError):
 
 class ServeError(AdaconvertError, OSError):
     """The vLLM server cannot start or stopped: port in use, vLLM missing, exited early, not ready in time."""
+
+
+def first_line(exc: BaseException | str, limit: int | None = 200) -> str:
+    """The first line of an exception's message (or of a text), cut at ``limit`` characters, for one-line errors;
+    the exception's type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from adaconvert.card import conversion_card
-from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise InvalidConfigError(f"invalid Hub repo id {repo_id!r}: {_first_line(exc)}") from exc
+        raise InvalidConfigError(f"invalid Hub repo id {repo_id!r}: {first_line(exc, 300)}") from exc
 
 
 def _kind(root: Path) -> str:
@@ -211,7 +211,7 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
             json.loads((root / VALIDATION_NAME).read_text("utf-8")) if (root / VALIDATION_NAME).is_file() else None
         )
     except (OSError, ValueError, TypeError) as exc:
-        raise InvalidConfigError(f"cannot build the model card ({_first_line(exc)})", path=report_path) from exc
+        raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
     return conversion_card(
         report,
         base_model=config.get("base_model_name_or_path"),
@@ -231,7 +231,7 @@ def _merged_card(root: Path, repo_id: str) -> str | None:
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InvalidConfigError(f"cannot build the model card ({_first_line(exc)})", path=report_path) from exc
+        raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
     adapters = [a for a in report.get("adapters") or [] if isinstance(a, dict)]
     used = ", ".join(f"{a.get('source')} (weight {a.get('weight', 1.0)})" for a in adapters) or None
     figures = {k: report[k] for k in ("dtype", "shards", "tensors", "tensors_touched", "bytes_written") if k in report}
@@ -302,11 +302,11 @@ def _describe(exc: BaseException, step: str, token: str) -> str:
     status = getattr(response, "status_code", None)
     if status is not None:
         server = getattr(exc, "server_message", None) or ""
-        what = f"the Hub answered HTTP {status}" + (f" ({_first_line(server)})" if server.strip() else "")
+        what = f"the Hub answered HTTP {status}" + (f" ({first_line(server, 300)})" if server.strip() else "")
         if status in (401, 403):
             what += "; check the token (--token / HF_TOKEN) and its write access"
     else:
-        what = f"{type(exc).__name__}: {_first_line(exc)}"
+        what = f"{type(exc).__name__}: {first_line(exc, 300)}"
     text = f"{step} failed: {what}; nothing was changed locally and pushing again is safe"
     return text.replace(token, "***") if token else text
 
@@ -323,8 +323,3 @@ def _progress_bars(enabled: bool):
         yield
     finally:
         enable_progress_bars()
-
-
-def _first_line(exc: BaseException | str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def resolve_source(
         return fetch(text) if fetch else Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise SourceNotFoundError(
-            f"no such local directory, and the Hub could not provide it ({_one_line(exc)})", path=text
+            f"no such local directory, and the Hub could not provide it ({first_line(exc)})", path=text
         ) from exc
 
 
@@ -126,7 +126,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             path=path,
         ) from exc
     except Exception as exc:  # torch raises a zoo of types for bad files; all mean "cannot read this file"
-        raise CorruptCheckpointError(f"cannot be read as a torch checkpoint ({_one_line(exc)})", path=path) from exc
+        raise CorruptCheckpointError(f"cannot be read as a torch checkpoint ({first_line(exc)})", path=path) from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CorruptCheckpointError("expected a flat {name: tensor} state dict", path=path)
     return obj
@@ -139,9 +139,4 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(f"corrupt or truncated safetensors file ({_one_line(exc)})", path=path) from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise CorruptCheckpointError(f"corrupt or truncated safetensors file ({first_line(exc)})", path=path) from exc

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 
 METHODS = ("lora", "adalora", "lora-drop")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -165,8 +165,7 @@ def read_recipe(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidConfigError(f"not valid YAML ({first})", path=path) from exc
+        raise InvalidConfigError(f"not valid YAML ({first_line(exc, None)})", path=path) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.errors import InvalidDataError, SourceNotFoundError
+from adaconvert.errors import InvalidDataError, SourceNotFoundError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,9 @@ def _from_datasets(source: str, column: str, *, split: str, where, **kwargs) -> 
     try:
         dataset = datasets.load_dataset(source, split=split, **kwargs)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise SourceNotFoundError(f"cannot load the dataset ({_first_line(exc)})", path=where) from exc
+        raise SourceNotFoundError(f"cannot load the dataset ({first_line(exc)})", path=where) from exc
     except ValueError as exc:  # unknown split or configuration
-        raise InvalidDataError(f"cannot load the dataset ({_first_line(exc)})", path=where) from exc
+        raise InvalidDataError(f"cannot load the dataset ({first_line(exc)})", path=where) from exc
     if column not in dataset.column_names:
         raise InvalidDataError(
             f"no column {column!r} (columns: {', '.join(dataset.column_names)}); choose one with --text-column",
@@ -149,11 +149,6 @@ def _from_datasets(source: str, column: str, *, split: str, where, **kwargs) -> 
     if bad is not None:
         raise InvalidDataError(f"row {bad}: column {column!r} holds {type(texts[bad]).__name__}, not text", path=where)
     return [t for t in texts if t is not None]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

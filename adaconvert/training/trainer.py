@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.readers.lora import LORA_DROP_FILE
@@ -140,7 +140,7 @@ def load_tokenizer(model: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        raise SourceNotFoundError(f"cannot load the tokenizer ({_first_line(exc)})", path=model) from exc
+        raise SourceNotFoundError(f"cannot load the tokenizer ({first_line(exc)})", path=model) from exc
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise InvalidConfigError("the tokenizer has neither a pad nor an EOS token", path=model)
@@ -178,12 +178,7 @@ def load_base_model(model: str, precision: str):
     try:
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise SourceNotFoundError(f"cannot load the model ({_first_line(exc)})", path=model) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise SourceNotFoundError(f"cannot load the model ({first_line(exc)})", path=model) from exc
 
 
 def _set_seed(seed: int) -> None:
@@ -201,7 +196,7 @@ def _peft(base, config):
     try:
         return get_peft_model(base, config)
     except ValueError as exc:  # target modules not found, unsupported layer type
-        raise InvalidConfigError(f"cannot apply the adapter ({_first_line(exc)})") from exc
+        raise InvalidConfigError(f"cannot apply the adapter ({first_line(exc)})") from exc
 
 
 def _lora_config(opts: TrainOptions, target_modules):

@@ -10,7 +10,7 @@ import torch
 
 from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
-from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError
+from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
 from adaconvert.readers import read_adapter
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
@@ -243,7 +243,7 @@ def _peft_logits(runner, ids, mask, adapter_dir, report, label, *, role) -> torc
     try:
         return runner.logits(ids, mask, adapter=adapter_dir)
     except logits_level.PEFT_LOAD_ERRORS as exc:
-        report.fail("logits", label, f"PEFT cannot load the {role}: {str(exc).splitlines()[0][:300]}")
+        report.fail("logits", label, f"PEFT cannot load the {role}: {first_line(exc, 300)}")
         return None
 
 
