@@ -23,6 +23,7 @@ from pathlib import Path
 
 from adaconvert.errors import AdaconvertError, BatchConversionError, InvalidConfigError, SourceNotFoundError
 from adaconvert.io.atomic import check_output
+from adaconvert.runtime import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -221,20 +222,15 @@ def to_lora_many(
 def _run(tasks: list[tuple], *, jobs: int, progress: bool) -> list[BatchItem]:
     """Convert every task, one torch thread per conversion: parallelism comes from ``jobs`` processes (the tensor
     ops of a conversion are small, and intra-op threads competing for busy cores slow them down many times)."""
-    import torch
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), desc="to-lora", unit="adapter", disable=not progress)
     items: list[BatchItem | None] = [None] * len(tasks)
     if jobs == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             for i, task in enumerate(tasks):
                 items[i] = convert_one(*task)
                 bar.update()
-        finally:
-            torch.set_num_threads(threads)
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker) as pool:

@@ -68,14 +68,11 @@ def import_torch(*, one_thread: bool = False) -> None:
     memory-bound passes over many small tensors: one thread is as fast on an idle machine, and OpenMP's thread
     hand-offs made them 10-20× slower on a busy one.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    from adaconvert.runtime import paused_gc
+
+    with paused_gc():
         import torch
-    finally:
-        gc.freeze()  # objects alive now are never collected: later collections skip them
-        if enabled:
-            gc.enable()
+    gc.freeze()  # objects alive now are never collected: later collections skip them
     if one_thread and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +32,7 @@ from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, open_checkpoint
 from adaconvert.io.parallel import imap_unordered
 from adaconvert.readers import read_adapter
+from adaconvert.runtime import paused_gc, peak_rss_bytes, torch_threads, usable_cpus
 from adaconvert.transforms import strip_empty
 from adaconvert.writers.merged import Shard, ShardFiles, copy_side_files, parse_size, plan_shards
 
@@ -243,12 +241,12 @@ def write_merged(
         "out_bytes": max((t.nbytes for t in tasks), default=0),
         "work_numel": max((t.numel for t in computed), default=0),
     }
-    n_threads = max(1, min(threads or min(_usable_cpus(), MAX_DEFAULT_THREADS), len(tasks) or 1))
+    n_threads = max(1, min(threads or min(usable_cpus(), MAX_DEFAULT_THREADS), len(tasks) or 1))
     with (
         ShardFiles(directory, shards) as files,
         TensorReader() as reader,
-        _torch_threads(1),
-        _no_cyclic_gc(),
+        torch_threads(1),
+        paused_gc(),
         tqdm(
             total=sum(s.nbytes for s in shards),
             unit="B",
@@ -462,66 +460,12 @@ def _overflow_bound(dtype: torch.dtype) -> float:
     return info.max + half_ulp
 
 
-@contextlib.contextmanager
-def _no_cyclic_gc():
-    """Python's cycle collector paused for the block (reference counting still frees everything): the loop makes
-    no cycles, but its small objects would set off collections that walk every object torch created at import,
-    some 6% of a merge's CPU time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` for the block, restored after. Threads started inside take it
-    on their first parallel op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _row_numel(info: TensorInfo) -> int:
     return math.prod(info.shape[1:]) if info.shape else 1
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size so far, in bytes (None where the OS does not say).
-
-    Linux: ``VmHWM`` of /proc/self/status, the peak of this program's own address space. ``ru_maxrss`` would
-    also count the parent's memory: a child created by fork or vfork inherits its high-water mark through exec.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:

@@ -16,9 +16,10 @@ from transformers import TrainerCallback
 
 from adaconvert.readers import read_adapter
 from adaconvert.readers.adalora import RANK_HISTORY_FILE
+from adaconvert.runtime import torch_threads
 from adaconvert.training.config import adalora_schedule, load_options
 from tests.peft_utils import peft_model, prompt_ids
-from tests.training_utils import QUICK, quick_train, single_thread, write_jsonl
+from tests.training_utils import QUICK, quick_train, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_without_the_callback_peft_never_prunes(tiny_llama, data, tmp_path):
     tokenizer = load_tokenizer(opts.model)
     dataset = tokenize(load_texts(data), tokenizer, max_length=opts.max_length)
     model = _peft(load_base_model(opts.model, "fp32"), adalora_config(opts, adalora_schedule(opts, 30), "all-linear"))
-    with single_thread():
+    with torch_threads(1):
         run_phase(model, dataset, tokenizer, opts, precision="fp32", callbacks=[])
     assert model.peft_config["default"].rank_pattern is None
     E = [p for n, p in model.named_parameters() if "lora_E" in n]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaconvert.demo.demo import single_thread
 from adaconvert.demo.tiny import SENTENCES
+from adaconvert.runtime import torch_threads
 
 # small and fast: 32 examples, batch 8, a high learning rate so that a few steps move the adapters
 QUICK = {"batch_size": 8, "lr": 2e-2, "max_length": 16, "logging_steps": 1000, "quiet": True, "seed": 0}
@@ -25,7 +25,7 @@ def quick_train(method: str, base, data, output, **options):
     from adaconvert.training import train
 
     settings = {**QUICK, **(ADALORA if method == "adalora" else {"steps": 20}), **options}
-    with single_thread():
+    with torch_threads(1):
         return train(method, model=str(base), data=str(data), output=str(output), **settings)
 
 

@@ -7,7 +7,6 @@ with the originals (weights, logits and, with vLLM, greedy tokens), and served s
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -17,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from adaconvert.card import text_rank_table
 from adaconvert.errors import InvalidConfigError, OutputExistsError
+from adaconvert.runtime import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ def run_demo(
     build_tiny_model(base, MODEL["arch"], layers=MODEL["layers"], hidden=MODEL["hidden"], sentences=texts)
 
     say(f"[2/5] training AdaLoRA and LoRA-Drop, {steps} optimizer steps each (HF Trainer, CPU)")
-    with single_thread():
+    with torch_threads(1):  # a tiny model gains nothing from more, and on a busy machine threads fight
         common = {"model": str(base), "data": str(DATA_FILE), "steps": steps, **COMMON}
         ada = train("adalora", output=str(root / "adalora"), **common, **ADALORA)
         drop = train("lora-drop", output=str(root / "lora-drop"), **common, **LORA_DROP)
@@ -148,17 +146,6 @@ def _prepare(root: Path, *, overwrite: bool) -> Path:
     root.mkdir(parents=True)
     (root / OWNER_MARK).write_text("made by `adaconvert demo`; it replaces this directory when run again\n")
     return root
-
-
-@contextlib.contextmanager
-def single_thread():
-    """One intra-op thread: a tiny model gains nothing from more, and on a busy machine threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _adalora_story(result, report, say) -> dict:

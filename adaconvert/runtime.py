@@ -1,0 +1,74 @@
+"""Process-level settings the heavy verbs share: torch's thread count, the cycle collector, usable CPUs, peak RSS.
+
+torch is imported only inside :func:`torch_threads`, so that the CLI can use the rest before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, restored after.
+
+    The setting is process-wide: other torch work in this process sees it meanwhile. Threads started inside take
+    it on their first parallel op.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cycle collector paused for the block; reference counting still frees everything.
+
+    For code that makes many objects and no cycles (imports, a streaming loop), where collections would only walk
+    the objects torch created at import, again and again.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far, in bytes (None where the OS does not say).
+
+    Linux: ``VmHWM`` of /proc/self/status, the peak of this program's own address space. ``ru_maxrss`` would
+    also count the parent's memory: a child created by fork or vfork inherits its high-water mark through exec.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
