@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -79,6 +78,7 @@ def child(mode: str, src: str, dst: str) -> None:
     from safetensors.torch import load_file, save_file
 
     from adaconvert.cli import main
+    from adaconvert.runtime import peak_rss_bytes
 
     start = time.perf_counter()
     if mode == "copy":
@@ -90,7 +90,7 @@ def child(mode: str, src: str, dst: str) -> None:
     elif mode != "idle":
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes()}))
 
 
 def measure(mode: str, src: Path, dst: Path) -> dict:

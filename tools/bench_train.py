@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 import tempfile
 import time
@@ -104,6 +103,7 @@ def run_method(name: str, base: str, data: str, out: str, size: str, steps: int,
     """Train one method (in a fresh process) and measure it."""
     import torch
 
+    from adaconvert.runtime import peak_rss_bytes
     from adaconvert.training import train
 
     if threads:
@@ -125,7 +125,7 @@ def run_method(name: str, base: str, data: str, out: str, size: str, steps: int,
         trainable=main.trainable_params,
         pilot_trainable=pilot.trainable_params if pilot else None,
         pilot_s=pilot.wall_s if pilot else None,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mib=peak_rss_bytes() / 2**20,
         peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         kept=result.lora_drop["kept"] if result.lora_drop else None,
         loss=main.train_loss,
