@@ -66,7 +66,7 @@ def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport
         total_rank=sum(ranks.values()),
         max_rank=adapter.max_rank,
         params=adapter.num_params,
-        bytes=adapter.num_params * torch.empty((), dtype=getattr(torch, dtype)).element_size(),
+        bytes=adapter.num_params * getattr(torch, dtype).itemsize,
         equal_budget_rank=adapter.num_params / width if width else 0.0,
         fixed_max_rank_params=adapter.max_rank * width,
         vllm_max_lora_rank=smallest_bucket(adapter.max_rank),

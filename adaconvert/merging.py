@@ -237,7 +237,7 @@ def write_merged(
     tasks = plan_tasks(checkpoint, shards, updates)
     computed = [t for t in tasks if t.updates or t.out_dtype != t.info.dtype]
     sizes = {
-        "in_bytes": max((t.numel * _itemsize(t.info.dtype) for t in computed), default=0),
+        "in_bytes": max((t.numel * t.info.dtype.itemsize for t in computed), default=0),
         "out_bytes": max((t.nbytes for t in tasks), default=0),
         "work_numel": max((t.numel for t in computed), default=0),
     }
@@ -351,12 +351,12 @@ class RowBlock:
     @property
     def nbytes(self) -> int:
         """Output bytes."""
-        return self.numel * _itemsize(self.out_dtype)
+        return self.numel * self.out_dtype.itemsize
 
     @property
     def out_begin(self) -> int:
         """Where the block's bytes start in the output tensor's data."""
-        return self.start * _row_numel(self.info) * _itemsize(self.out_dtype)
+        return self.start * _row_numel(self.info) * self.out_dtype.itemsize
 
 
 def plan_tasks(checkpoint: Checkpoint, shards: Sequence[Shard], updates: dict[str, list[Update]]) -> list[RowBlock]:
@@ -400,7 +400,7 @@ class BlockMerger:
         if not task.updates and out_dtype == info.dtype:  # copied as it is
             return memoryview(self.reader.read_into(info, task.start * info.row_nbytes, task.nbytes, out).numpy())
         shape = (task.stop - task.start, *info.shape[1:]) if info.shape else ()
-        raw = self.reader.read_into(info, task.start * info.row_nbytes, numel * _itemsize(info.dtype), self._raw)
+        raw = self.reader.read_into(info, task.start * info.row_nbytes, numel * info.dtype.itemsize, self._raw)
         work = self._work[:numel].view(shape)
         work.copy_(raw.view(info.dtype).view(shape))
         for update in task.updates:
@@ -462,10 +462,6 @@ def _overflow_bound(dtype: torch.dtype) -> float:
 
 def _row_numel(info: TensorInfo) -> int:
     return math.prod(info.shape[1:]) if info.shape else 1
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:

@@ -89,7 +89,7 @@ def build_report(
                 rel_error=error,
             )
         )
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     return ConversionReport(
         source=str(source.provenance.get("source", "")),
         source_kind=source.source_kind,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import struct
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError
-from adaconvert.io.safetensors_writer import SAFETENSORS_DTYPES
+from adaconvert.io.safetensors_writer import SAFETENSORS_DTYPES, tensor_nbytes
 from adaconvert.io.source import read_json, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -189,7 +188,7 @@ def _tensor_info(name: str, entry, path: Path, data_start: int) -> TensorInfo:
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"bad header entry for {name!r}: {entry!r}", path=path) from exc
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = tensor_nbytes(dtype, shape)
     if end - begin != nbytes or min(shape, default=0) < 0:
         raise CorruptCheckpointError(
             f"tensor {name!r}: offsets do not match {entry['dtype']} {list(shape)}", path=path

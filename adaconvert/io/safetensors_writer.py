@@ -34,7 +34,7 @@ TensorSpec = tuple[str, torch.dtype, Sequence[int]]
 
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def build_header(layout: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
