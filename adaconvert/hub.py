@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from adaconvert.card import conversion_card
+from adaconvert.card import conversion_card, merged_card
 from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
 
@@ -223,8 +223,6 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
 
 
 def _merged_card(root: Path, repo_id: str) -> str | None:
-    from adaconvert.card import merged_card
-
     report_path = next((root / n for n in MERGE_REPORT_NAMES if (root / n).is_file()), None)
     if report_path is None:
         return None

@@ -463,7 +463,7 @@ def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+    except OSError:  # URLError, ConnectionError and TimeoutError included
         return False
 
 
