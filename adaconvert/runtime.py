@@ -1,6 +1,8 @@
-"""Process-level settings the heavy verbs share: torch's thread count, the cycle collector, usable CPUs, peak RSS.
+"""Process-level settings the heavy verbs share: torch's thread count, the cycle collector, transformers' progress
+bars, usable CPUs, peak RSS.
 
-torch is imported only inside :func:`torch_threads`, so that the CLI can use the rest before torch is loaded.
+torch and transformers are imported only inside the helpers that need them, so that the CLI can use the rest
+before torch is loaded.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def paused_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' loading progress bars on or off for the duration (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def usable_cpus() -> int:

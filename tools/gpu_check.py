@@ -27,10 +27,11 @@ def environment() -> str:
     import torch
     import transformers
 
+    from adaconvert.training.trainer import resolve_precision
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return (
-        f"device: {device} (precision {'bf16' if bf16 else 'fp16' if torch.cuda.is_available() else 'fp32'}); "
+        f"device: {device} (precision {resolve_precision('auto')}); "
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
 

@@ -21,9 +21,8 @@ import torch
 
 from adaconvert.adapter import split_module_name
 from adaconvert.errors import InvalidConfigError
-
-ADAPTER = "default"
-PREFIX = "base_model.model."
+from adaconvert.readers._common import PEFT_PREFIX
+from adaconvert.training.adalora import ADAPTER
 
 
 def lora_modules(model) -> dict:
@@ -33,7 +32,7 @@ def lora_modules(model) -> dict:
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            found[name.removeprefix(PREFIX)] = module
+            found[name.removeprefix(PEFT_PREFIX)] = module
     return found
 
 

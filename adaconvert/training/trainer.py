@@ -9,7 +9,6 @@ the adapter atomically with its metadata (``rank_history.json`` for AdaLoRA, ``l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_lin
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.readers.lora import LORA_DROP_FILE
+from adaconvert.runtime import hf_progress
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, module_ranks
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
@@ -94,7 +94,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         check_output(opts.output, overwrite=opts.overwrite)
     precision = resolve_precision(opts.precision)
     _set_seed(opts.seed)
-    with _progress_bars(enabled=not opts.quiet):
+    with hf_progress(not opts.quiet):
         tokenizer = load_tokenizer(opts.model)
         texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
         dataset = tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.data)
@@ -111,21 +111,6 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     if main_process:
         _write(result, opts)
     return result
-
-
-@contextlib.contextmanager
-def _progress_bars(*, enabled: bool):
-    """transformers' own progress bars (model loading) off while ``enabled`` is false, restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if before and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(model: str):
@@ -224,7 +209,7 @@ def _run_adalora(base, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     budget = AdaLoraCallback(model, opts)
     stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
     history = budget.history_record()
-    pattern = model.peft_config["default"].rank_pattern
+    pattern = budget.config.rank_pattern
     ranks = module_ranks(pattern) if pattern else None
     return TrainResult("adalora", opts.output, False, world, 0, stats, rank_history=history, ranks=ranks, model=model)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.runtime import hf_progress
 from adaconvert.validation.report import Check, Tolerances, ValidationReport
 
 logger = logging.getLogger(__name__)
@@ -62,21 +61,6 @@ def read_prompts(prompts) -> list[str]:
     if not result or not all(p.strip() for p in result):
         raise InvalidConfigError("need at least one non-empty prompt", path=None if prompts is None else str(prompts))
     return result
-
-
-@contextmanager
-def hf_progress(enabled: bool) -> Iterator[None]:
-    """transformers' loading progress bars on or off for the duration (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 class HFRunner:
