@@ -142,6 +142,14 @@ def _handler(hub: FakeHub):
                 self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             return found
 
+        def _revision(self, repo: str, rev: str) -> Repo | None:
+            """The repo when it has branch ``rev``; else None, with the Hub's 404 already sent."""
+            found = self._repo(repo)
+            if found is not None and rev not in found.branches:
+                self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+                return None
+            return found
+
         def create_repo(self, body):
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"
@@ -173,21 +181,16 @@ def _handler(hub: FakeHub):
             return self._json(200, {})
 
         def preupload(self, body, repo, rev):
-            found = self._repo(repo)
-            if found is None:
+            if self._revision(repo, rev) is None:
                 return None
-            if rev not in found.branches:
-                return self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             files = json.loads(body)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
             return self._json(200, {"files": modes, "commitOid": "0" * 40})
 
         def commit(self, body, repo, rev):
-            found = self._repo(repo)
+            found = self._revision(repo, rev)
             if found is None:
                 return None
-            if rev not in found.branches:
-                return self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
             header = next(item["value"] for item in lines if item["key"] == "header")
             staged = dict(found.branches[rev])

@@ -298,7 +298,7 @@ def test_vllm_serves_the_merged_model_like_peft(arch, vllm_available, bases, ada
     """A plain vLLM engine (no LoRA) on the merged directory greedy-decodes what PEFT decodes with the adapter.
 
     The engine runs in-process beside the session's LoRA engine, if any (two in-process engines coexist)."""
-    from tests.vllm_utils import greedy, prompt_token_ids
+    from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids
 
     base = bases(arch)
     adaconvert.merge(base, [adaloras[arch]], tmp_path / "merged")
@@ -323,9 +323,7 @@ def test_vllm_serves_the_merged_model_like_peft(arch, vllm_available, bases, ada
     finally:
         del llm
         gc.collect()
-    for (v_ids, v_lp), (p_ids, p_lp) in zip(got, expected, strict=True):
-        assert v_ids == p_ids
-        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= 1e-3
+    assert_same_generation(got, expected)
 
 
 # ---------------------------------------------------------------------------------------------- memory

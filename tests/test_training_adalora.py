@@ -19,7 +19,7 @@ from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.runtime import torch_threads
 from adaconvert.training.config import adalora_schedule, load_options
 from tests.peft_utils import peft_model, prompt_ids
-from tests.training_utils import QUICK, quick_train, write_jsonl
+from tests.training_utils import ADALORA, QUICK, quick_train, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,7 @@ def test_without_the_callback_peft_never_prunes(tiny_llama, data, tmp_path):
         data=str(data),
         output=str(tmp_path / "x"),
         **QUICK,
-        steps=30,
-        init_r=8,
-        target_r=3,
-        tinit=5,
-        tfinal=5,
-        delta_t=2,
+        **ADALORA,
     )
     tokenizer = load_tokenizer(opts.model)
     dataset = tokenize(load_texts(data), tokenizer, max_length=opts.max_length)

@@ -16,8 +16,6 @@ from adaconvert.training import lora_drop
 from tests.peft_utils import load_base, peft_model, prompt_ids
 from tests.training_utils import quick_train, write_jsonl
 
-PREFIX = "base_model.model."
-
 
 class TwoLayers(nn.Module):
     """embedding → layers.0.proj → layers.1.proj, called like a causal LM (input_ids, attention_mask)."""

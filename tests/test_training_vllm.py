@@ -8,11 +8,9 @@ import pytest
 
 import adaconvert
 from tests.peft_utils import peft_greedy
-from tests.vllm_utils import greedy, prompt_token_ids
+from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids
 
 pytestmark = pytest.mark.vllm
-
-LOGPROB_TOL = 1e-3
 
 
 @pytest.mark.parametrize("name", ["lora", "adalora", "lora-drop-share", "lora-drop-drop"])
@@ -24,6 +22,4 @@ def test_trained_then_converted_serves_like_peft(name, trained, vllm_engine, tin
     expected = peft_greedy(tiny_llama, original, prompts)  # PEFT on the adapter as trained
     assert expected != peft_greedy(tiny_llama, None, prompts), "the adapter must change the generation"
     served = greedy(vllm_engine, prompts, tmp_path / "converted", name=name)
-    for (v_ids, v_lp), (p_ids, p_lp) in zip(served, expected, strict=True):
-        assert v_ids == p_ids
-        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
+    assert_same_generation(served, expected)

@@ -8,17 +8,9 @@ import pytest
 
 import adaconvert
 from tests.peft_utils import peft_greedy
-from tests.vllm_utils import greedy, prompt_token_ids, vllm_load_adapter
+from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids, vllm_load_adapter
 
 pytestmark = pytest.mark.vllm
-
-LOGPROB_TOL = 1e-3
-
-
-def assert_same_generation(vllm_out, peft_out):
-    for (v_ids, v_lp), (p_ids, p_lp) in zip(vllm_out, peft_out, strict=True):
-        assert v_ids == p_ids
-        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,18 @@ from __future__ import annotations
 import itertools
 import os
 
+from tests.peft_utils import TARGETS
+
 _ids = itertools.count(1)
+# vLLM against PEFT on the same prompts: greedy tokens equal, per-token log-probs within this
+LOGPROB_TOL = 1e-3
+
+
+def assert_same_generation(vllm_out, peft_out):
+    """``greedy`` output against ``peft_utils.peft_greedy`` output: same tokens, log-probs within LOGPROB_TOL."""
+    for (v_ids, v_lp), (p_ids, p_lp) in zip(vllm_out, peft_out, strict=True):
+        assert v_ids == p_ids
+        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
 
 
 def make_engine(base_dir, *, max_lora_rank: int = 16, max_loras: int = 4):
@@ -55,7 +66,7 @@ def prompt_token_ids(base_dir) -> list[list[int]]:
 PROMPTS = ["the quick brown fox", "every module keeps", "adapters are served side by", "a rank varying adapter"]
 
 
-LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+LLAMA_LORA_MODULES = set(TARGETS["llama"])
 
 
 def vllm_load_adapter(adapter_dir, *, max_lora_rank: int = 16, expected_modules=LLAMA_LORA_MODULES):
