@@ -62,7 +62,8 @@ def output_importance(model, batches) -> dict[str, float]:
             mask = state["mask"]
             if mask is not None and mask.shape == per_token.shape:
                 per_token = per_token * mask
-            totals[name] += float(per_token.double().sum())
+            # kept on the device: a float() here would wait for the GPU in every module of every batch
+            totals[name] = totals[name] + per_token.double().sum()
 
         return hook
 
@@ -82,7 +83,7 @@ def output_importance(model, batches) -> dict[str, float]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return totals
+    return {name: float(total) for name, total in totals.items()}
 
 
 @torch.no_grad()
