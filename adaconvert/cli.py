@@ -31,8 +31,12 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
 }
 
 
-def common_options(*, overwrite: bool = False):
-    """The flags every command shares: --json, --debug, --quiet (and --overwrite for commands that write)."""
+def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
+    """The flags every command shares: --json, --debug, --quiet (and --overwrite for commands that write).
+
+    Every command needs torch: it is imported here (:func:`import_torch`), once the arguments are parsed, so that
+    ``--help`` stays instant; ``one_torch_thread`` as in :func:`import_torch`.
+    """
 
     def decorate(fn):
         @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
@@ -44,6 +48,7 @@ def common_options(*, overwrite: bool = False):
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
             ctx = click.get_current_context()
             ctx.meta["debug"] = debug
+            import_torch(one_thread=one_torch_thread)
             return fn(*args, as_json=as_json, **kwargs)
 
         if overwrite:
@@ -96,14 +101,13 @@ def cli():
     help="Convert every SRC (paths, Hub ids, quoted globs, @list.txt) into DIR/<name>, with a summary table.",
 )
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, help="Worker processes for --output-dir.")
-@common_options(overwrite=True)
+@common_options(overwrite=True, one_torch_thread=True)
 def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a rank-varying LoRA at DST.
 
     With --output-dir DIR, convert many sources in --jobs worker processes; a bad source is reported and the
     others go on; the exit status is non-zero if any failed, and the error names every failure.
     """
-    import_torch(one_thread=True)
     if output_dir is not None:
         from adaconvert.batch import expand_sources, to_lora_many
 
@@ -132,10 +136,9 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
 @cli.command("inspect")
 @click.argument("adapter")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a rank heatmap (layers × modules) PNG.")
-@common_options()
+@common_options(one_torch_thread=True)
 def inspect_cmd(adapter, *, as_json, plot):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs."""
-    import_torch(one_thread=True)
     from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
@@ -234,7 +237,6 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **o
         return
     if len(paths) not in (1, 3) or (len(paths) == 1 and not pairs):
         raise click.UsageError("give BASE ORIGINAL CONVERTED, or BASE with --pair ORIG=CONV (repeatable)")
-    import_torch()
     from adaconvert.validation import validate
     from adaconvert.validation.runner import failure
 
@@ -419,7 +421,6 @@ def merge_cmd(base, adapters, dst, *, as_json, **options):
     Streams tensor by tensor: memory stays flat whatever the model size. BASE is a directory or Hub id with
     safetensors weights; DST gets shards, index, config and tokenizer files that transformers and vLLM load.
     """
-    import_torch()
     from adaconvert.merging import merge
 
     quiet = click.get_current_context().params.get("quiet", False) or as_json
