@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError
-from adaconvert.io.source import CONFIG_NAME, WEIGHTS_NAMES, read_json, resolve_source
+from adaconvert.io.source import CONFIG_NAME, read_json, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -172,13 +172,10 @@ def tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
     Raises:
         SourceNotFoundError: no weights file. CorruptCheckpointError: it cannot be parsed.
     """
-    from adaconvert.errors import CorruptCheckpointError, SourceNotFoundError
-    from adaconvert.io.source import load_tensors
+    from adaconvert.errors import CorruptCheckpointError
+    from adaconvert.io.source import load_tensors, weights_file
 
-    root = Path(adapter_dir)
-    path = next((root / n for n in WEIGHTS_NAMES if (root / n).is_file()), None)
-    if path is None:
-        raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
+    path = weights_file(Path(adapter_dir))
     if path.suffix != ".safetensors":
         return {k: tuple(v.shape) for k, v in load_tensors(path).items()}
     from safetensors import SafetensorError, safe_open

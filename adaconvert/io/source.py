@@ -99,10 +99,19 @@ def open_adapter_dir(src: str | Path) -> AdapterFiles:
     root = resolve_source(src)
     config_path = root / CONFIG_NAME
     config = read_json(config_path)
-    for name in WEIGHTS_NAMES:
-        if (root / name).is_file():
-            return AdapterFiles(root, config, config_path, root / name)
-    raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
+    return AdapterFiles(root, config, config_path, weights_file(root))
+
+
+def weights_file(root: Path) -> Path:
+    """The adapter weights file in ``root``, in the order PEFT and vLLM look: safetensors first, then .bin / .pt.
+
+    Raises:
+        SourceNotFoundError: there is none.
+    """
+    path = next((root / name for name in WEIGHTS_NAMES if (root / name).is_file()), None)
+    if path is None:
+        raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
+    return path
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
