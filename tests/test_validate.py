@@ -302,3 +302,23 @@ def test_gpt2_conv1d_adapter_and_merge(tiny_gpt2, adalora_gpt2, tmp_path):
     assert report.passed, report.table()
     worst = next(c for c in report.checks if c.subject == "merged" and c.metric == "merged ΔW error / allowance")
     assert worst.value < 1
+
+
+def test_merged_check_finds_prefixed_base_tensors(tiny_llama, adalora_llama, tmp_path):
+    """A base saved without the ``model.`` wrapper (keys ``layers.0…``): merge matches the adapter's modules to those
+    tensors, and the merged check must find them by the same rule instead of reporting a correct merge as wrong."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adaconvert import merge
+
+    base = tmp_path / "unwrapped-base"
+    shutil.copytree(tiny_llama, base)
+    tensors = load_file(str(base / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(base / "model.safetensors"))
+    merge(base, [adalora_llama], tmp_path / "merged")
+    report = validate(base, adalora_llama, merged=tmp_path / "merged", prompts=PROMPTS)
+    assert report.passed, report.table()
+    worst = next(c for c in report.checks if c.subject == "merged" and c.metric == "merged ΔW error / allowance")
+    assert worst.detail and worst.value < 1  # the adapted modules were found and compared

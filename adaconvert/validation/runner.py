@@ -11,6 +11,7 @@ import torch
 from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
+from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.readers import read_adapter
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
@@ -111,11 +112,12 @@ def validate(
         adapters[label] = (orig, conv)
     merged_tol = None
     if merged is not None:
-        merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged), overrides=tolerances)
+        base_ckpt, merged_ckpt = open_checkpoint(base), open_checkpoint(merged)
+        merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
         result.tolerances["merged"] = merged_tol.to_dict()
         orig = adapters[labels[0]][0]
         if orig is not None:
-            weights_level.compare_merged(orig, base, merged, result, tol=merged_tol)
+            weights_level.compare_merged(orig, base_ckpt, merged_ckpt, result, tol=merged_tol)
 
     # logits: one base model, adapters attached one at a time
     result.levels.append("logits")
@@ -251,23 +253,13 @@ def _dtype(adapter: Adapter | None) -> str | None:
     return adapter.provenance.get("dtype") if adapter is not None else None
 
 
-def _checkpoint_dtype(directory) -> str:
-    """The floating dtype of a checkpoint's first floating tensor (float32 if none)."""
-    from safetensors import safe_open
-
-    index = weights_level.checkpoint_index(directory)
-    path = next(iter(sorted(set(index.values()))), None)
-    if path is None:
-        return "float32"
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():  # noqa: SIM118
-            name = _SAFETENSORS_DTYPES.get(str(f.get_slice(key).get_dtype()).upper())
-            if name is not None:
-                return name
-    return "float32"
+def _checkpoint_dtype(checkpoint: Checkpoint) -> str:
+    """The dtype of a checkpoint's first tensor in storage order whose dtype has tolerances (float32 if none)."""
+    names = (str(t.dtype).removeprefix("torch.") for t in checkpoint.tensors.values())
+    return next((name for name in names if name in _TOLERANCE_DTYPES), "float32")
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_TOLERANCE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _str(path) -> str | None:

@@ -1,10 +1,8 @@
 """Weights level: ΔW of the conversion against ΔW of the original, module by module, from the low-rank factors;
-and a merged checkpoint's W_merged − W_base against the original's ΔW, streamed one tensor at a time."""
+and a merged checkpoint's W_merged − W_base against the original's ΔW, read one tensor at a time."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.base_modules import BaseModule
-from adaconvert.errors import CorruptCheckpointError, SourceNotFoundError
+from adaconvert.io.checkpoint import Checkpoint, TensorReader
 from adaconvert.metrics import frobenius_norm, relative_error
 from adaconvert.validation.report import Check, Tolerances, ValidationReport
 
@@ -131,43 +129,41 @@ def compare_adapters(
 
 def compare_merged(
     original: Adapter,
-    base_dir: str | Path,
-    merged_dir: str | Path,
+    base: Checkpoint,
+    merged: Checkpoint,
     report: ValidationReport,
     *,
     tol: Tolerances,
 ) -> None:
     """Check that W_merged − W_base equals the original's ΔW on every adapted module and zero elsewhere.
 
-    Streams both checkpoints one tensor at a time (safetensors, sharded or not). Rounding is allowed for: a module
-    passes when ‖(W_merged − W_base) − ΔW‖ ≤ weight_rel·‖ΔW‖ + 2u·‖W_merged‖, u the unit roundoff of the merged
-    dtype (plus the base's, when the dtypes differ). The rows show the worst ratio of error to allowance (≤ 1
-    passes), for the adapted modules and for every other tensor.
+    Both checkpoints are read through :mod:`adaconvert.io.checkpoint`, one tensor at a time, and each module finds
+    its base tensor by the merge's own rule (:func:`adaconvert.merging.match_tensor`: ``<module>.weight``, or a
+    prefixed name such as ``language_model.<module>.weight``). Rounding is allowed for: a module passes when
+    ‖(W_merged − W_base) − ΔW‖ ≤ weight_rel·‖ΔW‖ + 2u·‖W_merged‖, u the unit roundoff of the merged dtype (plus the
+    base's, when the dtypes differ). The rows show the worst ratio of error to allowance (≤ 1 passes), for the
+    adapted modules and for every other tensor.
 
-    Raises:
-        SourceNotFoundError, CorruptCheckpointError: a checkpoint is missing or not safetensors.
+    Args:
+        base, merged: opened with :func:`adaconvert.io.checkpoint.open_checkpoint` (headers only).
     """
-    from safetensors import safe_open
+    from adaconvert.merging import match_tensor
 
     subject = "merged"
-    base_index, merged_index = checkpoint_index(base_dir), checkpoint_index(merged_dir)
-    adapted = {f"{name}.weight": name for name in original.deltas}
-    for key in sorted(k for k in base_index if k not in merged_index)[:5]:
+    adapted: dict[str, str] = {}
+    for module in sorted(original.deltas):
+        candidates = match_tensor(module, base.tensors)
+        if len(candidates) == 1:
+            adapted[candidates[0]] = module
+        else:
+            found = f"several candidates ({', '.join(candidates)})" if candidates else "no weight"
+            report.fail(LEVEL, subject, f"adapted module has {found} in the base checkpoint", module=module)
+    for key in sorted(k for k in base.tensors if k not in merged.tensors)[:5]:
         report.fail(LEVEL, subject, f"tensor {key!r} of the base is missing from the merged checkpoint")
-    for key in sorted(k for k in adapted if k not in base_index)[:5]:
-        report.fail(LEVEL, subject, "adapted module has no weight in the base checkpoint", module=adapted[key])
     worst = {"adapted": ("", 0.0), "other": ("", 0.0)}
-    with contextlib.ExitStack() as files:
-        opened: dict[Path, object] = {}
-
-        def tensor(index: dict[str, Path], key: str) -> torch.Tensor:
-            path = index[key]
-            if path not in opened:
-                opened[path] = files.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            return opened[path].get_tensor(key)
-
-        for key in sorted(set(base_index) & set(merged_index)):
-            w_base, w_merged = tensor(base_index, key), tensor(merged_index, key)
+    with TensorReader() as reader:
+        for key in sorted(set(base.tensors) & set(merged.tensors)):
+            w_base, w_merged = reader.read(base.tensors[key]), reader.read(merged.tensors[key])
             module = adapted.get(key)
             ratio = _merged_tensor_ratio(original, key, module, w_base, w_merged, report, tol=tol)
             if ratio is not None:
@@ -208,22 +204,3 @@ def _merged_tensor_ratio(original, key, module, w_base, w_merged, report, *, tol
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
-
-
-def checkpoint_index(directory: str | Path) -> dict[str, Path]:
-    """{tensor key: safetensors file} of a transformers checkpoint directory (single file or sharded)."""
-    directory = Path(directory)
-    index_file = directory / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"bad shard index ({exc})", path=index_file) from exc
-        return {key: directory / name for key, name in weight_map.items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise SourceNotFoundError("no model.safetensors or model.safetensors.index.json", path=directory)
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt", device="cpu") as f:
-        return dict.fromkeys(f.keys(), single)
