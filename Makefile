@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean demo
+.PHONY: test test-fast lint bench clean demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# the edit loop: everything but vLLM, llama.cpp, multi-process training and the demo (under a minute on 2 cores)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not vllm and not slow and not llama_cpp and not distributed"
 
 # trains, converts, validates and serves two tiny adapters; artefacts in ./adaconvert-demo (replaced on each run)
 demo: $(STAMP)

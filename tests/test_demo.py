@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,20 +12,14 @@ import pytest
 
 from adaconvert.demo.demo import OWNER_MARK, SUMMARY_FILE, run_demo
 from adaconvert.errors import OutputExistsError
+from tests.needs import expect_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _vllm_expected() -> bool:
-    installed = importlib.util.find_spec("vllm") is not None
-    if not installed and os.environ.get("CI"):
-        pytest.fail("vLLM is not installed, but CI must run the demo's vLLM part")
-    return installed
-
-
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    with_vllm = _vllm_expected()
+    with_vllm = expect_installed("vllm", purpose="the demo's vLLM part")
     directory = tmp_path / "demo"
     cmd = [sys.executable, "-m", "adaconvert.cli", "demo", "--dir", str(directory), "--steps", "40"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

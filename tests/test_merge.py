@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ from adaconvert.merging import match_tensor, parse_adapter_spec
 from adaconvert.writers import write_peft_lora
 from adaconvert.writers.merged import parse_size
 from tests.conftest import adalora_config, lora_config
+from tests.needs import require
 from tests.peft_utils import (
     TARGETS,
     load_base,
@@ -71,6 +73,27 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
                 assert key not in tensors, f"{key} in two shards"
                 tensors[key] = f.get_tensor(key)
     return tensors
+
+
+@dataclass
+class PeftReference:
+    """What PEFT computes for one base + adapter, from one load of the PeftModel."""
+
+    base_logits: torch.Tensor  # adapter disabled
+    applied: torch.Tensor  # adapter applied on top of the base
+    merged_logits: torch.Tensor  # after merge_and_unload
+    merged_state: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def peft_reference(base_dir, adapter_dir, dtype, ids) -> PeftReference:
+    model = peft_model(base_dir, adapter_dir, dtype)
+    with model.disable_adapter():
+        base_logits = model(ids).logits
+    applied = model(ids).logits
+    merged = model.merge_and_unload()
+    state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return PeftReference(base_logits, applied, merged(ids).logits, state)
 
 
 @torch.no_grad()
@@ -210,15 +233,15 @@ def test_lora_merge_is_bitwise_peft(arch, variant, bases, loras, ids, tmp_path):
 
     ours, base_tensors = read_checkpoint(out), read_checkpoint(base)
     bounds = reorder_bounds([loras[arch]], base_tensors)
-    changed = assert_matches_reference(ours, peft_merged_state(base, loras[arch], dtype), base_tensors, bounds=bounds)
+    ref = peft_reference(base, loras[arch], dtype, ids)
+    changed = assert_matches_reference(ours, ref.merged_state, base_tensors, bounds=bounds)
     assert report.tensors_touched == len(adaconvert.read_adapter(loras[arch]).deltas) and changed > 0
     assert ((out / "model.safetensors.index.json").is_file()) == ("sharded" in variant)
 
     merged = load_base(out, dtype)
     with torch.no_grad():
         got = merged(ids).logits
-        peft_merged = peft_model(base, loras[arch], dtype).merge_and_unload()(ids).logits
-        applied = peft_model(base, loras[arch], dtype)(ids).logits
+    peft_merged, applied = ref.merged_logits, ref.applied
     if dtype == torch.float32:
         assert (got - peft_merged).abs().max() <= LOGIT_ATOL and (got - applied).abs().max() <= LOGIT_ATOL
     else:  # weights within one bf16 ulp of PEFT's: the logits as close to the applied adapter as PEFT's merge
@@ -234,9 +257,10 @@ def test_adalora_merge_matches_peft(arch, variant, bases, adaloras, ids, tmp_pat
     out = tmp_path / "merged"
     adaconvert.merge(base, [adaloras[arch]], out)
     ours, base_tensors = read_checkpoint(out), read_checkpoint(base)
+    ref = peft_reference(base, adaloras[arch], dtype, ids)
 
     if dtype == torch.float32:
-        assert_matches_reference(ours, peft_merged_state(base, adaloras[arch], dtype), base_tensors, bounds=None)
+        assert_matches_reference(ours, ref.merged_state, base_tensors, bounds=None)
     else:
         # PEFT's own float32 ΔW (computed from the unrounded factors), added to the bf16 base, rounded once
         deltas = peft_delta_weights(bases(arch), adaloras[arch])
@@ -252,9 +276,7 @@ def test_adalora_merge_matches_peft(arch, variant, bases, adaloras, ids, tmp_pat
 
     with torch.no_grad():
         got = load_base(out, dtype)(ids).logits.float()
-        applied = peft_model(base, adaloras[arch], dtype)(ids).logits.float()
-        base_logits = load_base(base, dtype)(ids).logits.float()
-        peft_merged = peft_model(base, adaloras[arch], dtype).merge_and_unload()(ids).logits.float()
+    applied, base_logits, peft_merged = ref.applied.float(), ref.base_logits.float(), ref.merged_logits.float()
     assert (base_logits - applied).abs().max() > 100 * LOGIT_ATOL, "the adapter must change the logits"
     if dtype == torch.float32:
         assert (got - applied).abs().max() <= LOGIT_ATOL
@@ -322,12 +344,7 @@ def test_weighted_adapters_match_peft_add_weighted_adapter(tiny_llama, lora_vari
 
 @pytest.fixture(scope="module")
 def vllm_available():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("vLLM is not installed, but CI must run the vLLM tests")
-        pytest.skip("vLLM is not installed")
+    require("vllm", purpose="the vLLM tests")
 
 
 @pytest.mark.vllm

@@ -30,9 +30,8 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def conv_adalora(adalora_llama, work):
-    to_lora(adalora_llama, work / "adalora-lora")
-    return work / "adalora-lora"
+def conv_adalora(converted_llama):
+    return converted_llama
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,9 @@ IGNORED, WRONG_SCALE = "ignored", "wrong-scale"
 
 
 @pytest.fixture(scope="module")
-def converted(adalora_llama, tmp_path_factory):
-    """The safe export layout of a trained AdaLoRA: what every case starts from."""
-    out = tmp_path_factory.mktemp("static") / "converted"
-    to_lora(adalora_llama, out)
-    return out
+def converted(converted_llama):
+    """The safe export layout of a trained AdaLoRA: what every case starts from (read-only)."""
+    return converted_llama
 
 
 def _smallest_module(src) -> str:

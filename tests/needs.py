@@ -1,0 +1,33 @@
+"""The one rule for tests that need an optional runtime (vLLM, llama.cpp, mlx-lm, bitsandbytes, ...): where it is
+not installed they skip on a developer's machine and fail in CI (``CI`` set), so they can never be skipped there."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import pytest
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def require(module: str, *, purpose: str = "these tests") -> ModuleType:
+    """Import ``module`` for a test; skip locally, fail in CI when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if in_ci():
+            pytest.fail(f"{module} is not installed ({exc}), but CI must run {purpose}")
+        pytest.skip(f"{module} is not installed")
+
+
+def expect_installed(module: str, *, purpose: str) -> bool:
+    """Whether ``module`` is installed, without importing it; in CI it must be."""
+    installed = importlib.util.find_spec(module) is not None
+    if not installed and in_ci():
+        pytest.fail(f"{module} is not installed, but CI must run {purpose}")
+    return installed
