@@ -46,8 +46,6 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
         def wrapper(*args, as_json: bool, debug: bool, quiet: bool, **kwargs):
             level = logging.DEBUG if debug else logging.ERROR if quiet or as_json else logging.INFO
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-            ctx = click.get_current_context()
-            ctx.meta["debug"] = debug
             import_torch(one_thread=one_torch_thread)
             return fn(*args, as_json=as_json, **kwargs)
 

@@ -10,8 +10,8 @@ import pytest
 from adaconvert.batch import SUMMARY_JSON, SUMMARY_MD, expand_sources, output_names, to_lora_many
 from adaconvert.cli import main
 from adaconvert.convert import to_lora
-from adaconvert.demo.synthetic import write_synthetic_adalora
 from adaconvert.errors import BatchConversionError, InvalidConfigError, OutputExistsError, SourceNotFoundError
+from tests.synthetic import write_synthetic_adalora
 
 N = 20
 OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "conversion_report.json", "README.md"}

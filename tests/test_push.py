@@ -12,9 +12,9 @@ import pytest
 import adaconvert
 from adaconvert.cli import main
 from adaconvert.convert import to_lora
-from adaconvert.demo.synthetic import write_synthetic_adalora
 from adaconvert.hub import push
 from tests.fake_hub import FakeHub
+from tests.synthetic import write_synthetic_adalora
 
 TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 REPO = "team/adalora-lora"

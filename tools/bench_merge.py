@@ -24,10 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ has the synthetic writers
+
 import torch
 
-from adaconvert.demo.synthetic import LlamaShape, write_synthetic_adalora
-from adaconvert.demo.synthetic_base import write_synthetic_llama
+from tests.synthetic import LlamaShape, write_synthetic_adalora
+from tests.synthetic_base import write_synthetic_llama
 
 DIMS = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000}
 

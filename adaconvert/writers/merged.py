@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,18 +163,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
     while done < data.nbytes:
         done += os.pwrite(fd, data[done:], offset + done)
     return done
-
-
-def write_shards(directory: Path, shards: Sequence[Shard], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Write ``shards`` into ``directory`` from whole ``tensors``, (name, tensor) pairs each dropped once written;
-    then the index when there is more than one shard.
-
-    Raises:
-        ValueError: a tensor is not in the plan, or the plan's tensors are not all given exactly once.
-    """
-    with ShardFiles(directory, shards) as files:
-        for name, tensor in tensors:
-            files.write(name, 0, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_index(directory: Path, shards: Sequence[Shard]) -> None:

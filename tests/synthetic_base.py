@@ -1,15 +1,17 @@
-"""Synthetic llama base checkpoints of any size, written tensor by tensor (for merge benchmarks and memory tests).
+"""Synthetic llama base checkpoints of any size, written tensor by tensor (for merge benchmarks and memory tests;
+not part of the installed package).
 
 Random weights, no tokenizer: transformers, PEFT and vLLM load them; they are not meant to generate text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from adaconvert.writers.merged import parse_size, plan_shards, write_shards
+from adaconvert.writers.merged import Shard, ShardFiles, parse_size, plan_shards
 
 
 def llama_tensor_shapes(
@@ -88,3 +90,15 @@ def write_synthetic_llama(
 
     write_shards(directory, shards, ((name, tensor(shape)) for name, shape in shapes.items()))
     return directory
+
+
+def write_shards(directory: Path, shards: Sequence[Shard], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write ``shards`` into ``directory`` from whole ``tensors``, (name, tensor) pairs each dropped once written;
+    then the index when there is more than one shard.
+
+    Raises:
+        ValueError: a tensor is not in the plan, or the plan's tensors are not all given exactly once.
+    """
+    with ShardFiles(directory, shards) as files:
+        for name, tensor in tensors:
+            files.write(name, 0, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
