@@ -350,13 +350,15 @@ def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where to leave the artefacts.")
 @click.option("--steps", type=click.IntRange(min=10), help="Optimizer steps per training run (default 300).")
 @click.option("--vllm/--no-vllm", default=None, help="Serve both adapters under vLLM (default: if installed).")
+@click.option("--verbose", is_flag=True, help="Show third-party logs (else they go to DIR/third_party.log).")
 @common_options(overwrite=True)
-def demo_cmd(*, as_json, directory, steps, vllm, overwrite):
+def demo_cmd(*, as_json, directory, steps, vllm, verbose, overwrite):
     """Tiny model, AdaLoRA and LoRA-Drop trained on an embedded dataset, converted, validated and served."""
     from adaconvert.demo.demo import run_demo
 
     quiet = click.get_current_context().params.get("quiet", False) or as_json
-    report = run_demo(directory, steps=steps, vllm=vllm, overwrite=overwrite, echo=None if quiet else click.echo)
+    echo = None if quiet else click.echo
+    report = run_demo(directory, steps=steps, vllm=vllm, overwrite=overwrite, echo=echo, verbose=verbose)
     emit(report.to_dict(), f"demo finished; artefacts in {report.directory}", as_json=as_json)
 
 

@@ -89,3 +89,35 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextlib.contextmanager
+def env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Set each of ``values`` that the environment does not set yet; on exit, remove exactly those again.
+
+    A library call that configures a third-party runtime through its environment (vLLM reads ``VLLM_*`` when an
+    engine starts) leaves ``os.environ`` as it found it; a value the user set is never touched.
+    """
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def stderr_to(path: str | os.PathLike) -> Iterator[None]:
+    """Send everything this process writes to stderr (file descriptor 2: Python, C extensions, child processes) to
+    ``path`` (appended), and restore the terminal's stderr on exit. stdout is untouched."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

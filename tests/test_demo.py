@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from adaconvert.demo.demo import OWNER_MARK, SUMMARY_FILE, run_demo
+from adaconvert.constants import DEMO_SUMMARY_NAME, THIRD_PARTY_LOG_NAME, VALIDATION_REPORT_NAME
+from adaconvert.demo.demo import OWNER_MARK, run_demo
 from adaconvert.errors import OutputExistsError
 from tests.needs import expect_installed
 
@@ -26,10 +27,14 @@ def test_demo_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     story = proc.stdout
+    # third-party logs (vLLM start-up, PEFT's warnings) go to a file in the demo directory, not to the terminal
+    assert not proc.stderr.strip(), proc.stderr[-2000:]
+    assert (directory / THIRD_PARTY_LOG_NAME).stat().st_size > 0 and str(directory / THIRD_PARTY_LOG_NAME) in story
+    assert len(story.splitlines()) < 80, story
     for expected in ("AdaLoRA rank allocation", "LoRA-Drop layer importance", "PASSED", "artefacts in"):
         assert expected in story, story
 
-    summary = json.loads((directory / SUMMARY_FILE).read_text())
+    summary = json.loads((directory / DEMO_SUMMARY_NAME).read_text())
     assert summary["validation"]["passed"]
     assert summary["adalora"]["params"] < summary["adalora"]["lora_params"]  # parameter savings
     assert summary["lora_drop"]["main_params"] < summary["lora_drop"]["pilot_params"]
@@ -39,7 +44,7 @@ def test_demo_end_to_end(tmp_path):
     assert (directory / "lora-drop" / "lora_drop.json").is_file()
     if with_vllm:
         assert set(summary["generations"]) == {"adalora", "lora-drop"}, "vLLM must serve both adapters"
-        assert "vllm" in {c["level"] for c in json.loads((directory / "validation.json").read_text())["checks"]}
+        assert "vllm" in {c["level"] for c in json.loads((directory / VALIDATION_REPORT_NAME).read_text())["checks"]}
         assert "vLLM serves both converted adapters at once" in story
     else:
         assert summary["generations"] is None

