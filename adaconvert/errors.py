@@ -97,6 +97,10 @@ class ServeError(AdaconvertError, OSError):
     """The vLLM server cannot start or stopped: port in use, vLLM missing, exited early, not ready in time."""
 
 
+class UnsupportedPlatformError(AdaconvertError, OSError):
+    """This operating system lacks what the operation needs (e.g. positioned I/O for merge on Windows)."""
+
+
 def first_line(exc: BaseException | str, limit: int | None = 200) -> str:
     """The first line of an exception's message (or of a text), cut at ``limit`` characters, for one-line errors;
     the exception's type name when the message is empty."""

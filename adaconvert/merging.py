@@ -14,6 +14,8 @@ import functools
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from adaconvert.errors import (
     InvalidConfigError,
     MissingTensorError,
     NonFiniteError,
+    UnsupportedPlatformError,
 )
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, open_checkpoint
@@ -173,6 +176,7 @@ def merge(
         224
     """
     started = time.perf_counter()
+    require_positioned_io()
     dst = check_output(dst, overwrite=overwrite)
     specs = [parse_adapter_spec(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not specs:
@@ -213,6 +217,21 @@ def merge(
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s: %d of %d tensors merged, %d shard(s)", dst, len(updates), len(layout), len(shards))
     return report
+
+
+def require_positioned_io() -> None:
+    """The streamed merge reads and writes at offsets from several threads (``os.preadv`` / ``os.pwrite``): POSIX
+    systems (Linux, macOS, the BSDs) have them, Windows does not.
+
+    Raises:
+        UnsupportedPlatformError: on a platform without them, before anything is read or written.
+    """
+    missing = [name for name in ("preadv", "pwrite") if not hasattr(os, name)]
+    if missing:
+        raise UnsupportedPlatformError(
+            f"merge needs positioned file I/O (os.{', os.'.join(missing)}), which {sys.platform} lacks; "
+            "run it on Linux or macOS (WSL works on Windows)"
+        )
 
 
 def write_merged(

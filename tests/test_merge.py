@@ -696,3 +696,11 @@ def test_parse_adapter_spec(spec, source, weight):
 @pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2**31), (123, 123)])
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def test_merge_on_a_platform_without_positioned_io_is_one_clear_error(tiny_llama, loras, tmp_path, monkeypatch):
+    """Windows has no os.preadv / os.pwrite: merge says so before reading anything (README: supported systems)."""
+    monkeypatch.delattr(os, "preadv")
+    with pytest.raises(errors.UnsupportedPlatformError, match=r"positioned file I/O \(os.preadv\)"):
+        adaconvert.merge(tiny_llama, [loras["llama"]], tmp_path / "merged")
+    assert no_output(tmp_path / "merged")
