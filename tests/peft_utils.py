@@ -42,17 +42,16 @@ def train_peft(
     adalora: bool = False,
     keep=False,
     before_save=None,
-    tokens_from=None,
 ):
     """Train ``peft_config`` on the tiny sentences with a plain loop, the AdaLoRA way when ``adalora``:
     ``update_and_allocate(step)`` after ``optimizer.step()`` and before ``zero_grad()``. Saves to ``out_dir``;
     returns it, or (out_dir, trained PeftModel in eval mode) with ``keep``. ``before_save(model)`` runs before
-    saving. ``tokens_from``: a model directory whose tokenizer makes the batch (default ``base_dir``)."""
+    saving."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     model = get_peft_model(load_base(base_dir).train(), peft_config)
-    batch = training_batch(tokens_from or base_dir)
+    batch = training_batch(base_dir)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for step in range(steps):

@@ -24,15 +24,42 @@ SENTENCES = [
 ARCHITECTURES = ("llama", "gpt2", "qwen2")
 
 
-def build_tokenizer(directory: str | Path, sentences: list[str] | None = None):
-    """Train a word-level tokenizer on ``sentences`` and save it as a fast HF tokenizer in ``directory``."""
+def build_tokenizer(directory: str | Path, sentences: list[str] | None = None, *, arch: str = "llama"):
+    """Train a tokenizer on ``sentences`` and save it as a fast HF tokenizer in ``directory``.
+
+    Word-level for llama and gpt2. For qwen2 a byte-level BPE with Qwen2's own pre-tokenizer: transformers 5 always
+    loads a qwen2 directory's tokenizer as ``Qwen2Tokenizer``, which rebuilds the pipeline from the saved vocab and
+    merges (byte-level BPE), and so turns a word-level vocab into one that yields no tokens. Built this way,
+    ``AutoTokenizer`` gives the same ids as the saved ``tokenizer.json`` for every architecture.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    tok.train_from_iterator(sentences or SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0-3: pad, bos and eos ids in tiny_config
+    if arch == "qwen2":
+        from tokenizers import Regex, decoders, normalizers
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(sentences or SENTENCES, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
@@ -88,7 +115,7 @@ def build_tiny_model(
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    tokenizer = build_tokenizer(directory, sentences)
+    tokenizer = build_tokenizer(directory, sentences, arch=arch)
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers, hidden=hidden)
     config.dtype = dtype
