@@ -30,8 +30,9 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/adaconvert demo
 
+# every benchmark, or some (make bench BENCH="convert merge"); rewrites their sections of docs/benchmarks.md
 bench: $(STAMP)
-	$(PY) tools/bench_convert.py
+	$(PY) tools/bench.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,6 +28,7 @@ ADACONVERT = [sys.executable, "-m", "adaconvert.cli"]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ has the synthetic writers
 
+
 def make_sources(root: Path, n: int, init_r: int) -> list[Path]:
     from tests.synthetic import LLAMA_7B, write_synthetic_adalora
 
