@@ -80,7 +80,7 @@ def to_lora(
         write_peft_lora(adapter, tmp, dtype=out_dtype)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(conversion_card(report, base_model=adapter.base_model), encoding="utf-8")
-        # DESIGN.md §3, checked on the files as written: nothing vLLM would reject gets renamed into place.
+        # docs/design.md §4, checked on the files as written: nothing vLLM would reject gets renamed into place.
         # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()
         require_vllm_compat(tmp, max_lora_rank=vllm_max_lora_rank, what="the conversion", warn_only=warn_only)

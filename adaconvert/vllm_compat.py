@@ -1,4 +1,4 @@
-"""vLLM's rules for LoRA adapters that can be checked without starting an engine (DESIGN.md §3).
+"""vLLM's rules for LoRA adapters that can be checked without starting an engine (docs/design.md §4).
 
 The checks mirror vLLM's own loader (``vllm/lora/peft_helper.py``: ``PEFTHelper.__post_init__`` and
 ``validate_legal``; ``vllm/lora/lora_model.py`` and ``utils.parse_fine_tuned_lora_name`` for tensor keys), so that

@@ -1,4 +1,4 @@
-"""Synthetic AdaLoRA checkpoints, written directly with safetensors, in the layout PEFT saves (DESIGN.md §2).
+"""Synthetic AdaLoRA checkpoints, written directly with safetensors, in the layout PEFT saves (docs/design.md §2).
 
 For tests and benchmarks that need many adapters fast (batch conversion, Hub pushes): no model, no training.
 Shapes follow a llama: q/k/v/o in the attention, gate/up/down in the MLP.

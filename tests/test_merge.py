@@ -1,7 +1,7 @@
 """`adaconvert merge`: merged checkpoints equal PEFT's merge_and_unload, load in transformers and vLLM, stream with
 bounded memory, and bad inputs fail before anything is written.
 
-The exactness contract (docs/design.md, "Exactness"):
+The exactness contract (docs/design.md §7):
 - Our code against our code on one machine (direct merge vs merge of the `to-lora` conversion, any block size,
   any worker count): bit for bit.
 - Against PEFT 0.21: both sides compute W' = W + Σ_k B_ik·A_kj in float32, but the BLAS kernel picks the summation

@@ -1,4 +1,4 @@
-"""AdaLoRA with the HF ``Trainer``, done right (DESIGN.md §2).
+"""AdaLoRA with the HF ``Trainer``, done right (docs/design.md §2).
 
 ``Trainer`` never calls ``update_and_allocate``, so without help PEFT's AdaLoRA never prunes: the ranks stay at
 ``init_r`` and ``rank_pattern`` stays null. :class:`AdaLoraCallback` calls it once per optimizer step, in

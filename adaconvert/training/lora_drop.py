@@ -1,4 +1,4 @@
-"""LoRA-Drop (DESIGN.md §4): score each layer's LoRA after a pilot run, keep the important layers, share one LoRA
+"""LoRA-Drop (docs/design.md §5): score each layer's LoRA after a pilot run, keep the important layers, share one LoRA
 across the rest (the paper) or drop them (the blog version).
 
 Importance of a module, on the pilot sample:

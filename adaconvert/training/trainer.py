@@ -297,7 +297,7 @@ def _same_on_every_process(scores: dict[str, float]) -> dict[str, float]:
 def _write(result: TrainResult, opts: TrainOptions) -> None:
     """The PEFT adapter, its method metadata and a summary, written atomically to ``opts.output``."""
     with atomic_output_dir(opts.output, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
-        # AdaLoRA saves a fully pruned module as zero-size tensors (DESIGN.md §2); PEFT warns that they look like
+        # AdaLoRA saves a fully pruned module as zero-size tensors (docs/design.md §2); PEFT warns that they look like
         # un-gathered FSDP / ZeRO-3 shards, which they are not
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
         result.model.save_pretrained(str(tmp))
