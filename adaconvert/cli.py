@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -27,6 +28,7 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
     errors.HubError: 7,
     errors.BatchConversionError: 8,
     errors.ServeError: 9,
+    errors.OutputWriteError: 1,  # the environment (disk full, read-only), as for any OSError below
     errors.AdaconvertError: 2,
 }
 
@@ -46,6 +48,8 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
         def wrapper(*args, as_json: bool, debug: bool, quiet: bool, **kwargs):
             level = logging.DEBUG if debug else logging.ERROR if quiet or as_json else logging.INFO
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+            if level >= logging.ERROR:
+                quiet_third_party()
             ctx = click.get_current_context()
             ctx.meta["debug"] = debug
             import_torch(one_thread=one_torch_thread)
@@ -56,6 +60,16 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
         return wrapper
 
     return decorate
+
+
+def quiet_third_party() -> None:
+    """Silence what libraries print besides our errors: Python warnings, and transformers' own logging (it keeps
+    its own level and handler, set from TRANSFORMERS_VERBOSITY when it is first imported). Process-wide: CLI only."""
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def emit(result: dict, text: str, *, as_json: bool) -> None:

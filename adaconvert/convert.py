@@ -61,7 +61,7 @@ def to_lora(
         >>> report.vllm_max_lora_rank
         16
     """
-    dst = check_output(dst, overwrite=overwrite)
+    dst = check_output(dst, overwrite=overwrite, inputs=[src])
     compressing = any(x is not None for x in (max_rank, energy, tol))
     _check_options(max_rank=max_rank, energy=energy, tol=tol, vllm_max_lora_rank=vllm_max_lora_rank, dtype=dtype)
     cap = min((x for x in (max_rank, vllm_max_lora_rank if compressing else None) if x is not None), default=None)
@@ -76,7 +76,7 @@ def to_lora(
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, source.provenance.get("dtype", "float32"))
     report = build_report(source, exact, adapter, dtype=out_dtype, destination=str(dst))
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite=overwrite, inputs=[src]) as tmp:
         write_peft_lora(adapter, tmp, dtype=out_dtype)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(conversion_card(report, base_model=adapter.base_model), encoding="utf-8")

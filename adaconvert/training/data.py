@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from adaconvert.errors import InvalidDataError, SourceNotFoundError, first_line
+from adaconvert.io.location import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
             )
     elif path.is_dir():
         texts = _from_datasets(str(path), text_column, split=split, where=path)
-    elif _looks_like_path(str(data)):
+    elif not is_hub_id(str(data)):
         raise SourceNotFoundError("no such data file", path=path)
     else:
         texts = _from_datasets(str(data), text_column, split=split, name=data_config, where=str(data))
@@ -65,11 +65,6 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
     if not texts:
         raise InvalidDataError("no training text (the data is empty or every text is blank)", path=data)
     return texts
-
-
-def _looks_like_path(text: str) -> bool:
-    suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + tuple(TABLE_SUFFIXES)
-    return text.startswith((".", "~", os.sep)) or text.lower().endswith(suffixes) or text.count("/") > 1
 
 
 def _read_text(path: Path) -> str:
