@@ -5,6 +5,7 @@ Errors become one line and a non-zero exit in exactly one place (``main``); ``--
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -48,12 +49,11 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
         def wrapper(*args, as_json: bool, debug: bool, quiet: bool, **kwargs):
             level = logging.DEBUG if debug else logging.ERROR if quiet or as_json else logging.INFO
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-            if level >= logging.ERROR:
-                quiet_third_party()
             ctx = click.get_current_context()
             ctx.meta["debug"] = debug
             import_torch(one_thread=one_torch_thread)
-            return fn(*args, as_json=as_json, **kwargs)
+            with quiet_third_party(level >= logging.ERROR):
+                return fn(*args, as_json=as_json, **kwargs)
 
         if overwrite:
             wrapper = click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")(wrapper)
@@ -62,14 +62,31 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
     return decorate
 
 
-def quiet_third_party() -> None:
-    """Silence what libraries print besides our errors: Python warnings, and transformers' own logging (it keeps
-    its own level and handler, set from TRANSFORMERS_VERBOSITY when it is first imported). Process-wide: CLI only."""
-    warnings.simplefilter("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:
+@contextlib.contextmanager
+def quiet_third_party(enabled: bool):
+    """While a quiet command runs, silence what libraries print besides our errors: Python warnings (PEFT's, torch's)
+    and transformers' logging, which has its own level and handler, read from TRANSFORMERS_VERBOSITY when it is
+    first imported. Everything is restored afterwards (``main`` may run in a longer-lived process)."""
+    if not enabled:
+        yield
+        return
+    had_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    was_imported = "transformers" in sys.modules
+    before = sys.modules["transformers"].logging.get_verbosity() if was_imported else logging.WARNING
+    if was_imported:
         sys.modules["transformers"].logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if had_env is None:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = had_env
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity(before)
 
 
 def emit(result: dict, text: str, *, as_json: bool) -> None:

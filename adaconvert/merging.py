@@ -426,6 +426,8 @@ def row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
     roundings differ from the full product's; blocks of 16 rows or more give the bits ``W + B @ A`` gives.
     """
     rows = info.shape[0] if info.shape else 1
+    if _row_numel(info) == 0:  # an empty tensor ([4, 0], [0, 8]): one block of no bytes
+        return [(0, rows)]
     step = BLOCK_BYTES // (4 * _row_numel(info))
     step = max(MIN_BLOCK_ROWS, step - step % MIN_BLOCK_ROWS)
     blocks, start = [], 0

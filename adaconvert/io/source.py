@@ -187,7 +187,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
             raise CorruptCheckpointError(
                 f"tensor {key!r} of shape {list(tensor.shape)} needs {tensor.numel() * tensor.element_size():,} "
-                f"bytes but its storage holds {tensor.untyped_storage().nbytes():,} (expanded with stride 0?)",
+                f"bytes but its storage holds {tensor.untyped_storage().nbytes():,} bytes (expanded with stride 0?)",
                 path=path,
             )
     return obj
