@@ -65,13 +65,13 @@ def _entry(shape, begin=0, end=None) -> dict:
     return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
 
 
-def to_lora(breakage):
-    """argv of ``to-lora SRC DST`` on an AdaLoRA broken by ``breakage(src)``."""
+def to_lora(breakage, *options):
+    """argv of ``to-lora [options] SRC DST`` on an AdaLoRA broken by ``breakage(src)``."""
 
     def make(t: Path):
         src = write_adalora(t / "src", in_f=IN_F, out_f=OUT_F)
         breakage(src)
-        return ["to-lora", src, t / "dst"]
+        return ["to-lora", *options, src, t / "dst"]
 
     return make
 
@@ -148,6 +148,13 @@ CASES = [
         "adapter_config.json",
     ),
     ("adalora-alpha-1e300", to_lora(set_field(lora_alpha=1e300)), 2, "overflows float32", "adapter_config.json"),
+    (
+        "float16-overflow",
+        to_lora(set_field(lora_alpha=1e6), "--dtype", "float16"),
+        2,
+        "lora_B (scaling folded in) exceeds float16's largest value 6.55e+04",
+        "src",
+    ),
     ("lora-alpha-1e300", to_lora_of(lambda p: write_lora(p, lora_alpha=1e300)), 2, "overflows float32", ""),
     (
         "fan-in-fan-out-string",
