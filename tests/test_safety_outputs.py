@@ -81,6 +81,7 @@ OVERLAPS = [
     ("batch-inside", lambda t, s: ["to-lora", s, "--output-dir", s / "converted"], "lies inside"),
     ("merge-over-base", lambda t, s: ["merge", _merge_base(t), s, t / "base", "--overwrite"], "is"),
     ("merge-over-adapter", lambda t, s: ["merge", _merge_base(t), s, s, "--overwrite"], "is"),
+    ("inspect-plot", lambda t, s: ["inspect", s, "--plot", s / "adapter_model.safetensors"], "lies inside"),
     ("validate-report", lambda t, s: ["validate", t, s, s, "--report", s / "report.json"], "lies inside"),
     (
         "train-output-holds-data",
