@@ -435,3 +435,18 @@ def test_quiet_silences_third_party_warnings(tmp_path, adalora_llama, tiny_llama
     assert run.returncode == 6
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: validation failed"), run.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"rank_pattern": "q_proj"}, "[rank-pattern] rank_pattern must be an object, got str"),
+        ({"modules_to_save": 5}, "[modules-to-save] modules_to_save must be a list, got 5"),
+    ],
+    ids=["rank-pattern-string", "modules-to-save-int"],
+)
+def test_vllm_static_check_reports_malformed_fields(tmp_path, capsys, config, message):
+    adapter = write_lora(tmp_path / "a", **config)
+    assert main(["validate", "--vllm-static", str(adapter)]) == 6
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
