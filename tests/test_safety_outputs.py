@@ -302,3 +302,14 @@ def test_file_size_limit_names_dst_and_leaves_nothing(tmp_path):
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip() == f"error: {dst}: cannot write the output (File too large)"
     assert not (tmp_path / "out").exists()  # the parents this run created are gone too
+
+
+def test_validate_report_over_an_adapter_file_is_refused(tmp_path, tiny_llama, capsys):
+    """With a real base, validation runs to its end; the report must still not replace the adapter's config."""
+    src = write_adalora(tmp_path / "ada", in_f=64, out_f=64)
+    before = tree_digest(src)
+    assert main(["validate", str(tiny_llama), str(src), str(src), "--report", str(src / "adapter_config.json")]) == 2
+    err = capsys.readouterr().err
+    report = src / "adapter_config.json"
+    assert err.strip() == f"error: {report}: output lies inside the input {src}; choose an output outside every input"
+    assert tree_digest(src) == before
