@@ -7,7 +7,6 @@ dataset directories and Hub names go through ``datasets.load_dataset``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from adaconvert.errors import InvalidDataError, SourceNotFoundError, first_line
 from adaconvert.io.location import is_hub_id
+from adaconvert.io.source import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ def _read_json_records(path: Path) -> list[dict]:
     """Objects of a JSONL file (or of a ``.json`` file holding a list of objects)."""
     text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidDataError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from exc
+        records = parse_json(text, path=path, error=InvalidDataError)
         lines = list(enumerate(records, start=1))
     else:
         lines = []
@@ -93,9 +90,9 @@ def _read_json_records(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                lines.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise InvalidDataError(f"line {number} is not valid JSON ({exc.msg})", path=path, line=number) from exc
+                lines.append((number, parse_json(line, path=path, error=InvalidDataError)))
+            except InvalidDataError as exc:
+                raise InvalidDataError(f"line {number}: {exc.message}", path=path, line=number) from exc
     records = []
     for number, record in lines:
         if not isinstance(record, dict):
