@@ -108,7 +108,7 @@ def _check_fits(adapter, dtype: torch.dtype, src) -> None:
     limit = torch.finfo(dtype).max
     for module, delta in adapter.deltas.items():
         for part, tensor in (("lora_A", delta.A), ("lora_B", delta.B)):
-            if tensor.numel() and tensor.abs().max().item() > limit:
+            if tensor.numel() and max(-tensor.min().item(), tensor.max().item()) > limit:
                 raise NonFiniteError(
                     f"{part} (scaling folded in) exceeds {str(dtype).removeprefix('torch.')}'s largest value "
                     f"{limit:.4g}; write float32 or bfloat16 instead",

@@ -71,12 +71,11 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Field:
-    """One config field: its check, and its default when absent (``REQUIRED``: it must be present). A JSON null
-    is accepted only where ``nullable`` and then reads as the default."""
+    """One config field: its check, and its default when absent or null (``REQUIRED``: it must be present; PEFT
+    writes null for "not set")."""
 
     check: Check
     default: object = None
-    nullable: bool = True
 
 
 def _shown(value) -> str:
@@ -163,7 +162,7 @@ def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
     """``config`` checked against ``schema``: every field present is type-checked, every problem collected.
 
     Returns:
-        The fields of ``schema``, each the config's value or its default (absent, or null where nullable).
+        The fields of ``schema``, each the config's value or its default (absent or null).
 
     Raises:
         InvalidConfigError: naming the first problem (and how many others), ``fields['problems']`` all of them.
@@ -171,7 +170,7 @@ def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
     problems, values = [], {}
     for key, field in schema.items():
         value = config.get(key)
-        if value is None and (key not in config or field.nullable):
+        if value is None:
             if field.default is REQUIRED:
                 problems.append(f"missing required field {key!r}")
             values[key] = None if field.default is REQUIRED else field.default
