@@ -206,6 +206,17 @@ def test_a_temporary_of_a_live_run_is_left_alone(tmp_path):
     assert atomic.remove_stale(dst) == [tmp] and not tmp.exists()
 
 
+def test_an_unlocked_temporary_of_a_reused_pid_is_stale_once_old(tmp_path):
+    """Its PID is alive (reused by an unrelated process) but nobody holds its lock: stale after the grace period."""
+    dst = tmp_path / "dst"
+    tmp = tmp_path / f".dst.tmp-{os.getppid()}-0123abcd"
+    tmp.mkdir()
+    assert atomic.remove_stale(dst) == [] and tmp.is_dir()  # fresh: it may be a run between mkdir and flock
+    past = time.time() - 2 * atomic._UNLOCKED_GRACE_S
+    os.utime(tmp, (past, past))
+    assert atomic.remove_stale(dst) == [tmp] and not tmp.exists()
+
+
 # --- modes and symlinked DSTs --------------------------------------------------------------------------------------
 
 
