@@ -7,17 +7,16 @@ validators (a module that matches nothing in the base is silently ignored by vLL
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.io.location import is_hub_id
+from adaconvert.io.source import read_json
 
 logger = logging.getLogger(__name__)
-
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -57,16 +56,19 @@ def load_base_config(base):
     path = Path(base)
     if path.is_file():
         path = path.parent
-    if not path.exists() and _REPO_ID_RE.match(str(base)):
+    if is_hub_id(base):
         try:  # a Hub model id: only its config.json is fetched (or read from the cache)
             return AutoConfig.from_pretrained(str(base))
         except (OSError, ValueError) as exc:
             raise SourceNotFoundError(f"no such directory, and no Hub model config ({exc})", path=base) from exc
     if not (path / "config.json").is_file():
         raise SourceNotFoundError("no config.json: expected a base model directory", path=path)
+    text_config = read_json(path / "config.json").get("text_config", {})  # hostile JSON: one line, not a traceback
+    if not isinstance(text_config, dict | None):
+        raise InvalidConfigError("field 'text_config' must be an object", path=path / "config.json")
     try:
         return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidConfigError(f"cannot read the base model config ({exc})", path=path / "config.json") from exc
 
 

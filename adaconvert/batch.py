@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adaconvert.errors import AdaconvertError, BatchConversionError, InvalidConfigError, SourceNotFoundError
-from adaconvert.io.atomic import check_output
+from adaconvert.io.atomic import atomic_output_file, check_no_overlap, check_output
 from adaconvert.runtime import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,10 @@ def to_lora_many(
         raise InvalidConfigError(f"unknown to-lora option(s): {', '.join(sorted(unknown))}")
     output_dir = Path(output_dir)
     for name in (SUMMARY_JSON, SUMMARY_MD):
-        check_output(output_dir / name, overwrite=overwrite)
+        check_output(output_dir / name, overwrite=overwrite, inputs=sources)
     destinations = [str(output_dir / name) for name in output_names(sources)]
+    for dst in destinations:  # each conversion checks its own source; no output may overwrite another's either
+        check_no_overlap(dst, sources)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     jobs = min(jobs, len(sources))
@@ -289,11 +291,10 @@ def _since(start: float) -> float:
 
 
 def _write_summary(result: BatchResult, output_dir: Path) -> None:
-    """Both summary files, each written to a temporary name and renamed (never half-written)."""
+    """Both summary files, each written atomically (checked before the conversions: they may be replaced now)."""
     for name, text in (
         (SUMMARY_JSON, json.dumps(result.to_dict(), indent=2) + "\n"),
         (SUMMARY_MD, "# Batch conversion\n\n" + result.table() + "\n"),
     ):
-        tmp = output_dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, output_dir / name)
+        with atomic_output_file(output_dir / name, overwrite=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
+from adaconvert.io.location import is_hub_id
 from adaconvert.report import ConversionReport
 
 _METHOD_TAGS = {"adalora": "adalora", "lora-drop": "lora-drop", "lora": "lora"}
@@ -25,7 +26,6 @@ _PIPELINE_TAGS = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 _KIND_ORDER = [
@@ -81,9 +81,7 @@ def markdown_rank_table(ranks: dict[str, int]) -> str:
 
 def hub_base_model(base_model: str | None) -> str | None:
     """``base_model`` if it can go into the Hub's ``base_model`` field: a repo id, not a local path."""
-    if not base_model or base_model.startswith((".", "/", "~")) or Path(base_model).exists():
-        return None
-    return base_model if _HUB_ID_RE.match(base_model) else None
+    return base_model if is_hub_id(base_model) else None
 
 
 def card_metadata(

@@ -5,12 +5,14 @@ Errors become one line and a non-zero exit in exactly one place (``main``); ``--
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -27,6 +29,7 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
     errors.HubError: 7,
     errors.BatchConversionError: 8,
     errors.ServeError: 9,
+    errors.OutputWriteError: 1,  # the environment (disk full, read-only), as for any OSError below
     errors.AdaconvertError: 2,
 }
 
@@ -47,13 +50,41 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
             level = logging.DEBUG if debug else logging.ERROR if quiet or as_json else logging.INFO
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
             import_torch(one_thread=one_torch_thread)
-            return fn(*args, as_json=as_json, **kwargs)
+            with quiet_third_party(level >= logging.ERROR):
+                return fn(*args, as_json=as_json, **kwargs)
 
         if overwrite:
             wrapper = click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")(wrapper)
         return wrapper
 
     return decorate
+
+
+@contextlib.contextmanager
+def quiet_third_party(enabled: bool):
+    """While a quiet command runs, silence what libraries print besides our errors: Python warnings (PEFT's, torch's)
+    and transformers' logging, which has its own level and handler, read from TRANSFORMERS_VERBOSITY when it is
+    first imported. Everything is restored afterwards (``main`` may run in a longer-lived process)."""
+    if not enabled:
+        yield
+        return
+    had_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    was_imported = "transformers" in sys.modules
+    before = sys.modules["transformers"].logging.get_verbosity() if was_imported else logging.WARNING
+    if was_imported:
+        sys.modules["transformers"].logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if had_env is None:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = had_env
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.set_verbosity(before)
 
 
 def emit(result: dict, text: str, *, as_json: bool) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.card import conversion_card
-from adaconvert.errors import InvalidConfigError, RankLimitError
+from adaconvert.errors import InvalidConfigError, NonFiniteError, RankLimitError
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.report import REPORT_NAME, ConversionReport, build_report
@@ -61,7 +61,7 @@ def to_lora(
         >>> report.vllm_max_lora_rank
         16
     """
-    dst = check_output(dst, overwrite=overwrite)
+    dst = check_output(dst, overwrite=overwrite, inputs=[src])
     compressing = any(x is not None for x in (max_rank, energy, tol))
     _check_options(max_rank=max_rank, energy=energy, tol=tol, vllm_max_lora_rank=vllm_max_lora_rank, dtype=dtype)
     cap = min((x for x in (max_rank, vllm_max_lora_rank if compressing else None) if x is not None), default=None)
@@ -75,8 +75,9 @@ def to_lora(
     if vllm_max_lora_rank is not None:
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, source.provenance.get("dtype", "float32"))
+    _check_fits(adapter, out_dtype, src)
     report = build_report(source, exact, adapter, dtype=out_dtype, destination=str(dst))
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite=overwrite, inputs=[src]) as tmp:
         write_peft_lora(adapter, tmp, dtype=out_dtype)
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(conversion_card(report, base_model=adapter.base_model), encoding="utf-8")
@@ -99,6 +100,21 @@ def _check_options(*, max_rank, energy, tol, vllm_max_lora_rank, dtype) -> None:
         check_bucket(vllm_max_lora_rank)
     if dtype is not None and dtype not in DTYPES:
         raise InvalidConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _check_fits(adapter, dtype: torch.dtype, src) -> None:
+    """Every factor must stay finite in the output dtype: float16 tops out at 65504, and a large scaling folded
+    into B can pass it (the file would hold Inf, which PEFT and vLLM load without a word)."""
+    limit = torch.finfo(dtype).max
+    for module, delta in adapter.deltas.items():
+        for part, tensor in (("lora_A", delta.A), ("lora_B", delta.B)):
+            if tensor.numel() and max(-tensor.min().item(), tensor.max().item()) > limit:
+                raise NonFiniteError(
+                    f"{part} (scaling folded in) exceeds {str(dtype).removeprefix('torch.')}'s largest value "
+                    f"{limit:.4g}; write float32 or bfloat16 instead",
+                    path=src,
+                    module=module,
+                )
 
 
 def _check_rank_limit(ranks: dict[str, int], limit: int, src) -> None:

@@ -106,3 +106,11 @@ def first_line(exc: BaseException | str, limit: int | None = 200) -> str:
     the exception's type name when the message is empty."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+class OutputOverlapError(AdaconvertError, ValueError):
+    """The destination is, contains or lies inside one of the inputs: writing it would destroy them."""
+
+
+class OutputWriteError(AdaconvertError, OSError):
+    """The output cannot be written (disk full, read-only filesystem, file too large); ``path`` is the user's DST."""

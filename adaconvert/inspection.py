@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.io.atomic import atomic_output_file, check_no_overlap
 from adaconvert.readers import read_adapter
 from adaconvert.transforms import strip_empty
 from adaconvert.vllm_compat import smallest_bucket
@@ -44,13 +45,16 @@ def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport
 
     Args:
         src: adapter directory or Hub repo id (AdaLoRA, LoRA, LoRA-Drop output, or a converted adapter).
-        plot: write a layers × modules heatmap of the ranks to this PNG (needs matplotlib).
+        plot: write a layers × modules heatmap of the ranks to this PNG (needs matplotlib), atomically; it may
+            not lie inside ``src``.
 
     Example:
         >>> r = inspect("runs/adalora")
         >>> r.max_rank, r.vllm_max_lora_rank
         (11, 16)
     """
+    if plot is not None:
+        check_no_overlap(plot, [src])
     source = read_adapter(src)
     adapter = strip_empty(source)
     ranks = {name: adapter.deltas[name].rank if name in adapter.deltas else 0 for name in sorted(source.deltas)}
@@ -101,5 +105,6 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | Path) -> None:
             ax.text(j, i, int(value), ha="center", va="center", color="w", fontsize=7)
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

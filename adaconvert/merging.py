@@ -54,6 +54,8 @@ PREFETCH_BLOCKS = 4
 MAX_DEFAULT_THREADS = 4
 # fewest rows in a block (see row_blocks)
 MIN_BLOCK_ROWS = 16
+# the merge computes in float32: a larger weight cannot even be represented
+_MAX_WEIGHT = torch.finfo(torch.float32).max
 # output heads that share the input embedding matrix when tie_word_embeddings is set
 _TIED_HEADS = ("lm_head", "embed_out")
 
@@ -124,8 +126,12 @@ def parse_adapter_spec(spec: str | Path | tuple | AdapterSpec) -> AdapterSpec:
         if sep and head and not Path(source).exists():
             with contextlib.suppress(ValueError):  # not a number: the colon is part of the name
                 source, weight = head, float(tail)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-        raise InvalidConfigError(f"adapter weight must be a finite number, got {weight!r}", path=source)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not abs(weight) <= _MAX_WEIGHT:
+        raise InvalidConfigError(
+            f"adapter weight must be a finite number of at most {_MAX_WEIGHT:.3g} in magnitude (float32), got "
+            f"{weight!r}",
+            path=source,
+        )
     return AdapterSpec(source=source, weight=float(weight))
 
 
@@ -177,10 +183,11 @@ def merge(
     """
     started = time.perf_counter()
     require_positioned_io()
-    dst = check_output(dst, overwrite=overwrite)
     specs = [parse_adapter_spec(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     if not specs:
         raise InvalidConfigError("give at least one adapter to merge")
+    inputs = [base, *(s.source for s in specs)]
+    dst = check_output(dst, overwrite=overwrite, inputs=inputs)
     shard_bytes = parse_size(max_shard_size)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidConfigError(f"threads must be a positive integer, got {threads!r}")
@@ -195,7 +202,7 @@ def merge(
     layout = [(name, _output_dtype(info.dtype, override), info.shape) for name, info in checkpoint.tensors.items()]
     shards = plan_shards(layout, shard_bytes)
 
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite=overwrite, inputs=inputs) as tmp:
         write_merged(tmp, checkpoint, shards, updates, progress=progress, threads=threads)
         copied = copy_side_files(checkpoint.root, tmp, dtype=override)
         report = MergeReport(
@@ -438,6 +445,8 @@ def row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
     roundings differ from the full product's; blocks of 16 rows or more give the bits ``W + B @ A`` gives.
     """
     rows = info.shape[0] if info.shape else 1
+    if _row_numel(info) == 0:  # an empty tensor ([4, 0], [0, 8]): one block of no bytes
+        return [(0, rows)]
     step = BLOCK_BYTES // (4 * _row_numel(info))
     step = max(MIN_BLOCK_ROWS, step - step % MIN_BLOCK_ROWS)
     blocks, start = [], 0

@@ -189,8 +189,10 @@ def tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 def served_rank(config: dict) -> int:
     """The rank vLLM compares with ``max_lora_rank``: max(r, *rank_pattern values)."""
-    pattern = config.get("rank_pattern") or {}
-    values = [v for v in (config.get("r"), *pattern.values()) if isinstance(v, int)]
+    pattern = config.get("rank_pattern")
+    values = [
+        v for v in (config.get("r"), *(pattern.values() if isinstance(pattern, dict) else ())) if isinstance(v, int)
+    ]
     return max(values, default=0)
 
 
@@ -226,10 +228,19 @@ def _check_config(config: dict, *, max_lora_rank: int | None) -> list[VllmProble
         problems.append(
             VllmProblem("init", f"init_lora_weights={init!r} changes the base weights; convert it with PEFT first")
         )
-    extra = [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]
-    if extra:
+    extra = [m for m in _modules_to_save(config) if m not in ("classifier", "score")]
+    if not isinstance(config.get("modules_to_save") or [], list):
+        problems.append(
+            VllmProblem("modules-to-save", f"modules_to_save must be a list, got {config['modules_to_save']!r}")
+        )
+    elif extra:
         problems.append(VllmProblem("modules-to-save", f"modules_to_save {extra} (only classifier/score)"))
     return problems
+
+
+def _modules_to_save(config: dict) -> list[str]:
+    value = config.get("modules_to_save")
+    return [m for m in value if isinstance(m, str)] if isinstance(value, list) else []
 
 
 def parse_lora_key(key: str) -> tuple[str, str] | None:
@@ -278,7 +289,7 @@ def _as_base_modules(base_config) -> dict:
 
 def _check_against_base(modules: dict, base: dict, config: dict, problems: list[VllmProblem]) -> None:
     supported = {name.rsplit(".", 1)[-1] for name in base}
-    heads = set(config.get("modules_to_save") or ())
+    heads = set(_modules_to_save(config))
     unknown = []
     for module, parts in sorted(modules.items()):
         if "head" in parts:

@@ -8,7 +8,6 @@ the process's resident memory once touched, and a merge touches every byte of th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.safetensors_writer import SAFETENSORS_DTYPES, tensor_nbytes
-from adaconvert.io.source import read_json, resolve_source
+from adaconvert.io.source import describe_path, parse_json, read_json, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def resolve_checkpoint(src: str | Path) -> Path:
 
         root = Path(snapshot_download(repo_id, allow_patterns=_HUB_SIDE_FILES))
         index = root / INDEX_NAME
-        weights = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else [SINGLE_NAME]
+        weights = sorted(set(_weight_map(index).values())) if index.is_file() else [SINGLE_NAME]
         return Path(snapshot_download(repo_id, allow_patterns=[*_HUB_SIDE_FILES, *weights]))
 
     return resolve_source(src, what="a model directory", fetch=fetch)
@@ -109,13 +108,13 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     """
     root = resolve_checkpoint(src)
     config = read_json(root / CONFIG_NAME)
+    if not isinstance(config.get("text_config", {}), dict | None):
+        raise InvalidConfigError("field 'text_config' must be an object", path=root / CONFIG_NAME)
     index_path = root / INDEX_NAME
-    if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise InvalidConfigError("no 'weight_map' object", path=index_path)
+    if os.path.lexists(index_path):
+        weight_map = _weight_map(index_path)
         files = tuple(root / name for name in dict.fromkeys(sorted(weight_map.values())))
-    elif (root / SINGLE_NAME).is_file():
+    elif os.path.lexists(root / SINGLE_NAME):
         weight_map, files = None, (root / SINGLE_NAME,)
     else:
         found = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
@@ -123,6 +122,8 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         raise SourceNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME}{hint}", path=root)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
+        if os.path.lexists(file) and not file.is_file():  # never opened: a FIFO would block
+            raise CorruptCheckpointError(f"is {describe_path(file)}, not a weights file", path=file)
         if not file.is_file():
             raise SourceNotFoundError(f"shard named in {INDEX_NAME} is missing", path=file)
         for name, info in read_header(file).items():
@@ -134,6 +135,21 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
             raise CorruptCheckpointError(f"{INDEX_NAME} puts {name!r} in {shard}, which does not hold it", path=root)
     logger.debug("%s: %d tensors in %d file(s)", root, len(tensors), len(files))
     return Checkpoint(root=root, config=config, tensors=tensors, files=files)
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name → shard file name, both strings, shards plain file names.
+
+    Raises:
+        InvalidConfigError: the index cannot be parsed, or its weight_map is not such an object.
+    """
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidConfigError("no 'weight_map' object", path=index_path)
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise InvalidConfigError(f"weight_map[{name!r}] must be a shard file name, got {shard!r}", path=index_path)
+    return weight_map
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -157,10 +173,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"truncated or not a safetensors file (header of {header_len} bytes, file of {size})", path=path
             )
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"safetensors header is not valid JSON ({exc})", path=path) from exc
+    header = parse_json(raw, path=path, error=CorruptCheckpointError)
     if not isinstance(header, dict):
         raise CorruptCheckpointError("safetensors header is not a JSON object", path=path)
     header.pop("__metadata__", None)
@@ -182,18 +195,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(name: str, entry, path: Path, data_start: int) -> TensorInfo:
-    try:
-        dtype = DTYPES_BY_CODE[entry["dtype"]]
-        shape = tuple(int(x) for x in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"bad header entry for {name!r}: {entry!r}", path=path) from exc
+    def ints(value, n=None) -> bool:  # JSON integers only: 384.5 is not a size, and bools are not ints
+        return isinstance(value, list) and (n is None or len(value) == n) and all(_is_count(x) for x in value)
+
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES_BY_CODE:
+        raise CorruptCheckpointError(f"bad header entry for {name!r}: {first_line(repr(entry), 120)}", path=path)
+    if not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
+        raise CorruptCheckpointError(
+            f"tensor {name!r}: shape and data_offsets must be non-negative integers, got "
+            f"{first_line(repr(entry.get('shape')), 60)} and {first_line(repr(entry.get('data_offsets')), 60)}",
+            path=path,
+        )
+    dtype, shape = DTYPES_BY_CODE[entry["dtype"]], tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
     nbytes = tensor_nbytes(dtype, shape)
-    if end - begin != nbytes or min(shape, default=0) < 0:
+    if end - begin != nbytes:
         raise CorruptCheckpointError(
             f"tensor {name!r}: offsets do not match {entry['dtype']} {list(shape)}", path=path
         )
     return TensorInfo(name=name, dtype=dtype, shape=shape, file=path, offset=data_start + begin, nbytes=nbytes)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class TensorReader:

@@ -6,10 +6,13 @@ Weights are read from ``adapter_model.safetensors`` first, then ``adapter_model.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pickle
-import re
+import stat
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +21,12 @@ from pathlib import Path
 import torch
 
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError, first_line
+from adaconvert.io.location import is_hub_id
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.md"]
 
 
@@ -45,10 +48,10 @@ def resolve_source(
     path = Path(src)
     if path.is_dir():
         return path
-    if path.exists():
-        raise SourceNotFoundError(f"is a file; expected {what}", path=path)
+    if os.path.lexists(path):
+        raise SourceNotFoundError(f"is {describe_path(path)}; expected {what}", path=path)
     text = str(src)
-    if not _REPO_ID_RE.match(text) or text.startswith((".", "~")):
+    if not is_hub_id(src):
         raise SourceNotFoundError("no such directory", path=path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -61,22 +64,59 @@ def resolve_source(
         ) from exc
 
 
-def read_json(path: Path) -> dict:
-    """Parse a JSON object file.
+def read_json(path: Path, *, error: type[Exception] = InvalidConfigError) -> dict:
+    """Parse a JSON object file, however hostile (see :func:`parse_json`).
 
     Raises:
-        SourceNotFoundError: the file does not exist.
-        InvalidConfigError: it is not valid JSON or not an object.
+        SourceNotFoundError: the file does not exist, or is not a regular file (a FIFO is never opened).
+        InvalidConfigError (or ``error``): it is not valid JSON or not an object.
     """
     if not path.is_file():
-        raise SourceNotFoundError("missing file", path=path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidConfigError(f"not valid JSON ({exc})", path=path) from exc
+        why = f"is {describe_path(path)}, not a file" if os.path.lexists(path) else "missing file"
+        raise SourceNotFoundError(why, path=path)
+    data = parse_json(path.read_bytes(), path=path, error=error)
     if not isinstance(data, dict):
-        raise InvalidConfigError("expected a JSON object", path=path)
+        raise error("expected a JSON object", path=path)
     return data
+
+
+def parse_json(raw: bytes | str, *, path: str | Path, error: type[Exception] = InvalidConfigError):
+    """``json.loads(raw)``, every failure one line naming ``path``: bad syntax or encoding, nesting deeper than the
+    interpreter's recursion limit, integers longer than its int-string limit (4300 digits by default).
+
+    Raises:
+        InvalidConfigError (or ``error``, an :class:`AdaconvertError` class).
+    """
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"not valid JSON ({first_line(exc)})", path=path) from exc
+    except RecursionError as exc:
+        raise error("JSON nested too deeply to parse", path=path) from exc
+    except ValueError as exc:  # int-string conversion limit
+        limit = sys.get_int_max_str_digits()
+        raise error(f"JSON holds a number too long to parse (over {limit} digits)", path=path) from exc
+
+
+def describe_path(path: Path) -> str:
+    """What is at ``path``, for messages: ``a directory``, ``a FIFO``, ``a symlink loop``, ``a dangling symlink``..."""
+    try:
+        mode = path.stat().st_mode
+    except RuntimeError:  # pathlib on a symlink loop (Python < 3.13)
+        return "a symlink loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling symlink" if path.is_symlink() else f"unreadable ({exc.strerror})"
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 @dataclass(frozen=True)
@@ -108,10 +148,13 @@ def weights_file(root: Path) -> Path:
     Raises:
         SourceNotFoundError: there is none.
     """
-    path = next((root / name for name in WEIGHTS_NAMES if (root / name).is_file()), None)
-    if path is None:
-        raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
-    return path
+    for name in WEIGHTS_NAMES:
+        path = root / name
+        if path.is_file():
+            return path
+        if os.path.lexists(path):  # never opened: a FIFO would block, a directory or a loop cannot be read
+            raise CorruptCheckpointError(f"is {describe_path(path)}, not a weights file", path=path)
+    raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -138,6 +181,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"cannot be read as a torch checkpoint ({first_line(exc)})", path=path) from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CorruptCheckpointError("expected a flat {name: tensor} state dict", path=path)
+    for key, tensor in obj.items():
+        # a pickle gives each tensor a size and strides over a storage; stride 0 makes a few bytes look like
+        # gigabytes, which the first copy would materialise
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise CorruptCheckpointError(
+                f"tensor {key!r} of shape {list(tensor.shape)} needs {tensor.numel() * tensor.element_size():,} "
+                f"bytes but its storage holds {tensor.untyped_storage().nbytes():,} bytes (expanded with stride 0?)",
+                path=path,
+            )
     return obj
 
 

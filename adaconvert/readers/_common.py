@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,16 +58,137 @@ def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> 
             raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
 
 
-def require(config: dict, key: str, types: type | tuple[type, ...], *, path: Path):
-    """``config[key]`` checked for presence and type."""
-    if key not in config:
-        raise InvalidConfigError(f"missing required field {key!r}", path=path)
-    value = config[key]
-    if not isinstance(value, types) or isinstance(value, bool):  # bool is an int to isinstance
-        raise InvalidConfigError(f"field {key!r} has invalid value {value!r}", path=path)
-    return value
-
-
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype the adapter was saved in (float32 if it holds no tensor)."""
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+
+
+# --- typed config checks -------------------------------------------------------------------------------------------
+# A check takes a JSON value and returns what is wrong with it (a phrase completing "field 'x' ..."), or None.
+Check = Callable[[object], "str | None"]
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config field: its check, and its default when absent or null (``REQUIRED``: it must be present; PEFT
+    writes null for "not set")."""
+
+    check: Check
+    default: object = None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def boolean(value) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {_shown(value)}"
+
+
+def integer(minimum: int | None = None) -> Check:
+    def check(value):
+        if not _is_int(value):
+            return f"must be an integer, got {_shown(value)}"
+        if minimum is not None and value < minimum:
+            return f"must be at least {minimum}, got {value}"
+        return None
+
+    return check
+
+
+def number(value) -> str | None:
+    """A finite JSON number (int or float, not a bool, not Infinity/NaN)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return f"must be a number, got {_shown(value)}"
+    return None if math.isfinite(value) else f"must be a finite number, got {value}"
+
+
+def string(value) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, got {_shown(value)}"
+
+
+def strings(value) -> str | None:
+    """A string or a list of strings (``target_modules``, ``modules_to_save``)."""
+    ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    return None if ok else f"must be a string or a list of strings, got {_shown(value)}"
+
+
+def one_of(*checks: Check) -> Check:
+    def check(value):
+        problems = [c(value) for c in checks]
+        if None in problems:
+            return None
+        return " or ".join(p.split(", got")[0] for p in problems) + f", got {_shown(value)}"
+
+    return check
+
+
+def pattern(values: Check) -> Check:
+    """An object whose keys are regular expressions (PEFT matches them as ``(.*\\.)?(key)$``) and whose values pass
+    ``values``."""
+
+    def check(value):
+        if not isinstance(value, dict):
+            return f"must be an object, got {_shown(value)}"
+        for key, item in value.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                return f"key {_shown(key)} is not a valid regular expression ({exc})"
+            problem = values(item)
+            if problem:
+                return f"entry {_shown(key)} {problem}"
+        return None
+
+    return check
+
+
+def list_of(item: Check) -> Check:
+    def check(value):
+        if not isinstance(value, list):
+            return f"must be a list, got {_shown(value)}"
+        return next((f"item {i} {p}" for i, v in enumerate(value) if (p := item(v))), None)
+
+    return check
+
+
+def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
+    """``config`` checked against ``schema``: every field present is type-checked, every problem collected.
+
+    Returns:
+        The fields of ``schema``, each the config's value or its default (absent or null).
+
+    Raises:
+        InvalidConfigError: naming the first problem (and how many others), ``fields['problems']`` all of them.
+    """
+    problems, values = [], {}
+    for key, field in schema.items():
+        value = config.get(key)
+        if value is None:
+            if field.default is REQUIRED:
+                problems.append(f"missing required field {key!r}")
+            values[key] = None if field.default is REQUIRED else field.default
+            continue
+        problem = field.check(value)
+        if problem:
+            problems.append(f"field {key!r} {problem}")
+        values[key] = value
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise InvalidConfigError(problems[0] + more, path=path, problems=problems)
+    return values
+
+
+def folded(module: str, B: torch.Tensor, scale: torch.Tensor | float, *, path: Path, why: str) -> torch.Tensor:
+    """``B * scale`` in float32, refused when the product overflows (a huge ``lora_alpha`` turns finite inputs into
+    Inf); ``why`` names the factor for the message."""
+    out = B * scale
+    if out.numel() and not torch.isfinite(torch.stack(torch.aminmax(out))).all():
+        raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=path, module=module)
+    return out

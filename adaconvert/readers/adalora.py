@@ -7,11 +7,39 @@ import torch
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 from adaconvert.io.source import AdapterFiles, load_tensors, read_json
-from adaconvert.readers._common import check_finite, group_by_module, require, source_dtype
+from adaconvert.readers._common import (
+    REQUIRED,
+    Field,
+    boolean,
+    check_config,
+    check_finite,
+    folded,
+    group_by_module,
+    integer,
+    list_of,
+    number,
+    pattern,
+    source_dtype,
+    string,
+)
 from adaconvert.scaling import adalora_scaling
 
 # Written by adaconvert.training beside the adapter: rank per module at each budget step.
 RANK_HISTORY_FILE = "rank_history.json"
+
+
+# every field of adapter_config.json this reader reads, typed; JSON null reads as the default
+SCHEMA = {
+    "init_r": Field(integer(minimum=1), REQUIRED),
+    "lora_alpha": Field(number, REQUIRED),
+    "target_r": Field(integer(minimum=0)),
+    "total_step": Field(integer(minimum=0)),
+    # module.lora_E -> which of the init_r entries are kept; null: none recorded (every module at init_r)
+    "rank_pattern": Field(pattern(list_of(boolean))),
+    "fan_in_fan_out": Field(boolean, False),
+    "base_model_name_or_path": Field(string),
+    "task_type": Field(string),
+}
 
 
 def read_adalora(files: AdapterFiles) -> Adapter:
@@ -25,14 +53,8 @@ def read_adalora(files: AdapterFiles) -> Adapter:
     Raises:
         InvalidConfigError, MissingTensorError, AdapterShapeError, NonFiniteError, CorruptCheckpointError.
     """
-    cfg, path = files.config, files.config_path
-    init_r = require(cfg, "init_r", int, path=path)
-    if init_r <= 0:
-        raise InvalidConfigError(f"init_r must be positive, got {init_r}", path=path)
-    lora_alpha = require(cfg, "lora_alpha", (int, float), path=path)
-    rank_pattern = cfg.get("rank_pattern")
-    if rank_pattern is not None and not isinstance(rank_pattern, dict):
-        raise InvalidConfigError("rank_pattern must be an object or null", path=path)
+    cfg = check_config(files.config, SCHEMA, path=files.config_path)
+    init_r, lora_alpha, rank_pattern = cfg["init_r"], cfg["lora_alpha"], cfg["rank_pattern"]
     scale = adalora_scaling(lora_alpha, init_r)
 
     tensors = load_tensors(files.weights_path)
@@ -50,7 +72,8 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         kept = torch.nonzero(E32).flatten()
         if len(kept) < rank:  # masked singular values (rank_pattern null): drop them now, before any math
             A, B, E32 = A.index_select(0, kept), B.index_select(1, kept), E32[kept]
-        deltas[module] = LowRankDelta(A=A.float(), B=B.float() * (E32 * scale))
+        B = folded(module, B.float(), E32 * scale, path=files.config_path, why=f"lora_E × scaling {scale:.3g}")
+        deltas[module] = LowRankDelta(A=A.float(), B=B)
 
     history_file = files.root / RANK_HISTORY_FILE
     provenance = {
@@ -58,20 +81,20 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         "peft_type": "ADALORA",
         "dtype": str(dtype).removeprefix("torch."),
         "init_r": init_r,
-        "target_r": cfg.get("target_r"),
+        "target_r": cfg["target_r"],
         "lora_alpha": lora_alpha,
         "scaling": scale,
         "rank_pattern_saved": rank_pattern is not None,
         "stored_ranks": stored_ranks,
-        "total_step": cfg.get("total_step"),
+        "total_step": cfg["total_step"],
     }
     if history_file.is_file():
         provenance["rank_history"] = read_json(history_file)
     return Adapter(
         deltas=deltas,
-        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-        base_model=cfg.get("base_model_name_or_path"),
-        task_type=cfg.get("task_type"),
+        fan_in_fan_out=cfg["fan_in_fan_out"],
+        base_model=cfg["base_model_name_or_path"],
+        task_type=cfg["task_type"],
         source_kind="adalora",
         provenance=provenance,
     )
@@ -111,7 +134,7 @@ def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles
         raise InvalidConfigError(
             f"rank_pattern entry must be a list of init_r={init_r} booleans", path=files.config_path, module=module
         )
-    kept = sum(bool(x) for x in mask)
+    kept = sum(mask)
     if kept != rank:
         raise AdapterShapeError(
             f"rank_pattern keeps {kept} entries but the tensors have rank {rank}",

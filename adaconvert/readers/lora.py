@@ -6,7 +6,23 @@ from __future__ import annotations
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 from adaconvert.io.source import AdapterFiles, load_tensors, read_json
-from adaconvert.readers._common import check_finite, group_by_module, require, source_dtype
+from adaconvert.readers._common import (
+    REQUIRED,
+    Field,
+    boolean,
+    check_config,
+    check_finite,
+    folded,
+    group_by_module,
+    integer,
+    list_of,
+    number,
+    one_of,
+    pattern,
+    source_dtype,
+    string,
+    strings,
+)
 from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
 
 # Written by adaconvert.training's LoRA-Drop beside the adapter: layer importance, kept/shared/dropped layers.
@@ -14,6 +30,24 @@ LORA_DROP_FILE = "lora_drop.json"
 
 # Inits that change the base weights when PEFT loads the adapter: ΔW alone does not describe the model.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# every field of adapter_config.json this reader reads, typed; JSON null reads as the default
+SCHEMA = {
+    "r": Field(integer(minimum=1), REQUIRED),
+    "lora_alpha": Field(number, REQUIRED),
+    "rank_pattern": Field(pattern(integer(minimum=1)), {}),
+    "alpha_pattern": Field(pattern(number), {}),
+    "use_rslora": Field(boolean, False),
+    "fan_in_fan_out": Field(boolean, False),
+    "base_model_name_or_path": Field(string),
+    "task_type": Field(string),
+    "use_dora": Field(boolean, False),
+    "lora_bias": Field(boolean, False),
+    "use_qalora": Field(boolean, False),
+    "bias": Field(string, "none"),
+    "modules_to_save": Field(strings),
+    "init_lora_weights": Field(one_of(boolean, string), True),
+    "layer_replication": Field(list_of(list_of(integer(minimum=0)))),
+}
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (magnitude vectors)",
     "lora_bias": "LoRA bias terms",
@@ -31,13 +65,10 @@ def read_lora(files: AdapterFiles) -> Adapter:
         InvalidConfigError: unsupported features (DoRA, bias, modules_to_save, base-changing inits).
         MissingTensorError, AdapterShapeError, NonFiniteError, CorruptCheckpointError.
     """
-    cfg, path = files.config, files.config_path
-    r = require(cfg, "r", int, path=path)
-    lora_alpha = require(cfg, "lora_alpha", (int, float), path=path)
+    cfg = check_config(files.config, SCHEMA, path=files.config_path)
+    r, lora_alpha, use_rslora = cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]
     _reject_unsupported(cfg, files)
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    use_rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern, alpha_pattern = cfg["rank_pattern"], cfg["alpha_pattern"]
 
     tensors = load_tensors(files.weights_path)
     dtype = source_dtype(tensors)
@@ -67,7 +98,10 @@ def read_lora(files: AdapterFiles) -> Adapter:
             )
         check_finite(module, parts, path=files.weights_path)
         scalings[module] = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
-        deltas[module] = LowRankDelta(A=A.float(), B=B.float() * scalings[module])
+        why = f"scaling {scalings[module]:.3g}"
+        deltas[module] = LowRankDelta(
+            A=A.float(), B=folded(module, B.float(), scalings[module], path=files.config_path, why=why)
+        )
 
     provenance = {
         "source": str(files.root),
@@ -85,24 +119,24 @@ def read_lora(files: AdapterFiles) -> Adapter:
         provenance["lora_drop"] = read_json(files.root / LORA_DROP_FILE)
     return Adapter(
         deltas=deltas,
-        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-        base_model=cfg.get("base_model_name_or_path"),
-        task_type=cfg.get("task_type"),
+        fan_in_fan_out=cfg["fan_in_fan_out"],
+        base_model=cfg["base_model_name_or_path"],
+        task_type=cfg["task_type"],
         source_kind=source_kind,
         provenance=provenance,
     )
 
 
 def _reject_unsupported(cfg: dict, files: AdapterFiles) -> None:
-    problems = [what for flag, what in _UNSUPPORTED_FLAGS.items() if cfg.get(flag)]
-    if cfg.get("bias", "none") != "none":
+    problems = [what for flag, what in _UNSUPPORTED_FLAGS.items() if cfg[flag]]
+    if cfg["bias"] != "none":
         problems.append(f"bias={cfg['bias']!r}")
-    if cfg.get("modules_to_save"):
+    if cfg["modules_to_save"]:
         problems.append(f"modules_to_save={cfg['modules_to_save']!r} (full module copies)")
-    init = cfg.get("init_lora_weights", True)
+    init = cfg["init_lora_weights"]
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         problems.append(f"init_lora_weights={init!r} (changes the base weights; convert it with PEFT first)")
-    if cfg.get("layer_replication"):
+    if cfg["layer_replication"]:
         problems.append("layer_replication")
     if problems:
         raise InvalidConfigError(f"unsupported LoRA feature(s): {'; '.join(problems)}", path=files.config_path)

@@ -7,14 +7,14 @@ dataset directories and Hub names go through ``datasets.load_dataset``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from adaconvert.errors import InvalidDataError, SourceNotFoundError, first_line
+from adaconvert.io.location import is_hub_id
+from adaconvert.io.source import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
             )
     elif path.is_dir():
         texts = _from_datasets(str(path), text_column, split=split, where=path)
-    elif _looks_like_path(str(data)):
+    elif not is_hub_id(str(data)):
         raise SourceNotFoundError("no such data file", path=path)
     else:
         texts = _from_datasets(str(data), text_column, split=split, name=data_config, where=str(data))
@@ -65,11 +65,6 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
     if not texts:
         raise InvalidDataError("no training text (the data is empty or every text is blank)", path=data)
     return texts
-
-
-def _looks_like_path(text: str) -> bool:
-    suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + tuple(TABLE_SUFFIXES)
-    return text.startswith((".", "~", os.sep)) or text.lower().endswith(suffixes) or text.count("/") > 1
 
 
 def _read_text(path: Path) -> str:
@@ -87,10 +82,7 @@ def _read_json_records(path: Path) -> list[dict]:
     """Objects of a JSONL file (or of a ``.json`` file holding a list of objects)."""
     text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidDataError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from exc
+        records = parse_json(text, path=path, error=InvalidDataError)
         lines = list(enumerate(records, start=1))
     else:
         lines = []
@@ -98,9 +90,9 @@ def _read_json_records(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                lines.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise InvalidDataError(f"line {number} is not valid JSON ({exc.msg})", path=path, line=number) from exc
+                lines.append((number, parse_json(line, path=path, error=InvalidDataError)))
+            except InvalidDataError as exc:
+                raise InvalidDataError(f"line {number}: {exc.message}", path=path, line=number) from exc
     records = []
     for number, record in lines:
         if not isinstance(record, dict):

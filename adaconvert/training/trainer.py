@@ -22,6 +22,7 @@ import torch
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
+from adaconvert.io.location import is_hub_id
 from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.readers.lora import LORA_DROP_FILE
 from adaconvert.runtime import hf_progress
@@ -91,7 +92,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     opts = load_options(method, config=config, **options)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
-        check_output(opts.output, overwrite=opts.overwrite)
+        check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config])
     precision = resolve_precision(opts.precision)
     _set_seed(opts.seed)
     with hf_progress(not opts.quiet):
@@ -135,9 +136,8 @@ def load_tokenizer(model: str):
 
 
 def _check_model_exists(model: str) -> None:
-    text = str(model)
-    if not Path(text).exists() and (text.startswith((".", "~", os.sep)) or text.count("/") > 1):
-        raise SourceNotFoundError("no such model directory", path=text)
+    if not is_hub_id(model) and not Path(model).exists():
+        raise SourceNotFoundError("no such model directory", path=model)
 
 
 def resolve_precision(precision: str) -> str:
@@ -296,7 +296,8 @@ def _same_on_every_process(scores: dict[str, float]) -> dict[str, float]:
 
 def _write(result: TrainResult, opts: TrainOptions) -> None:
     """The PEFT adapter, its method metadata and a summary, written atomically to ``opts.output``."""
-    with atomic_output_dir(opts.output, overwrite=opts.overwrite) as tmp, warnings.catch_warnings():
+    inputs = [opts.model, opts.data]
+    with atomic_output_dir(opts.output, overwrite=opts.overwrite, inputs=inputs) as tmp, warnings.catch_warnings():
         # AdaLoRA saves a fully pruned module as zero-size tensors (docs/design.md §2); PEFT warns that they look like
         # un-gathered FSDP / ZeRO-3 shards, which they are not
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")

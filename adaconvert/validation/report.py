@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.errors import InvalidConfigError
+from adaconvert.io.atomic import atomic_output_file
 
 LEVELS = ("weights", "logits", "vllm")
 
@@ -162,11 +163,9 @@ class ValidationReport:
         return _json_safe(data)
 
     def write_json(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON (through a temporary file and a rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        """Write :meth:`to_dict` as JSON, atomically (an existing report is replaced)."""
+        with atomic_output_file(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def table(self) -> str:
         """The checks as one aligned text table, then the problems, then a verdict line."""

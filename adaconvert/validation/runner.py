@@ -11,7 +11,9 @@ import torch
 from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
+from adaconvert.io.atomic import check_no_overlap
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
+from adaconvert.io.location import require_source
 from adaconvert.readers import read_adapter
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
@@ -77,6 +79,12 @@ def validate(
         True
     """
     pair_list = _pair_list(original, converted, pairs, merged=merged)
+    inputs = [base, *(p for pair in pair_list for p in pair if p is not None), merged]
+    for src in inputs:  # a missing local path is "not found" now, not a failed check after loading the base
+        if src is not None:
+            require_source(src)
+    if report is not None:
+        check_no_overlap(report, [*inputs, prompts if isinstance(prompts, str | Path) else None])
     if max_new_tokens < 1:
         raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_list = logits_level.read_prompts(prompts)
