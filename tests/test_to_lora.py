@@ -160,3 +160,19 @@ def test_misscaled_conversion_is_caught(adalora_llama, tiny_llama, tmp_path, mon
     adaconvert.to_lora(adalora_llama, tmp_path / "wrong")
     with pytest.raises(AssertionError):
         assert_matches_peft(tiny_llama, adalora_llama, tmp_path / "wrong")
+
+
+def test_lora_on_a_tied_lm_head(tiny_qwen2, tmp_path):
+    """PEFT saves ``lm_head.base_layer.weight`` (the tied embedding matrix) beside a LoRA on a tied head, and ignores
+    it when loading: so do we. The conversion computes what PEFT computes with the original."""
+    from peft import LoraConfig
+
+    from tests.peft_utils import train_peft
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    original = train_peft(tiny_qwen2, tmp_path / "tied-head", config, steps=3)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(original / "adapter_model.safetensors")
+    adaconvert.to_lora(original, tmp_path / "out")
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.lora_B.weight" in written and not any("base_layer" in k for k in written)
+    assert_matches_peft(tiny_qwen2, original, tmp_path / "out")

@@ -70,7 +70,7 @@ def read_lora(files: AdapterFiles) -> Adapter:
     _reject_unsupported(cfg, files)
     rank_pattern, alpha_pattern = cfg["rank_pattern"], cfg["alpha_pattern"]
 
-    tensors = load_tensors(files.weights_path)
+    tensors = _without_saved_embedding_layers(load_tensors(files.weights_path))
     dtype = source_dtype(tensors)
     hint = " (embedding LoRA, DoRA and bias terms are not supported)"
     modules = group_by_module(tensors, ("lora_A.weight", "lora_B.weight"), path=files.weights_path, hint=hint)
@@ -125,6 +125,24 @@ def read_lora(files: AdapterFiles) -> Adapter:
         source_kind=source_kind,
         provenance=provenance,
     )
+
+
+# PEFT's save_embedding_layers: when embed_tokens or lm_head is a LoRA target, PEFT also saves that layer's frozen base
+# matrix as ``<module>.base_layer.weight`` (peft/utils/save_and_load.py, get_peft_model_state_dict; the names are its
+# EMBEDDING_LAYER_NAMES). It is the base's own weight (a tied head's is the embedding matrix), not part of the update.
+_SAVED_EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+
+
+def _without_saved_embedding_layers(tensors: dict) -> dict:
+    """``tensors`` less the base-layer copies PEFT saves beside a LoRA on an embedding or output head."""
+    drop = {
+        key
+        for key in tensors
+        if key.endswith(".base_layer.weight")
+        and key.removesuffix(".base_layer.weight").rsplit(".", 1)[-1] in _SAVED_EMBEDDING_LAYERS
+        and key.replace(".base_layer.weight", ".lora_A.weight") in tensors
+    }
+    return {k: v for k, v in tensors.items() if k not in drop}
 
 
 def _reject_unsupported(cfg: dict, files: AdapterFiles) -> None:
