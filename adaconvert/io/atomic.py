@@ -47,3 +47,31 @@ def atomic_output_dir(dst: str | Path, *, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.rename(tmp, dst)
+
+
+@contextmanager
+def atomic_output_file(dst: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary file path beside ``dst``; on success it becomes ``dst``, on error it vanishes.
+
+    The single-file twin of :func:`atomic_output_dir`: the temporary sibling is on the same filesystem, so the final
+    step is one ``os.replace`` and readers never see a half-written ``dst``. An existing ``dst`` is only replaced
+    with ``overwrite``, and only once the new file is complete.
+
+    Raises:
+        OutputExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    dst = check_output(dst, overwrite=overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the output is an ordinary file
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not overwrite and dst.exists():  # appeared while we were writing: never replace what we were not asked to
+        tmp.unlink(missing_ok=True)
+        raise OutputExistsError("output already exists; pass --overwrite to replace it", path=dst)
+    os.replace(tmp, dst)
