@@ -96,6 +96,14 @@ def cli():
 @click.option("--vllm-max-lora-rank", type=int, help="vLLM bucket every module must fit (compresses if asked to).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
 @click.option(
+    "--layout",
+    type=click.Choice(["compact", "uniform"]),
+    default="compact",
+    show_default=True,
+    help="compact: each module at its own rank (PEFT, vLLM); uniform: all zero-padded to the max rank, no patterns "
+    "(also llama.cpp, SGLang, LoRAX/TGI).",
+)
+@click.option(
     "--output-dir",
     type=click.Path(file_okay=False),
     help="Convert every SRC (paths, Hub ids, quoted globs, @list.txt) into DIR/<name>, with a summary table.",
@@ -120,6 +128,7 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     if len(paths) != 2 or jobs != 1:
         raise click.UsageError("give SRC DST, or several sources with --output-dir DIR (and --jobs)")
     src, dst = paths
+    from adaconvert.card import layout_summary
     from adaconvert.convert import to_lora
 
     report = to_lora(src, dst, **options)
@@ -128,6 +137,7 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
         f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, "
         f"{report.params_after:,} parameters ({report.params_before:,} before), "
         f"max relative error {report.max_rel_error:.2e}\n"
+        f"layout: {layout_summary(report)}\n"
         f"serve with vLLM: --enable-lora --max-lora-rank {report.vllm_max_lora_rank}"
     )
     emit(report.to_dict(), text, as_json=as_json)
