@@ -143,6 +143,40 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     emit(report.to_dict(), text, as_json=as_json)
 
 
+@cli.command("to-gguf")
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--base", help="Base model directory or Hub id; only its config.json is read (default: the adapter's).")
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    default="f32",
+    show_default=True,
+    help="GGUF tensor type (q8_0 needs every rank and input width to be a multiple of 32).",
+)
+@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
+@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
+@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@common_options(overwrite=True, one_torch_thread=True)
+def to_gguf_cmd(src, dst, *, as_json, **options):
+    """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a GGUF LoRA file DST for llama.cpp / Ollama.
+
+    DST.report.json and DST.README.md (the card, with llama-server and Ollama Modelfile snippets) go beside it.
+    """
+    from adaconvert.gguf_export import side_files, to_gguf
+
+    report = to_gguf(src, dst, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)
+    report_path, card_path = side_files(dst)
+    text = (
+        f"wrote {dst}: {sum(1 for m in report.modules if m.rank_after)} modules "
+        f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, {report.dtype}, "
+        f"{report.bytes_after / 2**20:,.2f} MiB, max relative error {report.max_rel_error:.2e}\n"
+        f"report: {report_path}; card: {card_path}\n"
+        f"run with llama.cpp: llama-server -m BASE.gguf --lora {dst}"
+    )
+    emit(report.to_dict(), text, as_json=as_json)
+
+
 @cli.command("inspect")
 @click.argument("adapter")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a rank heatmap (layers × modules) PNG.")

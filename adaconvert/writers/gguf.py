@@ -99,9 +99,8 @@ def permute_rows(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None
     """
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (
-        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    per_half = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, 2, per_half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @dataclass(frozen=True)

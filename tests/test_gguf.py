@@ -1,0 +1,229 @@
+"""GGUF export (`to-gguf`) against real llama.cpp (llama-cpp-python) and real PEFT.
+
+First each tiny base, written as GGUF, is proven against transformers; then llama.cpp(base + our GGUF) must equal
+PEFT(original adapter) within the same tolerance, and a GGUF that carries the compact layout's ``lora_alpha = R``
+(what llama.cpp's own converter copies) must be wrong by exactly the per-module factors R / r_m.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaconvert.cli import main
+from adaconvert.convert import prepare_conversion, to_lora
+from adaconvert.errors import AdapterShapeError, InvalidConfigError, OutputExistsError, SourceNotFoundError
+from adaconvert.gguf_export import load_gguf_base, side_files, to_gguf
+from adaconvert.writers.gguf import write_gguf_lora
+from tests.conftest import adalora_config
+from tests.gguf_utils import LOGIT_TOL, LlamaCppRunner, require_llama_cpp, write_base_gguf
+from tests.peft_utils import base_logits, peft_logits, train_peft
+
+ARCHS = ("llama", "qwen2")
+# fixed token ids (no tokenizer involved, so llama.cpp and PEFT see the same input); no BOS is added by llama.cpp
+IDS = [2, 5, 9, 13, 4, 7, 21, 30, 11, 6, 8, 17]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_llama, tiny_qwen2):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2}
+
+
+@pytest.fixture(scope="module")
+def runners(bases, tmp_path_factory):
+    """One llama.cpp model + context per base (written as GGUF here), shared by every test of this module."""
+    require_llama_cpp()
+    root = tmp_path_factory.mktemp("gguf-bases")
+    made = {arch: LlamaCppRunner(write_base_gguf(base, root / f"{arch}.gguf")) for arch, base in bases.items()}
+    yield made
+    for runner in made.values():
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def adaloras(adalora_llama, tiny_qwen2, tiny_llama, tmp_path_factory):
+    """Real PEFT-trained AdaLoRAs, budgeted to the end (pruned ranks, rank-0 modules), per architecture."""
+    cfg = adalora_config("qwen2", total_step=30)
+    # transformers 5 maps the tiny qwen2 to Qwen2Tokenizer, which ignores its tokenizer.json: batch from llama's
+    out = tmp_path_factory.mktemp("gguf-adalora-qwen2")
+    qwen2 = train_peft(tiny_qwen2, out, cfg, steps=30, seed=0, adalora=True, tokens_from=tiny_llama)
+    return {"llama": adalora_llama, "qwen2": qwen2}
+
+
+def reference(base, adapter) -> torch.Tensor:
+    return peft_logits(base, adapter, torch.tensor([IDS]))[0]
+
+
+def llama_cpp_factors(adapter_config: dict, ranks: dict[str, int]) -> dict[str, float]:
+    """What llama.cpp does to each module of a PEFT LoRA converted with its ``lora_alpha`` copied into
+    ``adapter.lora.alpha``: scale alpha / r_m (``get_scale``, rank = the tensor's own), where PEFT applied the
+    module's own alpha / r (1 in our layouts). The portability check predicts these factors from the config and
+    shapes alone; this is the same prediction, kept in one place so that it can be swapped for that check."""
+    return {module: adapter_config["lora_alpha"] / rank for module, rank in ranks.items()}
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_base_gguf_matches_transformers(arch, bases, runners):
+    got = runners[arch].logits(IDS)
+    want = base_logits(bases[arch], torch.tensor([IDS]))[0]
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_adapter_matches_peft(arch, bases, runners, adaloras, tmp_path):
+    src = adaloras[arch]
+    report = to_gguf(src, tmp_path / "a.gguf", base=bases[arch])
+    ranks = {m.rank_after for m in report.modules}
+    assert 0 in ranks and len(ranks - {0}) > 1, "the fixture must have pruned, rank-varying modules"
+    assert report.removed_modules
+
+    want = reference(bases[arch], src)
+    effect = (want - base_logits(bases[arch], torch.tensor([IDS]))[0]).abs().max()
+    assert effect > 0.1, "the adapter must move the logits for the comparison to mean anything"
+    got = runners[arch].logits(IDS, tmp_path / "a.gguf")
+    assert (got - want).abs().max() <= LOGIT_TOL
+
+
+def test_gguf_from_lora_with_patterns_and_from_to_lora_output(bases, runners, lora_variants, tmp_path):
+    """Every source to-lora reads: a LoRA with rank/alpha patterns, and a to-lora output (compact layout)."""
+    src = lora_variants["patterns"]
+    to_lora(src, tmp_path / "lora")
+    want = reference(bases["llama"], src)
+    for i, source in enumerate((src, tmp_path / "lora")):
+        to_gguf(source, tmp_path / f"{i}.gguf", base=bases["llama"])
+        assert (runners["llama"].logits(IDS, tmp_path / f"{i}.gguf") - want).abs().max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compact_alpha_is_mis_scaled_by_predicted_factors(arch, bases, runners, adaloras, tmp_path):
+    """The compact layout's ``lora_alpha = R`` in a GGUF (as llama.cpp's converter copies it) is loudly wrong, and
+    wrong by exactly R / r_m per module: dividing each module's B by its predicted factor makes it exact again."""
+    src = adaloras[arch]
+    to_lora(src, tmp_path / "compact")
+    config = json.loads((tmp_path / "compact" / "adapter_config.json").read_text())
+    adapter = prepare_conversion(tmp_path / "compact").adapter
+    factors = llama_cpp_factors(config, adapter.ranks)
+    assert max(factors.values()) / min(factors.values()) > 1, "ranks must vary for the factors to differ"
+    base = load_gguf_base(bases[arch])
+    want = reference(bases[arch], src)
+
+    write_gguf_lora(adapter, tmp_path / "as-converted.gguf", base=base, alpha=config["lora_alpha"])
+    wrong = (runners[arch].logits(IDS, tmp_path / "as-converted.gguf") - want).abs().max()
+    assert wrong > 100 * LOGIT_TOL
+
+    corrected = adapter.replace(deltas={m: d.__class__(A=d.A, B=d.B / factors[m]) for m, d in adapter.deltas.items()})
+    write_gguf_lora(corrected, tmp_path / "corrected.gguf", base=base, alpha=config["lora_alpha"])
+    assert (runners[arch].logits(IDS, tmp_path / "corrected.gguf") - want).abs().max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_half_outtypes_load_and_stay_close(outtype, bases, runners, adaloras, tmp_path):
+    """f16 / bf16 GGUFs load; their error is the factors' rounding (bf16: 8 bits of mantissa, ~4e-3 relative per
+    factor), so the bound is loose but far below the adapter's own effect (> 0.1)."""
+    to_gguf(adaloras["llama"], tmp_path / "h.gguf", base=bases["llama"], outtype=outtype)
+    got = runners["llama"].logits(IDS, tmp_path / "h.gguf")
+    assert (got - reference(bases["llama"], adaloras["llama"])).abs().max() <= 5e-2
+
+
+# ---------------------------------------------------------------------------------------------- files and errors
+
+
+def test_outputs_card_and_report(bases, adaloras, tmp_path):
+    dst = tmp_path / "out" / "ada.gguf"
+    report = to_gguf(adaloras["llama"], dst, base=bases["llama"])
+    report_path, card_path = side_files(dst)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["ada.README.md", "ada.gguf", "ada.report.json"]
+    assert json.loads(report_path.read_text()) == json.loads(json.dumps(report.to_dict()))
+    assert report.bytes_after == dst.stat().st_size and report.layout == "gguf" and report.dtype == "f32"
+    card = card_path.read_text()
+    assert "llama-server -m BASE.gguf --lora ada.gguf" in card
+    assert "FROM ./BASE.gguf" in card and "ADAPTER ./ada.gguf" in card
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(dst))
+    field = reader.fields
+    assert bytes(field["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(field["adapter.type"].parts[-1]).decode() == "lora"
+    assert bytes(field["general.architecture"].parts[-1]).decode() == "llama"
+    assert float(field["adapter.lora.alpha"].parts[-1][0]) == 0.0
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names or "blk.1.attn_q.weight.lora_a" in names
+    assert all(n.endswith((".weight.lora_a", ".weight.lora_b")) for n in names)
+
+
+def test_cli_json_and_refusals(bases, adaloras, tiny_gpt2, adalora_gpt2, tmp_path, capsys):
+    dst = tmp_path / "a.gguf"
+    src, base = str(adaloras["llama"]), str(bases["llama"])
+    assert main(["to-gguf", src, str(dst), "--base", base, "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "gguf"
+    before = dst.read_bytes()
+
+    cases = [
+        # (arguments, exit code, message fragment)
+        ([src, str(dst), "--base", base], 4, "already exists"),
+        ([src, str(tmp_path / "q.gguf"), "--base", base, "--outtype", "q8_0"], 2, "Q8_0 needs rows"),
+        ([str(adalora_gpt2), str(tmp_path / "g.gguf"), "--base", str(tiny_gpt2)], 2, "llama, mistral, qwen2"),
+        ([src, str(tmp_path / "n.gguf"), "--base", str(tmp_path)], 3, "config.json"),
+        ([src, str(tmp_path / "x.bin")], 2, "must be a .gguf file"),
+    ]
+    for args, code, fragment in cases:
+        assert main(["to-gguf", *args]) == code, args
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.README.md", "a.gguf", "a.report.json"]
+
+    assert main(["to-gguf", src, str(dst), "--base", base, "--overwrite", "--quiet", "--outtype", "f16"]) == 0
+    assert dst.stat().st_size < len(before)
+
+
+def test_modules_without_a_gguf_name_are_refused_by_name(bases, adaloras):
+    from adaconvert.adapter import LowRankDelta
+
+    adapter = prepare_conversion(adaloras["qwen2"]).adapter
+    base = load_gguf_base(bases["qwen2"])
+    for module in ("lm_head", "model.embed_tokens"):  # qwen2's lm_head is tied to the embeddings
+        d = LowRankDelta(A=torch.ones(2, 64), B=torch.ones(64, 2))
+        bad = adapter.replace(deltas={**adapter.deltas, module: d})
+        with pytest.raises(InvalidConfigError, match=module.replace(".", r"\.")):
+            write_gguf_lora(bad, "/nonexistent/never-written.gguf", base=base)
+
+
+def test_q8_0_where_every_row_fits(bases, tmp_path):
+    """q8_0 needs rank and input width multiples of 32; an adapter of rank 32 is written and reads back."""
+    import gguf
+
+    from adaconvert.adapter import Adapter, LowRankDelta
+
+    base = load_gguf_base(bases["llama"])
+    adapter = Adapter({"model.layers.0.mlp.up_proj": LowRankDelta(A=torch.randn(32, 64), B=torch.randn(128, 32))})
+    write_gguf_lora(adapter, tmp_path / "q.gguf", base=base, outtype="q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    a = tensors["blk.0.ffn_up.weight.lora_a"]
+    assert a.tensor_type == gguf.GGMLQuantizationType.Q8_0 and list(a.shape) == [64, 32]
+    deq = torch.from_numpy(gguf.quants.dequantize(a.data, a.tensor_type).copy()).reshape(32, 64)
+    # q8_0: 8-bit values per block of 32 with one f16 scale: at most half a step, |x|max / 127 / 2, per element
+    want = adapter.deltas["model.layers.0.mlp.up_proj"].A
+    assert (deq - want).abs().max() <= want.abs().max() / 127
+
+
+def test_error_types(bases, adaloras, tmp_path):
+    with pytest.raises(SourceNotFoundError):
+        to_gguf(adaloras["llama"], tmp_path / "a.gguf", base=tmp_path / "nope")
+    with pytest.raises(AdapterShapeError):
+        to_gguf(adaloras["llama"], tmp_path / "a.gguf", base=bases["llama"], outtype="q8_0")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "b.gguf").write_bytes(b"keep")
+    with pytest.raises(OutputExistsError):
+        to_gguf(adaloras["llama"], tmp_path / "b.gguf")
+    assert (tmp_path / "b.gguf").read_bytes() == b"keep"
