@@ -148,3 +148,50 @@ class LlamaCppRunner:
 
     def close(self) -> None:
         self.llm.close()
+
+
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+
+
+def llama_cpp_converter(workdir: str | Path) -> Path:
+    """``convert_lora_to_gguf.py`` from the llama-cpp-python sdist that ``make`` keeps in ``<venv>/src`` (the
+    llama.cpp our llama.cpp tests run), unpacked into ``workdir`` with its ``conversion/`` package and ``gguf-py``.
+
+    ``LLAMA_CPP_SDIST`` names another copy of the sdist. Skips locally when there is none, fails in CI.
+    """
+    import sys
+    import tarfile
+
+    sdist = Path(os.environ.get("LLAMA_CPP_SDIST", Path(sys.prefix) / "src" / LLAMA_CPP_SDIST))
+    if not sdist.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{sdist} is missing, but CI must compare with llama.cpp's converter (make installs it)")
+        pytest.skip(f"{sdist} is missing (make installs it)")
+    root = f"{LLAMA_CPP_SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    wanted = ("convert_lora_to_gguf.py", "conversion/", "gguf-py/gguf/")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(root) and m.name[len(root) :].startswith(wanted)]
+        for m in members:
+            m.name = m.name[len(root) :]
+        tar.extractall(workdir, members=members, filter="data")
+    return Path(workdir) / "convert_lora_to_gguf.py"
+
+
+def gguf_tensors_of(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """{tensor name: (GGML type, GGML shape ne, data as float32)} of a GGUF file."""
+    import gguf
+
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        out[t.name] = (t.tensor_type.name, tuple(int(n) for n in t.shape), data)
+    return out
+
+
+def gguf_field(path: str | Path, key: str):
+    """The value of one metadata key of a GGUF file (strings decoded, scalars as Python numbers)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields[key]
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,15 @@ from adaconvert.errors import AdapterShapeError, InvalidConfigError, OutputExist
 from adaconvert.gguf_export import load_gguf_base, side_files, to_gguf
 from adaconvert.writers.gguf import write_gguf_lora
 from tests.conftest import adalora_config
-from tests.gguf_utils import LOGIT_TOL, LlamaCppRunner, require_llama_cpp, write_base_gguf
+from tests.gguf_utils import (
+    LOGIT_TOL,
+    LlamaCppRunner,
+    gguf_field,
+    gguf_tensors_of,
+    llama_cpp_converter,
+    require_llama_cpp,
+    write_base_gguf,
+)
 from tests.peft_utils import base_logits, peft_logits, train_peft
 
 ARCHS = ("llama", "qwen2")
@@ -125,6 +134,41 @@ def test_compact_alpha_is_mis_scaled_by_predicted_factors(arch, bases, runners, 
     assert (runners[arch].logits(IDS, tmp_path / "corrected.gguf") - want).abs().max() <= LOGIT_TOL
 
 
+@pytest.mark.slow  # the converter is a fresh process that imports torch and transformers: ~10 s a run
+@pytest.mark.parametrize(("arch", "layout"), [("llama", "compact"), ("qwen2", "compact"), ("llama", "uniform")])
+def test_same_tensors_as_llama_cpp_converter(arch, layout, bases, runners, adaloras, tmp_path):
+    """llama.cpp's own convert_lora_to_gguf.py, run on our to-lora output of the same adapter.
+
+    compact: the same tensors as ours, name by name, type, shape and value (q/k rows permuted the same way); only
+    adapter.lora.alpha differs: it copies lora_alpha = R (the mis-scaled case above). uniform: the same names,
+    ranks padded to R, alpha R: llama.cpp's scale R / R is 1, and it is exact as well.
+    """
+    import subprocess
+    import sys
+
+    converter = llama_cpp_converter(tmp_path / "llama.cpp")
+    to_gguf(adaloras[arch], tmp_path / "ours.gguf", base=bases[arch])
+    ours = gguf_tensors_of(tmp_path / "ours.gguf")
+    to_lora(adaloras[arch], tmp_path / layout, layout=layout)
+    out = tmp_path / f"{layout}.gguf"
+    cmd = [sys.executable, str(converter), str(tmp_path / layout), "--base", str(bases[arch]), "--outfile", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    theirs = gguf_tensors_of(out)
+    assert sorted(theirs) == sorted(ours)
+    assert gguf_field(out, "general.architecture") == gguf_field(tmp_path / "ours.gguf", "general.architecture")
+    rank = json.loads((tmp_path / layout / "adapter_config.json").read_text())["r"]
+    assert gguf_field(out, "adapter.lora.alpha") == rank
+    if layout == "compact":
+        for name, (kind, shape, data) in ours.items():
+            assert theirs[name][:2] == (kind, shape), name
+            assert np.array_equal(theirs[name][2], data), name
+    else:
+        # GGML shapes: lora_a ne = (in, r), lora_b ne = (r, out)
+        assert all(shape[1 if n.endswith("lora_a") else 0] == rank for n, (_, shape, _) in theirs.items())
+        got = runners[arch].logits(IDS, out)
+        assert (got - reference(bases[arch], adaloras[arch])).abs().max() <= LOGIT_TOL
+
+
 @pytest.mark.parametrize("outtype", ["f16", "bf16"])
 def test_half_outtypes_load_and_stay_close(outtype, bases, runners, adaloras, tmp_path):
     """f16 / bf16 GGUFs load; their error is the factors' rounding (bf16: 8 bits of mantissa, ~4e-3 relative per
@@ -148,17 +192,8 @@ def test_outputs_card_and_report(bases, adaloras, tmp_path):
     assert "llama-server -m BASE.gguf --lora ada.gguf" in card
     assert "FROM ./BASE.gguf" in card and "ADAPTER ./ada.gguf" in card
 
-    import gguf
-
-    reader = gguf.GGUFReader(str(dst))
-    field = reader.fields
-    assert bytes(field["general.type"].parts[-1]).decode() == "adapter"
-    assert bytes(field["adapter.type"].parts[-1]).decode() == "lora"
-    assert bytes(field["general.architecture"].parts[-1]).decode() == "llama"
-    assert float(field["adapter.lora.alpha"].parts[-1][0]) == 0.0
-    names = {t.name for t in reader.tensors}
-    assert "blk.0.attn_q.weight.lora_a" in names or "blk.1.attn_q.weight.lora_a" in names
-    assert all(n.endswith((".weight.lora_a", ".weight.lora_b")) for n in names)
+    assert gguf_field(dst, "general.type") == "adapter" and gguf_field(dst, "adapter.type") == "lora"
+    assert gguf_field(dst, "general.architecture") == "llama" and gguf_field(dst, "adapter.lora.alpha") == 0.0
 
 
 def test_cli_json_and_refusals(bases, adaloras, tiny_gpt2, adalora_gpt2, tmp_path, capsys):
