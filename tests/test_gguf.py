@@ -262,3 +262,24 @@ def test_error_types(bases, adaloras, tmp_path):
     with pytest.raises(OutputExistsError):
         to_gguf(adaloras["llama"], tmp_path / "b.gguf")
     assert (tmp_path / "b.gguf").read_bytes() == b"keep"
+
+
+def test_base_defaults_to_the_adapter_s_and_may_be_a_hub_id(bases, adaloras, tmp_path, monkeypatch, capsys):
+    """No --base: the adapter's base_model_name_or_path (here the tiny base's path). A Hub id: only config.json is
+    needed, here served by huggingface_hub from an offline cache that holds nothing else."""
+    to_gguf(adaloras["llama"], tmp_path / "default" / "a.gguf")
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_bytes((bases["llama"] / "config.json").read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    to_gguf(adaloras["llama"], tmp_path / "a.gguf", base="acme/tiny-llama")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "default" / "a.gguf").read_bytes()
+    assert main(["to-gguf", str(adaloras["llama"]), str(tmp_path / "x.gguf"), "--base", "acme/missing"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "acme/missing" in err and len(err.splitlines()) == 1
