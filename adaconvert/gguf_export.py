@@ -71,8 +71,7 @@ def to_gguf(
     then :func:`~adaconvert.writers.gguf.write_gguf_lora`: per-module ranks kept compact, ``adapter.lora.alpha = 0``
     so llama.cpp's scale is exactly 1 for every tensor, q/k rows permuted for llama-family bases. ``dst`` and its
     two side files (:func:`side_files`) are each written to a temporary sibling and renamed into place once all
-    are complete; everything that can be refused (options, architecture, module names, q8_0 shapes) is refused
-    before anything is written.
+    three are complete; whatever is refused (options, architecture, module names, q8_0 shapes) leaves nothing.
 
     Args:
         src: adapter directory or Hub repo id.

@@ -222,6 +222,24 @@ def test_cli_json_and_refusals(bases, adaloras, tiny_gpt2, adalora_gpt2, tmp_pat
     assert dst.stat().st_size < len(before)
 
 
+def test_atomic_output_file(tmp_path):
+    from adaconvert.io.atomic import atomic_output_file
+
+    dst = tmp_path / "f.gguf"
+    with pytest.raises(RuntimeError), atomic_output_file(dst, overwrite=False) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(OutputExistsError), atomic_output_file(dst, overwrite=False) as tmp:
+        tmp.write_bytes(b"new")
+        dst.write_bytes(b"someone else's")  # appears while we write
+    assert dst.read_bytes() == b"someone else's" and [p.name for p in tmp_path.iterdir()] == ["f.gguf"]
+    with atomic_output_file(dst, overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert dst.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.gguf"]
+    assert dst.stat().st_mode & 0o777 == 0o644
+
+
 def test_modules_without_a_gguf_name_are_refused_by_name(bases, adaloras):
     from adaconvert.adapter import LowRankDelta
 

@@ -54,8 +54,8 @@ def atomic_output_file(dst: str | Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary file path beside ``dst``; on success it becomes ``dst``, on error it vanishes.
 
     The single-file twin of :func:`atomic_output_dir`: the temporary sibling is on the same filesystem, so the final
-    step is one ``os.replace`` and readers never see a half-written ``dst``. An existing ``dst`` is only replaced
-    with ``overwrite``, and only once the new file is complete.
+    step is one rename (``overwrite``) or one hard link, which fails if ``dst`` appeared meanwhile; readers never see
+    a half-written ``dst``. An existing ``dst`` is only replaced with ``overwrite``, once the new file is complete.
 
     Raises:
         OutputExistsError: ``dst`` exists and ``overwrite`` is false.
@@ -71,7 +71,16 @@ def atomic_output_file(dst: str | Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if not overwrite and dst.exists():  # appeared while we were writing: never replace what we were not asked to
+    if overwrite:
+        os.replace(tmp, dst)
+        return
+    try:  # a hard link fails if dst appeared meanwhile: nothing we were not asked to replace is ever replaced
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise OutputExistsError("output already exists; pass --overwrite to replace it", path=dst) from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if dst.exists():
+            raise OutputExistsError("output already exists; pass --overwrite to replace it", path=dst) from None
+        os.replace(tmp, dst)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", path=dst)
-    os.replace(tmp, dst)
