@@ -181,13 +181,7 @@ def test_half_outtypes_load_and_stay_close(outtype, bases, runners, adaloras, tm
 def test_q8_0_in_llama_cpp(bases, runners, tmp_path):
     """A LoRA whose ranks and widths are all multiples of 32 (here r = 32, untrained random factors) is written as
     q8_0 and computes PEFT's function in llama.cpp up to the 8-bit rounding of its factors."""
-    from peft import LoraConfig, get_peft_model
-
-    from tests.peft_utils import TARGETS, load_base
-
-    torch.manual_seed(0)
-    config = LoraConfig(r=32, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights=False)
-    get_peft_model(load_base(bases["llama"]), config).save_pretrained(str(tmp_path / "lora"))
+    random_lora(bases["llama"], tmp_path / "lora", r=32, lora_alpha=4)
     want = reference(bases["llama"], tmp_path / "lora")
     effect = (want - base_logits(bases["llama"], torch.tensor([IDS]))[0]).abs().max()
     for outtype in ("f32", "q8_0"):
@@ -197,6 +191,48 @@ def test_q8_0_in_llama_cpp(bases, runners, tmp_path):
         # with them to 8 bits as well: measured 1.1% of the adapter's effect (5e-3 of 0.5); 5% still tells it from
         # any scale error (a factor of 2 or more on some module)
         assert error <= (LOGIT_TOL if outtype == "f32" else 0.05 * effect)
+
+
+def random_lora(base, out, *, r: int, lora_alpha: float, seed: int = 0):
+    """A PEFT LoRA on every projection with random (untrained) A and B, as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.peft_utils import TARGETS, load_base
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=TARGETS["llama"], init_lora_weights=False)
+    get_peft_model(load_base(base), config).save_pretrained(str(out))
+    return out
+
+
+def test_mistral_base_is_llama_in_gguf(tmp_path):
+    """HF Mistral goes through llama.cpp's LlamaModel converter: GGUF architecture llama, q/k rows permuted. A tiny
+    Mistral (GQA) base and a LoRA on it: llama.cpp equals transformers, then PEFT."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from adaconvert.demo.tiny import build_tokenizer, tiny_config
+
+    tok = build_tokenizer(tmp_path / "mistral")
+    llama = tiny_config("llama", vocab_size=len(tok)).to_dict()
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    keep += ("head_dim", "vocab_size", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
+    config = MistralConfig(**{k: llama[k] for k in keep})
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "mistral"))
+    base = tmp_path / "mistral"
+    assert load_gguf_base(base).arch == "llama" and load_gguf_base(base).permute_qk
+    runner = LlamaCppRunner(write_base_gguf(base, tmp_path / "mistral.gguf"))
+    try:
+        plain = base_logits(base, torch.tensor([IDS]))[0]
+        assert (runner.logits(IDS) - plain).abs().max() <= LOGIT_TOL
+        lora = random_lora(base, tmp_path / "lora", r=4, lora_alpha=2)
+        to_gguf(lora, tmp_path / "lora.gguf", base=base)
+        want = reference(base, lora)
+        assert (want - plain).abs().max() > 0.1
+        assert (runner.logits(IDS, tmp_path / "lora.gguf") - want).abs().max() <= LOGIT_TOL
+    finally:
+        runner.close()
 
 
 # ---------------------------------------------------------------------------------------------- files and errors
