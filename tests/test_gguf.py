@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.cli import main
 from adaconvert.convert import prepare_conversion, to_lora
 from adaconvert.errors import AdapterShapeError, InvalidConfigError, OutputExistsError, SourceNotFoundError
@@ -129,7 +130,7 @@ def test_compact_alpha_is_mis_scaled_by_predicted_factors(arch, bases, runners, 
     wrong = (runners[arch].logits(IDS, tmp_path / "as-converted.gguf") - want).abs().max()
     assert wrong > 100 * LOGIT_TOL
 
-    corrected = adapter.replace(deltas={m: d.__class__(A=d.A, B=d.B / factors[m]) for m, d in adapter.deltas.items()})
+    corrected = adapter.replace(deltas={m: LowRankDelta(A=d.A, B=d.B / factors[m]) for m, d in adapter.deltas.items()})
     write_gguf_lora(corrected, tmp_path / "corrected.gguf", base=base, alpha=config["lora_alpha"])
     assert (runners[arch].logits(IDS, tmp_path / "corrected.gguf") - want).abs().max() <= LOGIT_TOL
 
@@ -298,8 +299,6 @@ def test_atomic_output_file(tmp_path):
 
 
 def test_modules_without_a_gguf_name_are_refused_by_name(bases, adaloras):
-    from adaconvert.adapter import LowRankDelta
-
     adapter = prepare_conversion(adaloras["qwen2"]).adapter
     base = load_gguf_base(bases["qwen2"])
     for module in ("lm_head", "model.embed_tokens"):  # qwen2's lm_head is tied to the embeddings
@@ -312,8 +311,6 @@ def test_modules_without_a_gguf_name_are_refused_by_name(bases, adaloras):
 def test_q8_0_where_every_row_fits(bases, tmp_path):
     """q8_0 needs rank and input width multiples of 32; an adapter of rank 32 is written and reads back."""
     import gguf
-
-    from adaconvert.adapter import Adapter, LowRankDelta
 
     base = load_gguf_base(bases["llama"])
     adapter = Adapter({"model.layers.0.mlp.up_proj": LowRankDelta(A=torch.randn(32, 64), B=torch.randn(128, 32))})
