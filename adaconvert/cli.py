@@ -165,6 +165,8 @@ def to_gguf_cmd(src, dst, *, as_json, **options):
     """
     from adaconvert.gguf_export import side_files, to_gguf
 
+    # gguf's writer logs every file it opens at INFO (our temporary sibling's name, endianness): noise for users
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     report = to_gguf(src, dst, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)
     report_path, card_path = side_files(dst)
     text = (

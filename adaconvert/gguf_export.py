@@ -13,7 +13,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from adaconvert.card import card_metadata, layout_summary, markdown_rank_table
+from adaconvert.card import _METHOD_NAMES, card_metadata, layout_summary, markdown_rank_table
 from adaconvert.convert import prepare_conversion
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.atomic import atomic_output_file, check_output
@@ -139,7 +139,7 @@ def gguf_card(report: ConversionReport, filename: str, *, base_model: str, arch:
     return (
         meta
         + f"""
-# GGUF LoRA adapter converted from {report.source_kind}
+# GGUF LoRA adapter converted from {_METHOD_NAMES.get(report.source_kind, report.source_kind)}
 
 `{filename}`: a LoRA adapter for llama.cpp and Ollama (GGUF architecture `{arch}`, tensors `{report.dtype}`),
 converted by adaconvert. Each module keeps its own rank; every scaling is folded into `lora_b` and

@@ -264,7 +264,7 @@ def test_cli_json_and_refusals(bases, adaloras, tiny_gpt2, adalora_gpt2, tmp_pat
     cases = [
         # (arguments, exit code, message fragment)
         ([src, str(dst), "--base", base], 4, "already exists"),
-        ([src, str(tmp_path / "q.gguf"), "--base", base, "--outtype", "q8_0"], 2, "Q8_0 needs rows"),
+        ([src, str(tmp_path / "q.gguf"), "--base", base, "--outtype", "q8_0"], 2, "rows in blocks of 32"),
         ([str(adalora_gpt2), str(tmp_path / "g.gguf"), "--base", str(tiny_gpt2)], 2, "llama, mistral, qwen2"),
         ([src, str(tmp_path / "n.gguf"), "--base", str(tmp_path)], 3, "config.json"),
         ([src, str(tmp_path / "x.bin")], 2, "must be a .gguf file"),

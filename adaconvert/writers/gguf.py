@@ -132,10 +132,11 @@ def gguf_tensors(adapter: Adapter, base: GGUFBase) -> list[GGUFTensor]:
     for module in sorted(adapter.deltas):
         found = names.get_type_and_name(f"{module}.weight", try_suffixes=(".weight",))
         if found is None or found[0] not in adaptable:
-            why = "tied to the embeddings" if found and found[0] == gguf.MODEL_TENSOR.OUTPUT else "no LoRA tensor"
+            tied = found is not None and found[0] == gguf.MODEL_TENSOR.OUTPUT
+            why = "is tied to the embeddings" if tied else "has no tensor llama.cpp can adapt"
             raise InvalidConfigError(
-                f"has {why} in llama.cpp's {base.arch} GGUF; exclude it (GGUF adapts the attention and MLP "
-                "projections)",
+                f"{why} in a {base.arch} GGUF; convert the adapter without it (to-gguf supports the attention and "
+                "MLP projections, and an untied lm_head)",
                 module=module,
             )
         kind, name = found
@@ -165,8 +166,8 @@ def _encoded(tensor: GGUFTensor, qtype) -> tuple[tuple[int, ...], object, int]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
         raise AdapterShapeError(
-            f"{qtype.name} needs rows that are a multiple of {block}, but {tensor.name} is {shape[0]} × {shape[-1]} "
-            f"(lora_b rows are the module's rank); use --outtype f16, bf16 or f32",
+            f"{qtype.name} quantises rows in blocks of {block}, but {tensor.name} has rows of {shape[-1]} (a lora_b "
+            "row is the module's rank, a lora_a row its input width); use --outtype f16, bf16 or f32",
             module=tensor.module,
         )
     byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
