@@ -161,7 +161,8 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
 def to_gguf_cmd(src, dst, *, as_json, **options):
     """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a GGUF LoRA file DST for llama.cpp / Ollama.
 
-    DST.report.json and DST.README.md (the card, with llama-server and Ollama Modelfile snippets) go beside it.
+    For DST = NAME.gguf, NAME.report.json and NAME.README.md (the card, with llama-server and Ollama Modelfile
+    snippets) go beside it.
     """
     from adaconvert.gguf_export import side_files, to_gguf
 

@@ -1,9 +1,9 @@
 """``to_gguf``: any adapter ``to_lora`` reads → one GGUF LoRA file for llama.cpp and Ollama, with report and card.
 
-Beside ``DST.gguf`` go ``DST.report.json`` (the conversion report) and ``DST.README.md`` (the card): a GGUF is one
+Beside ``NAME.gguf`` go ``NAME.report.json`` (the conversion report) and ``NAME.README.md`` (the card): a GGUF is one
 file that users keep among others (several adapters and bases in one ``models/`` folder, the way llama.cpp and
-Ollama are used), so the side files are named after it and never collide with another adapter's; ``push`` uploads
-them as the repo's ``README.md`` and ``conversion_report.json``.
+Ollama are used), so the side files are named after it and never collide with another adapter's (in a Hub repo of
+its own they belong as ``README.md`` and ``conversion_report.json``).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def to_gguf(
         progress: a progress bar on stderr while tensors are written.
 
     Returns:
-        The :class:`ConversionReport` (also written as ``DST.report.json``); ``bytes_after`` is the file's size.
+        The :class:`ConversionReport` (also written as ``NAME.report.json``); ``bytes_after`` is the file's size.
 
     Raises:
         AdaconvertError subclasses: source or base problems, unsupported architecture or module, q8_0 on a shape
