@@ -2,7 +2,8 @@
 
 Compares, in the same run and each in a fresh subprocess (so that peak RSS is its own):
   - copy:    safetensors load_file + save_file of the same tensors (what any conversion must at least do);
-  - convert: `adaconvert to-lora` (read, fold scaling, strip, measure errors, write, check, card + report).
+  - convert: `adaconvert to-lora` (read, fold scaling, strip, measure errors, write, check, card + report);
+  - gguf:    `adaconvert to-gguf` (the same pipeline, one f32 GGUF file + report + card), in a table of its own.
 Prints wall time and peak RSS, the ratios, and the adapter size.
 
     python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB)
