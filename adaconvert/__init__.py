@@ -27,6 +27,7 @@ _LAZY = {
     "push": "adaconvert.hub",
     "read_adapter": "adaconvert.readers",
     "serve": "adaconvert.serving",
+    "to_gguf": "adaconvert.gguf_export",
     "to_lora": "adaconvert.convert",
     "to_lora_many": "adaconvert.batch",
     "train": "adaconvert.training",

@@ -173,7 +173,8 @@ def to_lora_many(
         raise_on_failure: after the whole batch, raise :class:`BatchConversionError` naming every failure;
             with False, return the result and let the caller look at ``result.failures``.
         progress: a tqdm bar on stderr.
-        **options: passed to ``to_lora`` (``max_rank``, ``energy``, ``tol``, ``vllm_max_lora_rank``, ``dtype``).
+        **options: passed to ``to_lora`` (``max_rank``, ``energy``, ``tol``, ``vllm_max_lora_rank``, ``dtype``,
+            ``layout``).
 
     Returns:
         :class:`BatchResult`, items in the order of ``sources``.
@@ -188,15 +189,16 @@ def to_lora_many(
         >>> [item.destination for item in result.items]
         ['converted/a', 'converted/b']
     """
-    from adaconvert.convert import _check_options
+    from adaconvert.convert import check_layout, check_options
 
     sources = [str(s) for s in sources]
     if not sources:
         raise InvalidConfigError("no sources to convert")
     if jobs < 1:
         raise InvalidConfigError(f"--jobs must be at least 1, got {jobs}")
-    _check_options(**{k: options.get(k) for k in ("max_rank", "energy", "tol", "vllm_max_lora_rank", "dtype")})
-    unknown = set(options) - {"max_rank", "energy", "tol", "vllm_max_lora_rank", "dtype"}
+    check_options(**{k: options.get(k) for k in ("max_rank", "energy", "tol", "vllm_max_lora_rank", "dtype")})
+    check_layout(options.get("layout", "compact"))
+    unknown = set(options) - {"max_rank", "energy", "tol", "vllm_max_lora_rank", "dtype", "layout"}
     if unknown:
         raise InvalidConfigError(f"unknown to-lora option(s): {', '.join(sorted(unknown))}")
     output_dir = Path(output_dir)

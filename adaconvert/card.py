@@ -144,6 +144,22 @@ def _module_widths(report: ConversionReport) -> dict[str, int]:
     return widths
 
 
+_LAYOUT_TEXT = {
+    "compact": "Layout *compact*: `rank_pattern = alpha_pattern` give each module its own rank (scale r_m / r_m = 1 "
+    "where a runtime reads the patterns).",
+    "uniform": "Layout *uniform*: every module is zero-padded to rank r, with no patterns (scale lora_alpha / r = 1 "
+    "in every runtime that reads one rank).",
+}
+
+
+def layout_summary(report: ConversionReport) -> str:
+    """One line: the layout and what it costs on disk against compact."""
+    if not report.layout_overhead_params:
+        return report.layout
+    share = report.layout_overhead_params / report.params_after if report.params_after else 0.0
+    return f"{report.layout} (+{report.layout_overhead_params:,} zero parameters, {share:.1%} over compact)"
+
+
 def parameter_comparison(report: ConversionReport) -> list[tuple[str, int, str]]:
     """(what, parameters, note) rows: this adapter against fixed-rank LoRAs on the same modules."""
     widths = _module_widths(report)
@@ -226,8 +242,7 @@ def conversion_card(
 # Rank-varying LoRA converted from {_METHOD_NAMES.get(report.source_kind, report.source_kind)}
 
 Converted by adaconvert into a standard PEFT LoRA (`peft_type: LORA`): every module's
-scaling is folded into `lora_B`, `r = lora_alpha = {report.max_rank}`, and `rank_pattern = alpha_pattern` give each
-module its own rank. PEFT, vLLM, LoRAX and llama.cpp all load it with scaling exactly 1 per module.
+scaling is folded into `lora_B` and `r = lora_alpha = {report.max_rank}`. {_LAYOUT_TEXT[report.layout]}
 
 | | value |
 |---|---|
@@ -236,6 +251,7 @@ module its own rank. PEFT, vLLM, LoRAX and llama.cpp all load it with scaling ex
 | parameters | {report.params_after:,} ({saved:.1%} fewer than the source's {report.params_before:,}) |
 | size | {report.bytes_after / 2**20:.2f} MiB ({report.dtype}) |
 | vLLM `--max-lora-rank` | {bucket} |
+| layout | {layout_summary(report)} |
 
 ## Rank allocation
 

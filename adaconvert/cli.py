@@ -125,6 +125,14 @@ def cli():
 @click.option("--vllm-max-lora-rank", type=int, help="vLLM bucket every module must fit (compresses if asked to).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
 @click.option(
+    "--layout",
+    type=click.Choice(["compact", "uniform"]),
+    default="compact",
+    show_default=True,
+    help="compact: each module at its own rank (PEFT, vLLM); uniform: all zero-padded to the max rank, no patterns "
+    "(also llama.cpp, SGLang, LoRAX/TGI).",
+)
+@click.option(
     "--output-dir",
     type=click.Path(file_okay=False),
     help="Convert every SRC (paths, Hub ids, quoted globs, @list.txt) into DIR/<name>, with a summary table.",
@@ -149,6 +157,7 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     if len(paths) != 2 or jobs != 1:
         raise click.UsageError("give SRC DST, or several sources with --output-dir DIR (and --jobs)")
     src, dst = paths
+    from adaconvert.card import layout_summary
     from adaconvert.convert import to_lora
 
     report = to_lora(src, dst, **options)
@@ -157,7 +166,45 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
         f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, "
         f"{report.params_after:,} parameters ({report.params_before:,} before), "
         f"max relative error {report.max_rel_error:.2e}\n"
+        f"layout: {layout_summary(report)}\n"
         f"serve with vLLM: --enable-lora --max-lora-rank {report.vllm_max_lora_rank}"
+    )
+    emit(report.to_dict(), text, as_json=as_json)
+
+
+@cli.command("to-gguf")
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--base", help="Base model directory or Hub id; only its config.json is read (default: the adapter's).")
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    default="f32",
+    show_default=True,
+    help="GGUF tensor type (q8_0 needs every rank and input width to be a multiple of 32).",
+)
+@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
+@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
+@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@common_options(overwrite=True, one_torch_thread=True)
+def to_gguf_cmd(src, dst, *, as_json, **options):
+    """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a GGUF LoRA file DST for llama.cpp / Ollama.
+
+    For DST = NAME.gguf, NAME.report.json and NAME.README.md (the card, with llama-server and Ollama Modelfile
+    snippets) go beside it.
+    """
+    from adaconvert.gguf_export import side_files, to_gguf
+
+    # gguf's writer logs every file it opens at INFO (our temporary sibling's name, endianness): noise for users
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    report = to_gguf(src, dst, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)
+    report_path, card_path = side_files(dst)
+    text = (
+        f"wrote {dst}: {sum(1 for m in report.modules if m.rank_after)} modules "
+        f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, {report.dtype}, "
+        f"{report.bytes_after / 2**20:,.2f} MiB, max relative error {report.max_rel_error:.2e}\n"
+        f"report: {report_path}; card: {card_path}\n"
+        f"run with llama.cpp: llama-server -m BASE.gguf --lora {dst}"
     )
     emit(report.to_dict(), text, as_json=as_json)
 

@@ -43,6 +43,11 @@ class ConversionReport:
     max_rel_error: float
     removed_modules: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    layout: str = "compact"
+    # zero parameters the layout adds on disk (uniform: Σ (R − r_m)·(in + out)); bytes_after includes them
+    layout_overhead_params: int = 0
+    # the portability check of the files as written: runtime → verdict (``runtimes.check_runtimes``)
+    runtimes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +62,14 @@ def _empty_like(delta: LowRankDelta) -> LowRankDelta:
 
 
 def build_report(
-    source: Adapter, exact: Adapter, result: Adapter, *, dtype: torch.dtype, destination: str
+    source: Adapter,
+    exact: Adapter,
+    result: Adapter,
+    *,
+    dtype: torch.dtype,
+    destination: str,
+    layout: str = "compact",
+    written: Adapter | None = None,
 ) -> ConversionReport:
     """Compare the written adapter (``result`` cast to ``dtype``) with the source, module by module.
 
@@ -66,7 +78,9 @@ def build_report(
         exact: ``strip_empty(source)``, the same ΔW per module with zero components removed; errors are measured
             against it, so that a module passed through untouched in float32 costs nothing to check (its error is
             exactly 0: the tensors written are the ones compared).
-        result: what is written.
+        result: what is written, each module at its own rank.
+        layout: the export layout's name.
+        written: ``result`` as laid out on disk when the layout zero-pads it (uniform); default ``result``.
     """
     stored = source.provenance.get("stored_ranks", source.ranks)
     modules = []
@@ -90,6 +104,7 @@ def build_report(
             )
         )
     element = dtype.itemsize
+    overhead = (written.num_params - result.num_params) if written is not None else 0
     return ConversionReport(
         source=str(source.provenance.get("source", "")),
         source_kind=source.source_kind,
@@ -100,8 +115,10 @@ def build_report(
         vllm_max_lora_rank=smallest_bucket(result.max_rank),
         params_before=source.num_params,
         params_after=result.num_params,
-        bytes_after=result.num_params * element,
+        bytes_after=(result.num_params + overhead) * element,
         max_rel_error=max((m.rel_error for m in modules), default=0.0),
         removed_modules=sorted(set(source.deltas) - set(result.deltas)),
         provenance={k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "scalings")},
+        layout=layout,
+        layout_overhead_params=overhead,
     )

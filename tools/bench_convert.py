@@ -2,7 +2,8 @@
 
 Compares, in the same run and each in a fresh subprocess (so that peak RSS is its own):
   - copy:    safetensors load_file + save_file of the same tensors (what any conversion must at least do);
-  - convert: `adaconvert to-lora` (read, fold scaling, strip, measure errors, write, check, card + report).
+  - convert: `adaconvert to-lora` (read, fold scaling, strip, measure errors, write, check, card + report);
+  - gguf:    `adaconvert to-gguf` (the same pipeline, one f32 GGUF file + report + card), in a table of its own.
 Prints wall time and peak RSS, the ratios, and the adapter size.
 
     python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB)
@@ -74,6 +75,7 @@ def child(mode: str, src: str, dst: str) -> None:
     """Run one measured operation; print {"seconds", "peak_rss"} as JSON on stdout."""
     # imports happen before the clock starts in every mode, so only the work is timed (the model card's
     # huggingface_hub import is a fixed per-process cost, about 0.1-0.3 s, reported by the "idle" run's RSS only)
+    import gguf  # noqa: F401
     import huggingface_hub  # noqa: F401
     from safetensors.torch import load_file, save_file
 
@@ -87,6 +89,9 @@ def child(mode: str, src: str, dst: str) -> None:
     elif mode == "convert":  # through the CLI, as users run it
         if main(["to-lora", src, dst, "--quiet"]) != 0:
             raise SystemExit("conversion failed")
+    elif mode == "gguf":  # base config written by gguf_table beside the adapter
+        if main(["to-gguf", src, f"{dst}/adapter.gguf", "--base", f"{src}-base", "--quiet"]) != 0:
+            raise SystemExit("GGUF export failed")
     elif mode != "idle":
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start
@@ -143,6 +148,45 @@ def main() -> None:
             f"| {v['seconds'] / c['seconds']:.2f} | {c['peak_rss'] / mb:.0f} | {v['peak_rss'] / mb:.0f} "
             f"| {v['peak_rss'] / size:.2f} | {(v['peak_rss'] - idle['peak_rss']) / size:.2f} |"
         )
+    gguf_table(args, idle)
+
+
+# Llama-3-8B's config.json, as far as to-gguf reads it (architecture, heads, layers, tied embeddings)
+LLAMA3_8B_CONFIG = {
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "tie_word_embeddings": False,
+}
+
+
+def gguf_table(args, idle: dict) -> None:
+    """`to-gguf` (f32) of the rank_pattern-null adapter against the same copy, in a table of its own."""
+    mb = 2**20
+    with tempfile.TemporaryDirectory(prefix="adaconvert-bench-gguf-") as tmp:
+        src = Path(tmp) / "adalora"
+        size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=False)
+        base = Path(f"{src}-base")
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps({**LLAMA3_8B_CONFIG, "num_hidden_layers": args.layers}))
+        best = {}
+        for mode in ("copy", "gguf"):
+            runs = [measure(mode, src, Path(tmp) / f"out-{mode}") for _ in range(args.repeat)]
+            best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss")}
+        gguf_size = (Path(tmp) / "out-gguf" / "adapter.gguf").stat().st_size
+    c, g = best["copy"], best["gguf"]
+    print(f"\nto-gguf --outtype f32 of the same adapter (rank_pattern null); best of {args.repeat}")
+    header = (
+        "| adapter MiB | GGUF MiB | copy s | to-gguf s | time ratio | copy RSS MiB | to-gguf RSS MiB | RSS / adapter |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    print(
+        f"| {size / mb:.0f} | {gguf_size / mb:.0f} | {c['seconds']:.2f} | {g['seconds']:.2f} "
+        f"| {g['seconds'] / c['seconds']:.2f} | {c['peak_rss'] / mb:.0f} | {g['peak_rss'] / mb:.0f} "
+        f"| {g['peak_rss'] / size:.2f} |"
+    )
 
 
 if __name__ == "__main__":
