@@ -103,7 +103,7 @@ def to_gguf(
         raise InvalidConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     outputs = (dst, *side_files(dst))
     for path in outputs:
-        check_output(path, overwrite=overwrite, inputs=[src, base])
+        check_output(path, overwrite=overwrite, inputs=[src])
     prepared = prepare_conversion(src, max_rank=max_rank, energy=energy, tol=tol, dtype=_REPORT_DTYPES[outtype])
     adapter = prepared.adapter
     base = base if base is not None else adapter.base_model
@@ -114,7 +114,7 @@ def to_gguf(
     report.dtype = outtype
     with ExitStack() as stack:
         # entered in order, left in reverse: the card, then the report, then the GGUF itself are renamed in place
-        temps = [stack.enter_context(atomic_output_file(p, overwrite=overwrite, inputs=[src, base])) for p in outputs]
+        temps = [stack.enter_context(atomic_output_file(p, overwrite=overwrite, inputs=[src])) for p in outputs]
         gguf_tmp, report_tmp, card_tmp = temps
         write_gguf_lora(adapter, gguf_tmp, base=gbase, outtype=outtype, name=dst.stem, progress=progress)
         report.bytes_after = gguf_tmp.stat().st_size

@@ -56,12 +56,11 @@ def runners(bases, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adaloras(adalora_llama, tiny_qwen2, tiny_llama, tmp_path_factory):
+def adaloras(adalora_llama, tiny_qwen2, tmp_path_factory):
     """Real PEFT-trained AdaLoRAs, budgeted to the end (pruned ranks, rank-0 modules), per architecture."""
     cfg = adalora_config("qwen2", total_step=30)
-    # transformers 5 maps the tiny qwen2 to Qwen2Tokenizer, which ignores its tokenizer.json: batch from llama's
     out = tmp_path_factory.mktemp("gguf-adalora-qwen2")
-    qwen2 = train_peft(tiny_qwen2, out, cfg, steps=30, seed=0, adalora=True, tokens_from=tiny_llama)
+    qwen2 = train_peft(tiny_qwen2, out, cfg, steps=30, seed=0, adalora=True)
     return {"llama": adalora_llama, "qwen2": qwen2}
 
 
