@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -278,6 +279,14 @@ def _upload(local, card, repo_id, *, private, revision, token, progress, message
             info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     except _network_errors() as exc:
         raise HubError(f"push to {repo_id}: {_describe(exc, step, token)}", repo_id=repo_id) from None
+    except RuntimeError as exc:
+        # huggingface_hub wraps a failed LFS upload: RuntimeError("Error while uploading 'NAME' to the Hub.") from
+        # the HTTP or transport error, once its retries are spent
+        if not isinstance(exc.__cause__, _network_errors()):
+            raise
+        name = re.search(r"uploading '(.+)' to the Hub", str(exc))
+        step = f"uploading {name.group(1)}" if name else step
+        raise HubError(f"push to {repo_id}: {_describe(exc.__cause__, step, token)}", repo_id=repo_id) from None
     return str(info.commit_url), repo_id
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,12 +23,27 @@ TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 REPO = "team/adalora-lora"
 
 
+def lfs_path(monkeypatch) -> None:
+    """Take the LFS path, as a user does with ``HF_HUB_DISABLE_XET=1`` (read by huggingface_hub at import: set
+    in its constants too). The fake Hub has no Xet storage; without this the pinned client uploads through Xet
+    whenever ``hf_xet`` is installed (see test_pinned_client_goes_to_xet_when_hf_xet_is_installed)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
+    import importlib
+
+    hf_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: `utils.tqdm` is also a class
     with FakeHub(TOKEN) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # read at import
+        lfs_path(monkeypatch)
         yield server
 
 
@@ -84,7 +102,10 @@ def test_push_uploads_exact_files_and_card(hub, adapter, capsys, caplog):
         and len(repo.commits) == 1
         and repo.commits[0]["summary"] == "Upload adapter converted by adaconvert"
     )
-    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    # the API gets the token; the storage URLs (S3 on the Hub) are signed and must never see it
+    assert {r.authorization for r in hub.requests if not r.path.startswith("/lfs-storage/")} == {f"Bearer {TOKEN}"}
+    assert {r.authorization for r in hub.requests if r.path.startswith("/lfs-storage/")} == {None}
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}  # the real Hub's path for weights
     assert tree(adapter) == before  # the local README.md is left as it was
     assert f"pushed {len(before)} files to {REPO}@main (private)" in out
     assert hub.url in out
@@ -296,3 +317,117 @@ def test_card_shows_heatmap_and_validation_when_present(adapter):
     assert "| weights | lora | max rel. ΔW error | 3e-08 | ≤ 1e-05 | ok |" in card.text
     assert "| logits | lora | top-1 agreement | 1 | ≥ 0.99 | ok |" in card.text and "**PASSED**" in card.text
     assert {"rank_heatmap.png", "validation_report.json"} <= {name for name, _ in result.files}
+
+
+# --- the Hub's upload path for weights: LFS batch API, basic and multipart transfers, faults mid-upload ----------
+
+
+def lfs_requests(hub: FakeHub, kind: str) -> list:
+    """The recorded requests of one LFS step: ``batch``, ``put`` (a whole object), ``part``, ``complete``."""
+    match = {
+        "batch": lambda r: r.path.endswith(".git/info/lfs/objects/batch"),
+        "put": lambda r: re.fullmatch(r"/lfs-storage/[0-9a-f]{64}", r.path),
+        "part": lambda r: re.fullmatch(r"/lfs-storage/[0-9a-f]{64}/\w+/\d+", r.path),
+        "complete": lambda r: r.path.startswith("/api/complete_multipart/"),
+    }[kind]
+    return [r for r in hub.requests if match(r)]
+
+
+def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload(hub, adapter):
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    hub.fail("^/lfs-storage/", "reset", "500")  # the first PUT is cut off half-way, the second gets a 500
+    push(adapter, REPO, progress=False)
+    assert hub.files(REPO)["adapter_model.safetensors"] == weights  # byte for byte, as the storage holds it
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}
+    (batch,) = lfs_requests(hub, "batch")
+    (announced,) = json.loads(batch.body)["objects"]
+    assert announced == {"oid": hashlib.sha256(weights).hexdigest(), "size": len(weights)}
+    puts = lfs_requests(hub, "put")
+    assert len(puts) == 3 and puts[-1].body == weights  # retried by huggingface_hub's http_backoff, from byte 0
+    assert len(hub.repos[REPO].commits) == 1
+
+
+def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, tiny_llama, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from adaconvert.merging import merge
+
+    model = tmp_path / "merged"
+    report = merge(tiny_llama, adalora_llama, model, max_shard_size="100KB")
+    assert report.shards >= 2
+    before = tree(model)
+    shards = sorted(name for name in before if name.endswith(".safetensors"))
+    part_size = 32 * 2**10
+    assert all(len(before[name]) > part_size for name in shards)
+    with FakeHub(TOKEN, part_size=part_size) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        lfs_path(monkeypatch)
+        # a part cut off half-way, then a 500 on the next part; a 500 on one completion request
+        server.fail(r"^/lfs-storage/[0-9a-f]{64}/\w+/2$", "reset", "500")
+        server.fail("^/api/complete_multipart/", "500")
+        result = push(model, "team/merged", token=TOKEN, progress=False)
+        assert result.kind == "merged" and not result.problems
+        received = server.files("team/merged")
+        assert set(received) == {*before, "README.md"}  # and the card
+        for name, data in before.items():
+            if name != "README.md":
+                assert received[name] == data, name  # every shard and the index, byte for byte
+        assert set(shards) <= server.lfs_files("team/merged")
+        parts = lfs_requests(server, "part")
+        expected_parts = sum(-(-len(before[name]) // part_size) for name in shards)
+        assert len(parts) == expected_parts + 2  # the two failed tries were sent again
+        assert all(len(r.body) <= part_size for r in parts)
+        assert len(lfs_requests(server, "complete")) == len(shards) + 1
+        assert lfs_requests(server, "put") == []  # multipart only: every shard is above the part size
+        assert {r.authorization for r in parts} == {None}  # signed storage URLs: the token stays with the API
+    assert tree(model) == before
+
+
+def test_upload_failing_for_good_is_one_line_and_commits_nothing(hub, adapter, capsys, caplog):
+    before = tree(adapter)
+    hub.fail("^/lfs-storage/", *["503"] * 6)  # one try and huggingface_hub's 5 retries (Retry-After: 0)
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(
+        f"error: push to {REPO}: uploading adapter_model.safetensors failed: the Hub answered HTTP 503"
+    ), err
+    assert len(lfs_requests(hub, "put")) == 6
+    assert hub.repos[REPO].commits == [] and hub.lfs_objects == {}
+    assert tree(adapter) == before
+
+
+def test_commit_naming_an_object_that_was_never_stored_is_refused(hub, adapter, capsys, caplog):
+    """The fake Hub checks what it is told: an lfsFile whose bytes never arrived gets the Hub's 422."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(REPO)
+    operation = CommitOperationAdd("adapter_model.safetensors", str(adapter / "adapter_model.safetensors"))
+    operation._upload_mode, operation._is_uploaded = "lfs", True  # as if uploaded: the commit alone is sent
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="422"):
+        api.create_commit(REPO, [operation], commit_message="no bytes")
+    assert hub.repos[REPO].commits == []
+
+
+def test_pinned_client_goes_to_xet_when_hf_xet_is_installed(hub, adapter, capsys, caplog, monkeypatch):
+    """huggingface_hub 2.4 uploads weights through Xet whenever ``hf_xet`` is importable (a dependency of it on
+    x86_64 and arm64) and HF_HUB_DISABLE_XET is unset: it asks for a Xet write token instead of the LFS batch API.
+    The fake Hub has no Xet storage and refuses the token; push must end in one line."""
+    import huggingface_hub.constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    if os.environ.get("CI"):
+        import hf_xet  # noqa: F401 - installed with huggingface_hub on every CI platform
+    else:
+        pytest.importorskip("hf_xet")
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)
+    assert is_xet_available()
+    code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "uploading the files failed" in err and "xet-write-token" in err
+    assert [r.path for r in hub.requests if "/xet-" in r.path] == [f"/api/models/{REPO}/xet-write-token/main"]
+    assert lfs_requests(hub, "batch") == [] and hub.repos[REPO].commits == []
