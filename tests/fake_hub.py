@@ -19,9 +19,9 @@ from its ``_commit_api.py``, ``lfs.py`` and ``utils/_http.py``):
 - ``POST /{ns}/{name}.git/info/lfs/objects/verify``   → 200 when the object is stored with that size, else 404
 - ``POST /api/models/{ns}/{name}/commit/{rev}``       → NDJSON commit, applied atomically; an ``lfsFile`` whose
   object was never uploaded (or whose size differs) is refused with 422 as the Hub does
-- ``GET /api/models/{ns}/{name}/xet-write-token/{rev}`` → refused (501, which hf_xet does not retry): this fake has no Xet storage (CAS). The
-  pinned client goes there instead of the LFS batch API whenever ``hf_xet`` is installed (``is_xet_available()``)
-  and ``HF_HUB_DISABLE_XET`` is not set.
+- ``GET /api/models/{ns}/{name}/xet-write-token/{rev}`` → 501 (which hf_xet does not retry): this fake has no
+  Xet storage (CAS). The pinned client goes there instead of the LFS batch API whenever ``hf_xet`` is installed
+  (``is_xet_available()``) and ``HF_HUB_DISABLE_XET`` is not set.
 
 Stored bytes are checked on arrival: a single PUT or a joined multipart object must have the sha256 and the size
 that the batch request announced (400 otherwise), so a test reading :meth:`FakeHub.files` compares exactly what

@@ -348,7 +348,6 @@ def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload
 
 
 def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, tiny_llama, tmp_path, monkeypatch):
-    import huggingface_hub.constants
 
     from adaconvert.merging import merge
 
