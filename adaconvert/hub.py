@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from adaconvert.card import conversion_card, merged_card
+from adaconvert.card import conversion_card, merged_card, snippet_id
 from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
 
@@ -164,7 +164,21 @@ def _check(root: Path, kind: str) -> list[str]:
     problems = (
         [] if (root / REPORT_NAME).is_file() else [f"no {REPORT_NAME}: convert it with adaconvert to-lora first"]
     )
-    return problems + vllm_problems(root)
+    return problems + _base_problems(root) + vllm_problems(root)
+
+
+def _base_problems(root: Path) -> list[str]:
+    """``base_model_name_or_path`` must be a Hub id or a plain local path: it goes into the card's snippets."""
+    try:
+        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return []  # the vLLM check reports an unreadable config
+    if base is None or snippet_id(base) is not None:
+        return []
+    return [
+        f"base_model_name_or_path {str(base)[:80]!r} in adapter_config.json is neither a Hub id nor a plain path "
+        "(it would break the model card's code); set it to the base model's id"
+    ]
 
 
 def vllm_problems(root: Path) -> list[str]:
@@ -244,11 +258,26 @@ def _merged_card(root: Path, repo_id: str) -> str | None:
 
 
 def _local_files(root: Path, *, skip: set[str]) -> dict[str, Path]:
-    """{path in repo: local path} for every regular file under ``root``; hidden files and dirs are left out."""
+    """{path in repo: local path} for every regular file under ``root``; hidden files and dirs are left out.
+
+    Raises:
+        InvalidConfigError: a symlink (to a file or a directory) leads out of ``root``: it would upload
+            whatever it points to, ``/etc/passwd`` or a private key alike.
+    """
+    inside = root.resolve()
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in skip:
+        if any(part.startswith(".") for part in rel.parts) or rel.as_posix() in skip:
+            continue
+        target = path.resolve()
+        if not target.is_relative_to(inside):  # a link (to a file or a directory), or a file below a linked dir
+            raise InvalidConfigError(
+                f"refusing to push: {rel.as_posix()} is a symlink to {target}, outside the directory; "
+                "copy the file in if it belongs to the upload",
+                path=root,
+            )
+        if path.is_file():
             out[rel.as_posix()] = path
     return out
 

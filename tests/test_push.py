@@ -430,3 +430,66 @@ def test_pinned_client_goes_to_xet_when_hf_xet_is_installed(hub, adapter, capsys
     assert "uploading the files failed" in err and "xet-write-token" in err
     assert [r.path for r in hub.requests if "/xet-" in r.path] == [f"/api/models/{REPO}/xet-write-token/main"]
     assert lfs_requests(hub, "batch") == [] and hub.repos[REPO].commits == []
+
+
+def _link_to_outside_file(adapter: Path) -> str:
+    secret = adapter.parent / "secret.txt"
+    secret.write_text("not for the Hub\n")
+    (adapter / "notes.txt").symlink_to(secret)
+    return "notes.txt"
+
+
+def _link_to_outside_dir(adapter: Path) -> str:
+    outside = adapter.parent / "private"
+    outside.mkdir()
+    (outside / "id_ed25519").write_text("key\n")
+    (adapter / "extra").symlink_to(outside, target_is_directory=True)
+    return "extra"
+
+
+def _link_to_etc_passwd(adapter: Path) -> str:
+    (adapter / "passwd").symlink_to("/etc/passwd")
+    return "passwd"
+
+
+@pytest.mark.parametrize("link", [_link_to_etc_passwd, _link_to_outside_file, _link_to_outside_dir])
+@pytest.mark.parametrize("flags", [[], ["--force"], ["--dry-run"]])
+def test_symlink_out_of_the_directory_is_refused_and_nothing_sent(hub, adapter, capsys, caplog, link, flags):
+    name = link(adapter)
+    code, out, err = run_cli(["push", str(adapter), REPO, *flags], capsys, caplog)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"refusing to push: {name} is a symlink to " in err and "outside the directory" in err
+    assert hub.requests == []
+
+
+def test_symlink_inside_the_directory_is_uploaded_as_its_content(hub, adapter):
+    (adapter / "weights-link.safetensors").symlink_to("adapter_model.safetensors")
+    push(adapter, REPO, progress=False)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    assert hub.files(REPO)["weights-link.safetensors"] == weights
+
+
+@pytest.mark.parametrize("base", ["org/base\nrm -rf ~", 'org/base") ; import os #', "my model`s base", "a b"])
+def test_base_model_that_would_break_the_card_is_refused(hub, adapter, capsys, caplog, base):
+    from huggingface_hub import ModelCard
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+    code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "base_model_name_or_path" in err and "neither a Hub id nor a plain path" in err
+    assert hub.requests == []
+    # forced, the card shows a placeholder: its code blocks stay intact and nothing of the value leaks in
+    card = push(adapter, REPO, dry_run=True, force=True).card
+    assert base not in card
+    assert 'AutoModelForCausalLM.from_pretrained("BASE_MODEL")' in card and "vllm serve BASE_MODEL --enable" in card
+    assert card.count("```") % 2 == 0 and ModelCard(card).data.base_model is None
+
+
+def test_local_base_path_stays_in_the_snippets(adapter, tmp_path):
+    base = tmp_path / "models" / "base-7b"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    result = push(adapter, REPO, dry_run=True)
+    assert not any("base_model_name_or_path" in p for p in result.problems)
+    assert f'from_pretrained("{base}")' in result.card
