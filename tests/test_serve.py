@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -180,10 +181,12 @@ def server(tiny_llama, adapters, tmp_path_factory):
     port = _free_port()
     argv = [sys.executable, "-m", "adaconvert.cli", "serve", str(tiny_llama)]
     argv += [f"{name}={path}" for name, path in _served(adapters).items()]
-    argv += ["--port", str(port), "--cache-dir", str(work / "cache"), "--log-file", str(work / "vllm.log")]
+    argv += ["--host", "0.0.0.0", "--port", str(port)]
+    argv += ["--cache-dir", str(work / "cache"), "--log-file", str(work / "vllm.log")]
     argv += ["--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "8"]
     out = open(work / "cli.log", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # the key as a user keeps it out of `ps`; runtime adapter loading asked for, which vLLM must not get
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": KEY, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     cli = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     spawned: list = []
@@ -215,8 +218,20 @@ def server(tiny_llama, adapters, tmp_path_factory):
 
 
 def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+def _status(url: str, payload: dict, key: str | None) -> int:
+    """The HTTP status of POSTing ``payload`` to ``url`` with ``key`` as bearer token (None: no header)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 @pytest.mark.vllm
@@ -237,7 +252,7 @@ def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
     from tests.vllm_utils import prompt_token_ids
 
     url = server[0]
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=120, max_retries=0)
     prompts = prompt_token_ids(tiny_llama)
     cases = {name: original for name, (_, original) in adapters.items()} | {str(tiny_llama.resolve()): None}
     outputs = {}
@@ -254,6 +269,29 @@ def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
         assert served == expected, model
         outputs[model] = served
     assert len({json.dumps(v) for v in outputs.values()}) == len(outputs), "every adapter must change the output"
+
+
+@pytest.mark.vllm
+def test_api_key_is_required_and_runtime_loading_is_off(server, tiny_llama, adapters):
+    psutil = pytest.importorskip("psutil")
+    url, cli, work, spawned = server
+    completion = {"model": "ada", "prompt": "hello", "max_tokens": 2, "temperature": 0.0}
+    assert _status(f"{url}/v1/completions", completion, None) == 401
+    assert _status(f"{url}/v1/completions", completion, "sk-wrong") == 401
+    assert _status(f"{url}/v1/completions", completion, KEY) == 200
+    # with runtime loading off vLLM has no such route: a client cannot make it load a path of this machine
+    load = {"lora_name": "evil", "lora_path": str(adapters["plain"][0])}
+    assert _status(f"{url}/v1/load_lora_adapter", load, KEY) == 404
+    assert "evil" not in {m["id"] for m in _get(f"{url}/v1/models")["data"]}
+    for process in [psutil.Process(cli.pid), *spawned]:
+        if process.is_running() and process.status() != "zombie":
+            assert KEY not in " ".join(process.cmdline()), process  # out of `ps`
+    (vllm_server,) = [p for p in spawned if p.ppid() == cli.pid]
+    vllm_env = vllm_server.environ()
+    assert vllm_env.get("VLLM_API_KEY") == KEY and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env
+    log = (work / "cli.log").read_text()
+    assert "not passing VLLM_ALLOW_RUNTIME_LORA_UPDATING on to vLLM" in log
+    assert KEY not in log + (work / "vllm.log").read_text()
 
 
 @pytest.mark.vllm
