@@ -1,7 +1,8 @@
 """A small fake of the Hugging Face Hub's HTTP API, on 127.0.0.1, for testing uploads with the real client.
 
-It implements what ``huggingface_hub`` (2.4) sends for ``create_repo`` + ``create_commit`` on the LFS path (read
-from its ``_commit_api.py``, ``lfs.py`` and ``utils/_http.py``):
+It implements what ``huggingface_hub`` (2.4) and ``hf_xet`` (1.8) send for ``create_repo`` + ``create_commit``, on
+both upload paths for weights (read from ``_commit_api.py``, ``lfs.py`` and ``utils/_http.py``, and the Xet protocol
+specification; the client takes Xet whenever ``hf_xet`` is importable and ``HF_HUB_DISABLE_XET`` is not set):
 
 - ``POST /api/repos/create``                          → 200 ``{"url"}``, 409 when the repo exists
 - ``POST /api/validate-yaml``                         → README.md metadata check (YAML must parse to a mapping)
@@ -9,29 +10,42 @@ from its ``_commit_api.py``, ``lfs.py`` and ``utils/_http.py``):
 - ``POST /api/models/{ns}/{name}/preupload/{rev}``    → upload mode per file, decided as the Hub does: ``lfs``
   for the LFS patterns of the Hub's default ``.gitattributes``, for files of 10 MiB or more and for binary samples
   (a NUL byte in the first 512 bytes); ``regular`` otherwise (contents then travel base64 inside the commit)
+- ``POST /api/models/{ns}/{name}/commit/{rev}``       → NDJSON commit, applied atomically; an ``lfsFile`` whose
+  object was never stored (or whose size differs) is refused with 422 as the Hub does
+
+LFS path (``HF_HUB_DISABLE_XET=1``):
+
 - ``POST /{ns}/{name}.git/info/lfs/objects/batch``    → git-lfs batch API: per object a ``basic`` transfer (one PUT
   to a signed URL on this server, then ``verify``), or above ``part_size`` the Hub's ``multipart`` transfer
   (``chunk_size`` and one signed URL per part in the upload header, ``href`` = the completion URL); an object
   already stored gets no actions (the client skips it)
 - ``PUT /lfs-storage/{oid}?sig`` and ``PUT /lfs-storage/{oid}/{upload_id}/{part}?sig`` → the storage side (S3 on
   the Hub): no Authorization header, the URL's signature is the credential; a part answers with its ``ETag``
-- ``POST /api/complete_multipart?...``                → joins the parts named by ``{oid, parts: [{partNumber, etag}]}``
+- ``POST /api/complete_multipart/{upload_id}?sig``    → joins the parts named by ``{oid, parts: [{partNumber, etag}]}``
 - ``POST /{ns}/{name}.git/info/lfs/objects/verify``   → 200 when the object is stored with that size, else 404
-- ``POST /api/models/{ns}/{name}/commit/{rev}``       → NDJSON commit, applied atomically; an ``lfsFile`` whose
-  object was never uploaded (or whose size differs) is refused with 422 as the Hub does
-- ``GET /api/models/{ns}/{name}/xet-write-token/{rev}`` → 501 (which hf_xet does not retry): this fake has no
-  Xet storage (CAS). The pinned client goes there instead of the LFS batch API whenever ``hf_xet`` is installed
-  (``is_xet_available()``) and ``HF_HUB_DISABLE_XET`` is not set.
 
-Stored bytes are checked on arrival: a single PUT or a joined multipart object must have the sha256 and the size
-that the batch request announced (400 otherwise), so a test reading :meth:`FakeHub.files` compares exactly what
+Xet path (the default of the pinned versions):
+
+- ``GET /api/models/{ns}/{name}/xet-write-token/{rev}`` → ``{accessToken, exp, casUrl}``, the CAS being ``/cas`` on
+  this server; the CAS routes accept only that token, never the Hub token
+- ``GET /cas/v1/chunks/{prefix}/{hash}``               → 404 (no global deduplication)
+- ``POST /cas/v1/xorbs/default/{hash}``                → a xorb: its chunks are decompressed (none, LZ4,
+  byte-grouping-4 + LZ4) and kept
+- ``POST /cas/v1/shards``                              → the files: each one is rebuilt from the chunk ranges of
+  the stored xorbs and must have the sha256 of its metadata extension (400 otherwise); it is then stored under
+  that sha256, which the commit's ``lfsFile`` names
+- not implemented, answered 404 as by a server without them, after which the client uses the routes above:
+  ``/cas/v1/xorb-grants/...`` (a direct-to-storage grant), ``/cas/v2/shards`` (the streaming variant)
+
+Stored bytes are checked on arrival: a single PUT, a joined multipart object or a file rebuilt from xorbs must have
+the sha256 and size announced for it (400 otherwise), so a test reading :meth:`FakeHub.files` compares exactly what
 reached the server.
 
-Every request is recorded (method, path, query, Authorization header, body). Requests to the API without the
-expected bearer token get 401. ``fail(pattern, *actions)`` makes the next requests whose path matches ``pattern``
-answer with a failure instead: ``"500"`` (the Hub's error body), ``"503"`` (with ``Retry-After: 0``, so the
-client's retries do not sleep long), or ``"reset"`` (half the request body is read, then the TCP connection is
-closed with RST and no response: a reset in the middle of an upload).
+Every request is recorded (method, path, query, Authorization header, body). Requests without the expected bearer
+token get 401. ``fail(pattern, *actions)`` makes the next requests whose path matches ``pattern`` answer with a
+failure instead: ``"500"`` (the Hub's error body), ``"503"`` (with ``Retry-After: 0``, so the client's retries do
+not sleep long), ``"403"`` (not retried by any client), or ``"reset"`` (half the request body is read, then the
+TCP connection is closed with RST and no response: a reset in the middle of an upload).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,6 +127,8 @@ class FakeHub:
         self._announced: dict[str, int] = {}  # oid → size, from the batch requests
         self._multipart: dict[str, _Multipart] = {}
         self._secret = uuid.uuid4().bytes
+        self.xet_token = f"xet_{uuid.uuid4().hex}"  # what the Xet token endpoint hands out for the CAS routes
+        self.xorbs: dict[str, list[bytes]] = {}  # xorb hash (as in its URL) → its chunks, decompressed
         self._failures: list[tuple[re.Pattern, str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -129,7 +146,7 @@ class FakeHub:
 
     def fail(self, pattern: str, *actions: str) -> None:
         """The next ``len(actions)`` requests whose path matches ``pattern`` get these failures, in order."""
-        assert all(a in ("500", "503", "reset") for a in actions), actions
+        assert all(a in ("403", "500", "503", "reset") for a in actions), actions
         with self._lock:
             self._failures += [(re.compile(pattern), a) for a in actions]
 
@@ -195,12 +212,15 @@ def _handler(hub: FakeHub):
                 return self._json(
                     500, {"error": "Internal Error - We're working hard to fix this as soon as possible!"}
                 )
+            if failure == "403":
+                return self._json(403, {"error": "Forbidden"})
             if failure == "503":
                 return self._json(503, {"error": "Service Unavailable"}, {"Retry-After": "0"})
             for pattern, (method, name, authenticated) in _ROUTES:
                 m = re.fullmatch(pattern, path)
                 if m and method == self.command:
-                    if authenticated and self._auth() != f"Bearer {hub.token}":
+                    token = hub.xet_token if authenticated == "xet" else hub.token
+                    if authenticated and self._auth() != f"Bearer {token}":
                         return self._json(401, {"error": "Invalid credentials in Authorization header"})
                     return getattr(self, name)(body, **m.groupdict())
             return self._json(404, {"error": f"fake hub: no route for {self.command} {path}"})
@@ -310,7 +330,45 @@ def _handler(hub: FakeHub):
             return self._json(200, {"files": modes, "commitOid": "0" * 40})
 
         def xet_write_token(self, body, repo, rev):
-            return self._json(501, {"error": "fake hub: no Xet storage here; set HF_HUB_DISABLE_XET=1"})
+            if self._revision(repo, rev) is None:
+                return None
+            cas, expires = f"{hub.url}/cas", int(time.time()) + 3600
+            headers = {
+                "X-Xet-Cas-Url": cas,
+                "X-Xet-Access-Token": hub.xet_token,
+                "X-Xet-Token-Expiration": str(expires),
+            }
+            return self._json(200, {"accessToken": hub.xet_token, "exp": expires, "casUrl": cas}, headers)
+
+        def xet_chunk(self, body, hash):
+            return self._json(404, {"error": "chunk not tracked by global deduplication"})
+
+        def xet_xorb(self, body, hash):
+            try:
+                chunks = xorb_chunks(body)
+            except ValueError as exc:
+                return self._json(400, {"error": f"bad xorb: {exc}"})
+            with hub._lock:
+                inserted = hash not in hub.xorbs
+                hub.xorbs[hash] = chunks
+            return self._json(200, {"was_inserted": inserted})
+
+        def xet_shard(self, body):
+            try:
+                files = shard_files(body)
+                rebuilt = [
+                    (sha256, b"".join(c for x, a, b in terms for c in hub.xorbs[x][a:b])) for sha256, terms in files
+                ]
+            except (ValueError, KeyError) as exc:
+                return self._json(400, {"error": f"bad shard or unknown xorb: {exc}"})
+            for sha256, data in rebuilt:
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    return self._json(
+                        400, {"error": f"file reconstructs to sha256 {hashlib.sha256(data).hexdigest()}, not {sha256}"}
+                    )
+            with hub._lock:
+                hub.lfs_objects.update(rebuilt)
+            return self._json(200, {"result": 1})
 
         def lfs_batch(self, body, repo):
             if self._repo(repo) is None:
@@ -422,16 +480,89 @@ def _handler(hub: FakeHub):
     return Handler
 
 
-_ROUTES = [  # (path regex, (method, handler, needs the bearer token))
+_ROUTES = [  # (path regex, (method, handler, the bearer token it needs: the Hub's (True), Xet's ("xet") or none))
     (r"/api/repos/create", ("POST", "create_repo", True)),
     (r"/api/validate-yaml", ("POST", "validate_yaml", True)),
     (_REPO + r"/branch/(?P<branch>.+)", ("POST", "create_branch", True)),
     (_REPO + r"/preupload/(?P<rev>.+)", ("POST", "preupload", True)),
     (_REPO + r"/commit/(?P<rev>.+)", ("POST", "commit", True)),
     (_REPO + r"/xet-write-token/(?P<rev>.+)", ("GET", "xet_write_token", True)),
+    (r"/cas/v1/chunks/[\w-]+/(?P<hash>[0-9a-f]{64})", ("GET", "xet_chunk", "xet")),
+    (r"/cas/v1/xorbs/default/(?P<hash>[0-9a-f]{64})", ("POST", "xet_xorb", "xet")),
+    (r"/cas/v1/shards", ("POST", "xet_shard", "xet")),
     (_GIT + r"/batch", ("POST", "lfs_batch", True)),
     (_GIT + r"/verify", ("POST", "lfs_verify", True)),
     (r"/lfs-storage/(?P<oid>[0-9a-f]{64})", ("PUT", "lfs_put", False)),
     (r"/lfs-storage/(?P<oid>[0-9a-f]{64})/(?P<upload_id>\w+)/(?P<part>\d+)", ("PUT", "lfs_put_part", False)),
     (r"/api/complete_multipart/(?P<upload_id>\w+)", ("POST", "complete_multipart", False)),
 ]
+
+
+def xet_hash_string(raw: bytes) -> str:
+    """A 32-byte Xet hash as its URL string: each 8-byte quarter read as a little-endian u64, in hex."""
+    return "".join(f"{v:016x}" for v in struct.unpack("<4Q", raw))
+
+
+def xorb_chunks(xorb: bytes) -> list[bytes]:
+    """The chunks of a serialized xorb, decompressed. Each chunk: version u8 (0), compressed size u24,
+    compression u8 (0 none, 1 LZ4, 2 byte-grouping-4 + LZ4), uncompressed size u24, data. The client uploads the
+    chunks alone; a stored xorb may end with a footer and its u32 length, which are skipped."""
+    import lz4.frame
+
+    pos, chunks = 0, []
+    while pos < len(xorb):
+        version, c0, c1, c2, scheme, u0, u1, u2 = struct.unpack("<8B", xorb[pos : pos + 8].ljust(8, b"\xff"))
+        if (version != 0 or scheme > 2) and struct.unpack("<I", xorb[-4:])[0] == len(xorb) - pos - 4:
+            break  # the footer
+        size, raw_size = c0 | c1 << 8 | c2 << 16, u0 | u1 << 8 | u2 << 16
+        data = xorb[pos + 8 : pos + 8 + size]
+        if version != 0 or scheme > 2 or len(data) != size:
+            raise ValueError(f"chunk {len(chunks)} at byte {pos}: version {version}, compression {scheme}")
+        pos += 8 + size
+        if scheme in (1, 2):
+            data = lz4.frame.decompress(data)
+        if scheme == 2:
+            data = _ungroup4(data)
+        if len(data) != raw_size:
+            raise ValueError(f"chunk {len(chunks)}: {len(data)} bytes, its header says {raw_size}")
+        chunks.append(data)
+    return chunks
+
+
+def _ungroup4(data: bytes) -> bytes:
+    """Undo byte grouping: the bytes of position 0, 1, 2, 3 of every 4 were stored group after group (the first
+    ``len % 4`` groups one byte longer)."""
+    n, extra = divmod(len(data), 4)
+    sizes = [n + (1 if g < extra else 0) for g in range(4)]
+    starts = [sum(sizes[:g]) for g in range(4)]
+    out = bytearray(len(data))
+    for g in range(4):
+        out[g::4] = data[starts[g] : starts[g] + sizes[g]]
+    return bytes(out)
+
+
+def shard_files(shard: bytes) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """The files a shard upload registers: (sha256 hex from its metadata extension, [(xorb hash, first chunk,
+    end chunk)]). Layout: 48-byte header, then per file a 48-byte header (hash, flags u32, entries u32), its
+    48-byte entries (xorb hash, flags u32, bytes u32, chunk start u32, chunk end u32), verification entries and
+    the metadata extension (sha256) when flagged; a bookend of 32 0xFF bytes ends the section."""
+    version, _ = struct.unpack("<QQ", shard[32:48])
+    if version != 2:
+        raise ValueError(f"shard header version {version}")
+    pos, files = 48, []
+    while True:
+        file_hash, flags, count = struct.unpack("<32sII", shard[pos : pos + 40])
+        pos += 48
+        if file_hash == b"\xff" * 32:
+            return files
+        terms = []
+        for _ in range(count):
+            xorb, _, _, first, end = struct.unpack("<32sIIII", shard[pos : pos + 48])
+            terms.append((xet_hash_string(xorb), first, end))
+            pos += 48
+        if flags & 1 << 31:
+            pos += 48 * count  # verification entries: the sha256 check below covers the bytes
+        if not flags & 1 << 30:
+            raise ValueError("a file without its sha256 (metadata extension): required for git-based repos")
+        files.append((xet_hash_string(shard[pos : pos + 32]), terms))  # stored as a Xet hash, quarters reversed
+        pos += 48

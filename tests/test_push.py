@@ -411,10 +411,11 @@ def test_commit_naming_an_object_that_was_never_stored_is_refused(hub, adapter, 
     assert hub.repos[REPO].commits == []
 
 
-def test_pinned_client_goes_to_xet_when_hf_xet_is_installed(hub, adapter, capsys, caplog, monkeypatch):
-    """huggingface_hub 2.4 uploads weights through Xet whenever ``hf_xet`` is importable (a dependency of it on
-    x86_64 and arm64) and HF_HUB_DISABLE_XET is unset: it asks for a Xet write token instead of the LFS batch API.
-    The fake Hub has no Xet storage and refuses the token; push must end in one line."""
+@pytest.fixture
+def xet_hub(hub, monkeypatch) -> FakeHub:
+    """The fake Hub, with the client on the path a user of the pinned versions gets: huggingface_hub 2.4 uploads
+    weights through Xet whenever ``hf_xet`` is importable (a dependency of it on x86_64 and arm64) and
+    HF_HUB_DISABLE_XET is unset (``is_xet_available()``; no negotiation with the server)."""
     import huggingface_hub.constants
     from huggingface_hub.utils._runtime import is_xet_available
 
@@ -425,11 +426,63 @@ def test_pinned_client_goes_to_xet_when_hf_xet_is_installed(hub, adapter, capsys
     monkeypatch.delenv("HF_HUB_DISABLE_XET")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)
     assert is_xet_available()
+    return hub
+
+
+def cas_requests(hub: FakeHub, route: str) -> list:
+    return [r for r in hub.requests if r.path.startswith(f"/cas/v1/{route}")]
+
+
+def test_adapter_weights_go_through_xet_and_survive_resets_and_500s(xet_hub, adapter, capsys, caplog):
+    hub = xet_hub
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    hub.fail("^/cas/v1/xorbs/", "reset", "500")  # the xorb cut off half-way, then a 500
+    hub.fail("^/cas/v1/shards$", "500")
     code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
-    assert code == 7 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "uploading the files failed" in err and "xet-write-token" in err
+    assert code == 0, err
+    assert hub.files(REPO)["adapter_model.safetensors"] == weights  # rebuilt from the chunks the CAS received
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}
     assert [r.path for r in hub.requests if "/xet-" in r.path] == [f"/api/models/{REPO}/xet-write-token/main"]
-    assert lfs_requests(hub, "batch") == [] and hub.repos[REPO].commits == []
+    assert lfs_requests(hub, "batch") == [] and lfs_requests(hub, "put") == []  # Xet, not LFS
+    assert len(cas_requests(hub, "xorbs/")) == 3 and len(cas_requests(hub, "shards")) == 2  # retried by hf_xet
+    cas = [r for r in hub.requests if r.path.startswith("/cas/")]
+    assert {r.authorization for r in cas} == {f"Bearer {hub.xet_token}"}  # the Hub token never reaches the CAS
+    assert len(hub.repos[REPO].commits) == 1
+
+
+def test_sharded_merged_model_goes_through_xet(adalora_llama, tiny_llama, xet_hub, tmp_path):
+    from adaconvert.merging import merge
+
+    hub = xet_hub
+    model = tmp_path / "merged"
+    report = merge(tiny_llama, adalora_llama, model, max_shard_size="100KB")
+    assert report.shards >= 2
+    before = tree(model)
+    shards = sorted(name for name in before if name.endswith(".safetensors"))
+    hub.fail("^/cas/v1/shards$", "reset")
+    push(model, "team/merged", progress=False)
+    received = hub.files("team/merged")
+    assert set(received) == {*before, "README.md"}
+    for name, data in before.items():
+        assert received[name] == data, name
+    assert hub.lfs_files("team/merged") == set(shards)
+    chunks = sum(len(chunks) for chunks in hub.xorbs.values())
+    assert chunks >= len(shards) and sum(len(c) for x in hub.xorbs.values() for c in x) >= sum(
+        len(before[name]) for name in shards
+    )  # every byte of every shard reached the CAS (deduplicated chunks would only lower the count of chunks)
+    assert tree(model) == before
+
+
+def test_xet_upload_refused_is_one_line_and_commits_nothing(xet_hub, adapter, capsys, caplog):
+    hub = xet_hub
+    before = tree(adapter)
+    hub.fail("^/cas/v1/xorbs/", "403")  # not retried: a token without write scope
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: push to {REPO}: uploading the files failed: ") and "403" in err, err
+    assert hub.xet_token not in err + caplog.text
+    assert hub.repos[REPO].commits == [] and hub.lfs_objects == {}
+    assert tree(adapter) == before
 
 
 def _link_to_outside_file(adapter: Path) -> str:
