@@ -246,7 +246,11 @@ def _merged_card(root: Path, repo_id: str) -> str | None:
     except (OSError, ValueError) as exc:
         raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
     adapters = [a for a in report.get("adapters") or [] if isinstance(a, dict)]
-    used = ", ".join(f"{a.get('source')} (weight {a.get('weight', 1.0)})" for a in adapters) or None
+    # shown in inline code: a source that would break it is left unnamed
+    used = (
+        ", ".join(f"{snippet_id(a.get('source')) or 'an adapter'} (weight {a.get('weight', 1.0)})" for a in adapters)
+        or None
+    )
     figures = {k: report[k] for k in ("dtype", "shards", "tensors", "tensors_touched", "bytes_written") if k in report}
     return merged_card(
         base_model=report.get("base"),

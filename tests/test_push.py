@@ -539,6 +539,17 @@ def test_base_model_that_would_break_the_card_is_refused(hub, adapter, capsys, c
     assert card.count("```") % 2 == 0 and ModelCard(card).data.base_model is None
 
 
+def test_merged_card_keeps_bad_names_out_of_its_code(hub, tmp_path):
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    adapters = [{"source": "runs/x`\n```\nrm -rf ~", "weight": 1.0, "kind": "lora"}]
+    (model / "merge_report.json").write_text(json.dumps({"base": "org/base\n```", "adapters": adapters}))
+    card = push(model, "team/merged", dry_run=True).card
+    assert "rm -rf" not in card and "org/base" not in card and card.count("```") % 2 == 0
+    assert "`the base model` with `an adapter (weight 1.0)` merged" in card
+
+
 def test_local_base_path_stays_in_the_snippets(adapter, tmp_path):
     base = tmp_path / "models" / "base-7b"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
