@@ -27,8 +27,8 @@ _PIPELINE_TAGS = {
 }
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # what may go verbatim into a card's code snippets: a Hub id or a plain path; no space, quote, backtick, newline
-# or other character that would end the string, the command line or the code block
-_SNIPPET_RE = re.compile(r"[\w./~+@:-]+")
+# or other character that would end the string, the command line or the code block, and no leading "-" (an option)
+_SNIPPET_RE = re.compile(r"[\w./~+@:][\w./~+@:-]*")
 
 
 _KIND_ORDER = [

@@ -2,7 +2,8 @@
 
 Plan, gate, upload: list the files, regenerate the model card with the repo id, refuse what vLLM would not load
 (or what adaconvert did not write) unless forced, then ``create_repo`` + one ``create_commit``. Network errors are
-retried by huggingface_hub (its ``http_backoff`` on preupload/LFS calls) and end in one :class:`HubError` line.
+retried by huggingface_hub (its ``http_backoff`` on preupload/LFS calls) or by ``hf_xet`` (Xet uploads, the
+default when it is installed) and end in one :class:`HubError` line.
 The token never appears in results, messages or logs.
 """
 

@@ -23,18 +23,22 @@ TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 REPO = "team/adalora-lora"
 
 
-def lfs_path(monkeypatch) -> None:
-    """Take the LFS path, as a user does with ``HF_HUB_DISABLE_XET=1`` (read by huggingface_hub at import: set
-    in its constants too). The fake Hub has no Xet storage; without this the pinned client uploads through Xet
-    whenever ``hf_xet`` is installed (see test_pinned_client_goes_to_xet_when_hf_xet_is_installed)."""
+def upload_path(monkeypatch, *, xet: bool) -> None:
+    """Choose the client's upload path for weights as a user does: ``HF_HUB_DISABLE_XET=1`` for git-LFS, unset for
+    the default (Xet whenever ``hf_xet`` is installed). huggingface_hub reads it at import: set in its constants
+    too."""
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    if xet:
+        monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", not xet)
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
+    """The fake Hub, with the client on its default path for the packages installed here (what users get)."""
     import importlib
 
     hf_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: `utils.tqdm` is also a class
@@ -43,8 +47,15 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # read at import
-        lfs_path(monkeypatch)
+        upload_path(monkeypatch, xet=True)
         yield server
+
+
+@pytest.fixture
+def lfs_hub(hub, monkeypatch) -> FakeHub:
+    """The fake Hub, with the client on the git-LFS path (``HF_HUB_DISABLE_XET=1``)."""
+    upload_path(monkeypatch, xet=False)
+    return hub
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +113,11 @@ def test_push_uploads_exact_files_and_card(hub, adapter, capsys, caplog):
         and len(repo.commits) == 1
         and repo.commits[0]["summary"] == "Upload adapter converted by adaconvert"
     )
-    # the API gets the token; the storage URLs (S3 on the Hub) are signed and must never see it
-    assert {r.authorization for r in hub.requests if not r.path.startswith("/lfs-storage/")} == {f"Bearer {TOKEN}"}
-    assert {r.authorization for r in hub.requests if r.path.startswith("/lfs-storage/")} == {None}
-    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}  # the real Hub's path for weights
+    # the Hub's API gets the token; storage (signed LFS URLs, or Xet's CAS with its own token) never sees it
+    to_hub = [r.path.startswith("/api/") or ".git/info/lfs/" in r.path for r in hub.requests]
+    assert {r.authorization for r, api in zip(hub.requests, to_hub, strict=True) if api} == {f"Bearer {TOKEN}"}
+    assert f"Bearer {TOKEN}" not in {r.authorization for r, api in zip(hub.requests, to_hub, strict=True) if not api}
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}  # stored outside git, as the Hub does for weights
     assert tree(adapter) == before  # the local README.md is left as it was
     assert f"pushed {len(before)} files to {REPO}@main (private)" in out
     assert hub.url in out
@@ -333,7 +345,8 @@ def lfs_requests(hub: FakeHub, kind: str) -> list:
     return [r for r in hub.requests if match(r)]
 
 
-def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload(hub, adapter):
+def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload(lfs_hub, adapter):
+    hub = lfs_hub
     weights = (adapter / "adapter_model.safetensors").read_bytes()
     hub.fail("^/lfs-storage/", "reset", "500")  # the first PUT is cut off half-way, the second gets a 500
     push(adapter, REPO, progress=False)
@@ -360,7 +373,7 @@ def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, 
     assert all(len(before[name]) > part_size for name in shards)
     with FakeHub(TOKEN, part_size=part_size) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
-        lfs_path(monkeypatch)
+        upload_path(monkeypatch, xet=False)
         # a part cut off half-way, then a 500 on the next part; a 500 on one completion request
         server.fail(r"^/lfs-storage/[0-9a-f]{64}/\w+/2$", "reset", "500")
         server.fail("^/api/complete_multipart/", "500")
@@ -382,7 +395,8 @@ def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, 
     assert tree(model) == before
 
 
-def test_upload_failing_for_good_is_one_line_and_commits_nothing(hub, adapter, capsys, caplog):
+def test_lfs_upload_failing_for_good_is_one_line_and_commits_nothing(lfs_hub, adapter, capsys, caplog):
+    hub = lfs_hub
     before = tree(adapter)
     hub.fail("^/lfs-storage/", *["503"] * 6)  # one try and huggingface_hub's 5 retries (Retry-After: 0)
     code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
@@ -416,15 +430,12 @@ def xet_hub(hub, monkeypatch) -> FakeHub:
     """The fake Hub, with the client on the path a user of the pinned versions gets: huggingface_hub 2.4 uploads
     weights through Xet whenever ``hf_xet`` is importable (a dependency of it on x86_64 and arm64) and
     HF_HUB_DISABLE_XET is unset (``is_xet_available()``; no negotiation with the server)."""
-    import huggingface_hub.constants
     from huggingface_hub.utils._runtime import is_xet_available
 
     if os.environ.get("CI"):
         import hf_xet  # noqa: F401 - installed with huggingface_hub on every CI platform
     else:
         pytest.importorskip("hf_xet")
-    monkeypatch.delenv("HF_HUB_DISABLE_XET")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", False)
     assert is_xet_available()
     return hub
 
