@@ -123,7 +123,7 @@ class FakeHub:
         self.part_size = part_size
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
-        self.lfs_objects: dict[str, bytes] = {}  # sha256 hex → bytes, as the storage received them
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 hex → bytes: as LFS received them, or rebuilt from Xet
         self._announced: dict[str, int] = {}  # oid → size, from the batch requests
         self._multipart: dict[str, _Multipart] = {}
         self._secret = uuid.uuid4().bytes
@@ -146,7 +146,9 @@ class FakeHub:
 
     def fail(self, pattern: str, *actions: str) -> None:
         """The next ``len(actions)`` requests whose path matches ``pattern`` get these failures, in order."""
-        assert all(a in ("403", "500", "503", "reset") for a in actions), actions
+        unknown = [a for a in actions if a not in ("403", "500", "503", "reset")]
+        if unknown:
+            raise ValueError(f"unknown failure actions {unknown}")
         with self._lock:
             self._failures += [(re.compile(pattern), a) for a in actions]
 
@@ -159,12 +161,12 @@ class FakeHub:
         return None
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
-        """Every file of ``branch`` as the server holds it (LFS files read back from the LFS storage)."""
+        """Every file of ``branch`` as the server holds it (weights read back from their storage)."""
         stored = self.repos[repo_id].branches[branch]
         return {k: self.lfs_objects[v.oid] if isinstance(v, LfsPointer) else v for k, v in stored.items()}
 
     def lfs_files(self, repo_id: str, branch: str = "main") -> set[str]:
-        """The files of ``branch`` that were committed as LFS pointers."""
+        """The files of ``branch`` that were committed as ``lfsFile`` (stored outside git, by LFS or Xet)."""
         return {k for k, v in self.repos[repo_id].branches[branch].items() if isinstance(v, LfsPointer)}
 
     def upload_mode(self, path: str, size: int, sample: bytes) -> str:
