@@ -38,10 +38,19 @@ def upload_path(monkeypatch, *, xet: bool) -> None:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """The fake Hub, with the client on its default path for the packages installed here (what users get)."""
+    """The fake Hub, with the client on its default path for the packages installed here (what users get).
+
+    Each test gets a fresh Xet client session and cache: hf_xet remembers the chunks it uploaded (in its
+    process-wide session and in HF_XET_CACHE) and would not send them again to the next test's fake Hub, which
+    never received them (the real Hub's storage is one service, so there they would be found).
+    """
     import importlib
 
+    from huggingface_hub.utils._xet import abort_xet_session
+
     hf_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: `utils.tqdm` is also a class
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet-cache"))
+    abort_xet_session()  # drops the session; the next upload starts a new one
     with FakeHub(TOKEN) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -49,6 +58,7 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # read at import
         upload_path(monkeypatch, xet=True)
         yield server
+    abort_xet_session()
 
 
 @pytest.fixture
