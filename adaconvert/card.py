@@ -26,6 +26,9 @@ _PIPELINE_TAGS = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
+# what may go verbatim into a card's code snippets: a Hub id or a plain path; no space, quote, backtick, newline
+# or other character that would end the string, the command line or the code block, and no leading "-" (an option)
+_SNIPPET_RE = re.compile(r"[\w./~+@:][\w./~+@:-]*")
 
 
 _KIND_ORDER = [
@@ -82,6 +85,11 @@ def markdown_rank_table(ranks: dict[str, int]) -> str:
 def hub_base_model(base_model: str | None) -> str | None:
     """``base_model`` if it can go into the Hub's ``base_model`` field: a repo id, not a local path."""
     return base_model if is_hub_id(base_model) else None
+
+
+def snippet_id(model: str | None) -> str | None:
+    """``model`` (a Hub id or local path) if it can be shown verbatim in a card's snippets, else None."""
+    return model if isinstance(model, str) and _SNIPPET_RE.fullmatch(model) else None
 
 
 def card_metadata(
@@ -208,7 +216,8 @@ def conversion_card(
 
     Args:
         report: what the conversion did (``conversion_report.json`` as a :class:`ConversionReport`).
-        base_model: the base model id; goes into the YAML only when it is a Hub id, always into the snippets.
+        base_model: the base model id; goes into the YAML only when it is a Hub id, into the snippets unless
+            it holds characters that would break them (:func:`snippet_id`; ``BASE_MODEL`` is shown then).
         repo_id: where the adapter lives on the Hub (``push`` passes it), for the snippets.
         task_type: PEFT ``task_type``, mapped to the Hub ``pipeline_tag``.
         heatmap: file name (relative to the card) of a rank heatmap image to show, if one was made.
@@ -228,7 +237,7 @@ def conversion_card(
     )
     where = repo_id or "path/to/this/adapter"
     name = re.sub(r"[^\w.-]", "-", where.rsplit("/", 1)[-1]) if repo_id else "adapter"
-    base = base_model or "BASE_MODEL"
+    base = snippet_id(base_model) or "BASE_MODEL"
     bucket = report.vllm_max_lora_rank or report.max_rank
     saved = 1 - report.params_after / report.params_before if report.params_before else 0.0
     errors = [m.rel_error for m in report.modules if m.rank_after]
@@ -325,7 +334,7 @@ def merged_card(
         pipeline_tag=_PIPELINE_TAGS.get(task_type or "", "text-generation"),
     )
     where = repo_id or "path/to/this/model"
-    base = hub_base_model(base_model) or (Path(base_model).name if base_model else None)  # no local paths in cards
+    base = snippet_id(hub_base_model(base_model) or (Path(base_model).name if base_model else None))  # no paths
     merged_from = f" with `{adapter}`" if adapter else ""
     figures_md = f"\n## Figures\n\n{figures_table(figures)}\n" if figures else ""
     return (

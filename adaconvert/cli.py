@@ -454,6 +454,13 @@ class _PassThroughCommand(click.Command):
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True, metavar="NAME=ADAPTER... [-- VLLM_ARGS...]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--api-key",
+    envvar="VLLM_API_KEY",
+    help="Clients must send it as a bearer token; needed for a non-loopback --host. Prefer the VLLM_API_KEY "
+    "environment variable: a command-line argument shows in `ps`. Never printed.",
+)
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key (anyone may use it).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-lora-rank", type=int, help="vLLM bucket (default: the smallest that serves every adapter).")
 @click.option("--max-loras", type=click.IntRange(min=1), help="Adapters in one batch (default: all).")

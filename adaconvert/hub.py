@@ -2,7 +2,8 @@
 
 Plan, gate, upload: list the files, regenerate the model card with the repo id, refuse what vLLM would not load
 (or what adaconvert did not write) unless forced, then ``create_repo`` + one ``create_commit``. Network errors are
-retried by huggingface_hub (its ``http_backoff`` on preupload/LFS calls) and end in one :class:`HubError` line.
+retried by huggingface_hub (its ``http_backoff`` on preupload/LFS calls) or by ``hf_xet`` (Xet uploads, the
+default when it is installed) and end in one :class:`HubError` line.
 The token never appears in results, messages or logs.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from adaconvert.card import conversion_card, merged_card
+from adaconvert.card import conversion_card, merged_card, snippet_id
 from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
 
@@ -163,7 +165,21 @@ def _check(root: Path, kind: str) -> list[str]:
     problems = (
         [] if (root / REPORT_NAME).is_file() else [f"no {REPORT_NAME}: convert it with adaconvert to-lora first"]
     )
-    return problems + vllm_problems(root)
+    return problems + _base_problems(root) + vllm_problems(root)
+
+
+def _base_problems(root: Path) -> list[str]:
+    """``base_model_name_or_path`` must be a Hub id or a plain local path: it goes into the card's snippets."""
+    try:
+        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return []  # the vLLM check reports an unreadable config
+    if base is None or snippet_id(base) is not None:
+        return []
+    return [
+        f"base_model_name_or_path {str(base)[:80]!r} in adapter_config.json is neither a Hub id nor a plain path "
+        "(it would break the model card's code); set it to the base model's id"
+    ]
 
 
 def vllm_problems(root: Path) -> list[str]:
@@ -231,7 +247,11 @@ def _merged_card(root: Path, repo_id: str) -> str | None:
     except (OSError, ValueError) as exc:
         raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
     adapters = [a for a in report.get("adapters") or [] if isinstance(a, dict)]
-    used = ", ".join(f"{a.get('source')} (weight {a.get('weight', 1.0)})" for a in adapters) or None
+    # shown in inline code: a source that would break it is left unnamed
+    used = (
+        ", ".join(f"{snippet_id(a.get('source')) or 'an adapter'} (weight {a.get('weight', 1.0)})" for a in adapters)
+        or None
+    )
     figures = {k: report[k] for k in ("dtype", "shards", "tensors", "tensors_touched", "bytes_written") if k in report}
     return merged_card(
         base_model=report.get("base"),
@@ -243,11 +263,26 @@ def _merged_card(root: Path, repo_id: str) -> str | None:
 
 
 def _local_files(root: Path, *, skip: set[str]) -> dict[str, Path]:
-    """{path in repo: local path} for every regular file under ``root``; hidden files and dirs are left out."""
+    """{path in repo: local path} for every regular file under ``root``; hidden files and dirs are left out.
+
+    Raises:
+        InvalidConfigError: a symlink (to a file or a directory) leads out of ``root``: it would upload
+            whatever it points to, ``/etc/passwd`` or a private key alike.
+    """
+    inside = root.resolve()
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in skip:
+        if any(part.startswith(".") for part in rel.parts) or rel.as_posix() in skip:
+            continue
+        target = path.resolve()
+        if not target.is_relative_to(inside):  # a link (to a file or a directory), or a file below a linked dir
+            raise InvalidConfigError(
+                f"refusing to push: {rel.as_posix()} is a symlink to {target}, outside the directory; "
+                "copy the file in if it belongs to the upload",
+                path=root,
+            )
+        if path.is_file():
             out[rel.as_posix()] = path
     return out
 
@@ -278,6 +313,14 @@ def _upload(local, card, repo_id, *, private, revision, token, progress, message
             info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     except _network_errors() as exc:
         raise HubError(f"push to {repo_id}: {_describe(exc, step, token)}", repo_id=repo_id) from None
+    except RuntimeError as exc:
+        # huggingface_hub wraps a failed LFS upload: RuntimeError("Error while uploading 'NAME' to the Hub.") from
+        # the HTTP or transport error, once its retries are spent
+        if not isinstance(exc.__cause__, _network_errors()):
+            raise
+        name = re.search(r"uploading '(.+)' to the Hub", str(exc))
+        step = f"uploading {name.group(1)}" if name else step
+        raise HubError(f"push to {repo_id}: {_describe(exc.__cause__, step, token)}", repo_id=repo_id) from None
     return str(info.commit_url), repo_id
 
 

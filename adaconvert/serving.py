@@ -4,12 +4,18 @@ Plan, then run: :func:`plan_serve` reads and checks every adapter, converts thos
 into a cache directory, picks the smallest valid ``--max-lora-rank`` and builds the exact ``vllm serve`` command;
 :class:`VllmServer` starts it in its own process group, reports readiness, and stops it (SIGINT, then SIGTERM,
 then SIGKILL) on Ctrl-C, on SIGTERM, or when its ``with`` block ends.
+
+Exposure: a host other than loopback needs an API key (or ``insecure``). The key reaches vLLM through its
+``VLLM_API_KEY`` environment variable, never its command line (``ps`` shows that to every user), and never appears
+in the plan's text or JSON, in logs or in messages. vLLM's runtime adapter loading
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), which would let any client load any path on the machine, is always off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -54,7 +60,11 @@ _OWN_FLAGS = {
     "--max-cpu-loras": "use --max-cpu-loras",
     "--host": "use --host",
     "--port": "use --port",
+    "--api-key": "use adaconvert's --api-key or VLLM_API_KEY, which stay out of the command line",
 }
+# environment variables the server never gets from us: runtime adapter loading lets any client that reaches the
+# server load any path on this machine (and LoRA resolver plugins only act when it is on)
+_NEVER_INHERITED = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)
 
 
 @dataclass
@@ -92,6 +102,7 @@ class ServePlan:
     max_cpu_loras: int
     extra_args: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
+    api_key: str | None = field(default=None, repr=False)  # never in to_dict(), the command or a message
 
     @property
     def url(self) -> str:
@@ -104,7 +115,14 @@ class ServePlan:
         return shlex.join(self.command)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "url": self.url, "shell_command": self.shell_command()}
+        """Everything but the API key (``api_key_set`` says whether there is one)."""
+        data = {k: v for k, v in asdict(self).items() if k != "api_key"}
+        return {
+            **data,
+            "api_key_set": self.api_key is not None,
+            "url": self.url,
+            "shell_command": self.shell_command(),
+        }
 
 
 def default_cache_dir() -> Path:
@@ -127,6 +145,8 @@ def plan_serve(
     max_cpu_loras: int | None = None,
     cache_dir: str | Path | None = None,
     extra_args: Iterable[str] = (),
+    api_key: str | None = None,
+    insecure: bool = False,
 ) -> ServePlan:
     """Read and check every adapter, convert those not in the safe export layout, and build the command.
 
@@ -140,13 +160,16 @@ def plan_serve(
         cache_dir: where conversions go (default :func:`default_cache_dir`); keyed by the source's bytes, so a
             changed source is converted again and an unchanged one is reused.
         extra_args: further ``vllm serve`` arguments, passed through unchanged.
+        api_key: clients must send it (``Authorization: Bearer <key>``) to every ``/v1`` route; required when
+            ``host`` is not loopback, unless ``insecure``.
+        insecure: allow a non-loopback ``host`` without ``api_key`` (anyone who reaches it can use the server).
 
     Returns:
         The :class:`ServePlan`; nothing is started.
 
     Raises:
         InvalidConfigError: a bad name, a duplicate, an argument that clashes with ours, an adapter vLLM would
-            reject (every problem listed).
+            reject (every problem listed), a non-loopback host without a key, an empty key.
         RankLimitError: an adapter is above ``max_lora_rank`` or above every bucket.
         plus the readers' and ``to_lora``'s errors for an adapter that cannot be read or converted, naming it.
 
@@ -163,6 +186,7 @@ def plan_serve(
     _check_extra_args(extra)
     if not 0 < port < 65536:
         raise InvalidConfigError(f"--port must be in 1..65535, got {port}")
+    _check_exposure(host, api_key, insecure=insecure)
     modules = base_modules(base)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     served = [_prepare(name, src, modules=modules, cache=cache) for name, src in items]
@@ -186,7 +210,7 @@ def plan_serve(
             f"need 1 ≤ --max-loras ≤ --max-cpu-loras, got {max_loras} and {max_cpu_loras}",
         )
     base_arg = str(Path(base).resolve()) if Path(base).exists() else str(base)
-    plan = ServePlan(base_arg, host, port, served, max_lora_rank, max_loras, max_cpu_loras, extra)
+    plan = ServePlan(base_arg, host, port, served, max_lora_rank, max_loras, max_cpu_loras, extra, api_key=api_key)
     plan.command = build_command(plan)
     return plan
 
@@ -239,6 +263,26 @@ def _check_names(items: list[tuple[str, object]]) -> None:
         if name in seen:
             raise InvalidConfigError(f"adapter name {name!r} is given twice")
         seen.add(name)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1, ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _check_exposure(host: str, api_key: str | None, *, insecure: bool) -> None:
+    if api_key is not None and (not api_key or api_key != api_key.strip() or "\n" in api_key):
+        raise InvalidConfigError("the API key is empty or has surrounding spaces or a newline")
+    if api_key is None and not insecure and not is_loopback(host):
+        raise InvalidConfigError(
+            f"--host {host} is reachable from other machines and vLLM's server would answer anyone: give an API "
+            "key (--api-key, or VLLM_API_KEY to keep it out of `ps`), or pass --insecure"
+        )
 
 
 def _check_extra_args(extra: list[str]) -> None:
@@ -347,7 +391,8 @@ class VllmServer:
     Args:
         plan: what to run.
         log_file: write the server's output here (default: inherit this process's stdout/stderr).
-        env: extra environment variables for the server.
+        env: extra environment variables for the server (``VLLM_API_KEY`` comes from the plan, and
+            ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is never passed on).
 
     Example:
         >>> with VllmServer(plan).start(ready_timeout=600) as server:
@@ -378,7 +423,7 @@ class VllmServer:
         try:
             self.process = subprocess.Popen(
                 command,
-                env={**os.environ, **self.env},
+                env=self.server_env(),
                 stdout=self._log,
                 stderr=subprocess.STDOUT if self._log else None,
                 start_new_session=True,  # its own process group: stopped as a whole, Ctrl-C is forwarded by us
@@ -388,6 +433,18 @@ class VllmServer:
             self.stop()
             raise
         return self
+
+    def server_env(self) -> dict[str, str]:
+        """The server's environment: ours and ``env``, the plan's API key as ``VLLM_API_KEY`` (no other key),
+        and none of ``_NEVER_INHERITED``."""
+        env = {**os.environ, **self.env}
+        for name in _NEVER_INHERITED:
+            if env.pop(name, "").strip().lower() not in ("", "0", "false"):
+                logger.warning("not passing %s on to vLLM: it lets any client load any path on this machine", name)
+        env.pop("VLLM_API_KEY", None)
+        if self.plan.api_key is not None:
+            env["VLLM_API_KEY"] = self.plan.api_key
+        return env
 
     def _wait_ready(self, timeout: float) -> None:
         started = time.monotonic()
@@ -410,8 +467,13 @@ class VllmServer:
 
     def models(self) -> list[str]:
         """The model ids ``/v1/models`` lists (the base and every adapter name)."""
-        with urllib.request.urlopen(f"{self.plan.url}/v1/models", timeout=10) as response:
+        request = urllib.request.Request(f"{self.plan.url}/v1/models", headers=self.auth_headers())
+        with urllib.request.urlopen(request, timeout=10) as response:
             return [m["id"] for m in json.load(response)["data"]]
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a client sends to the ``/v1`` routes: the plan's API key as a bearer token, if there is one."""
+        return {"Authorization": f"Bearer {self.plan.api_key}"} if self.plan.api_key is not None else {}
 
     def wait(self) -> int:
         """Block until the server exits; its exit code."""
@@ -456,7 +518,8 @@ class VllmServer:
         if self.log_file is None or not self.log_file.is_file():
             return ""
         tail = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-        return "; last lines of its log:\n" + "\n".join(tail)
+        text = "; last lines of its log:\n" + "\n".join(tail)
+        return text.replace(self.plan.api_key, "***") if self.plan.api_key else text
 
 
 def _http_ok(url: str) -> bool:
@@ -481,7 +544,7 @@ def serve(
 
     Args:
         base, adapters, plan_options: see :func:`plan_serve` (host, port, max_lora_rank, max_loras,
-            max_cpu_loras, cache_dir, extra_args).
+            max_cpu_loras, cache_dir, extra_args, api_key, insecure).
         print_command: only plan; the caller prints ``plan.shell_command()`` (for Kubernetes and the like).
         dry_run: only plan and check (the port too); start nothing.
         ready_timeout: seconds to wait for the server to become ready.

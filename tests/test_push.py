@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,13 +23,49 @@ TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 REPO = "team/adalora-lora"
 
 
+def upload_path(monkeypatch, *, xet: bool) -> None:
+    """Choose the client's upload path for weights as a user does: ``HF_HUB_DISABLE_XET=1`` for git-LFS, unset for
+    the default (Xet whenever ``hf_xet`` is installed). huggingface_hub reads it at import: set in its constants
+    too."""
+    import huggingface_hub.constants
+
+    if xet:
+        monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", not xet)
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
+    """The fake Hub, with the client on its default path for the packages installed here (what users get).
+
+    Each test gets a fresh Xet client session and cache: hf_xet remembers the chunks it uploaded (in its
+    process-wide session and in HF_XET_CACHE) and would not send them again to the next test's fake Hub, which
+    never received them (the real Hub's storage is one service, so there they would be found).
+    """
+    import importlib
+
+    from huggingface_hub.utils._xet import abort_xet_session
+
+    hf_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: `utils.tqdm` is also a class
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet-cache"))
+    abort_xet_session()  # drops the session; the next upload starts a new one
     with FakeHub(TOKEN) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        monkeypatch.setattr(hf_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # read at import
+        upload_path(monkeypatch, xet=True)
         yield server
+    abort_xet_session()
+
+
+@pytest.fixture
+def lfs_hub(hub, monkeypatch) -> FakeHub:
+    """The fake Hub, with the client on the git-LFS path (``HF_HUB_DISABLE_XET=1``)."""
+    upload_path(monkeypatch, xet=False)
+    return hub
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +123,11 @@ def test_push_uploads_exact_files_and_card(hub, adapter, capsys, caplog):
         and len(repo.commits) == 1
         and repo.commits[0]["summary"] == "Upload adapter converted by adaconvert"
     )
-    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    # the Hub's API gets the token; storage (signed LFS URLs, or Xet's CAS with its own token) never sees it
+    to_hub = [r.path.startswith("/api/") or ".git/info/lfs/" in r.path for r in hub.requests]
+    assert {r.authorization for r, api in zip(hub.requests, to_hub, strict=True) if api} == {f"Bearer {TOKEN}"}
+    assert f"Bearer {TOKEN}" not in {r.authorization for r, api in zip(hub.requests, to_hub, strict=True) if not api}
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}  # stored outside git, as the Hub does for weights
     assert tree(adapter) == before  # the local README.md is left as it was
     assert f"pushed {len(before)} files to {REPO}@main (private)" in out
     assert hub.url in out
@@ -296,3 +339,242 @@ def test_card_shows_heatmap_and_validation_when_present(adapter):
     assert "| weights | lora | max rel. ΔW error | 3e-08 | ≤ 1e-05 | ok |" in card.text
     assert "| logits | lora | top-1 agreement | 1 | ≥ 0.99 | ok |" in card.text and "**PASSED**" in card.text
     assert {"rank_heatmap.png", "validation_report.json"} <= {name for name, _ in result.files}
+
+
+# --- the Hub's upload path for weights: LFS batch API, basic and multipart transfers, faults mid-upload ----------
+
+
+def lfs_requests(hub: FakeHub, kind: str) -> list:
+    """The recorded requests of one LFS step: ``batch``, ``put`` (a whole object), ``part``, ``complete``."""
+    match = {
+        "batch": lambda r: r.path.endswith(".git/info/lfs/objects/batch"),
+        "put": lambda r: re.fullmatch(r"/lfs-storage/[0-9a-f]{64}", r.path),
+        "part": lambda r: re.fullmatch(r"/lfs-storage/[0-9a-f]{64}/\w+/\d+", r.path),
+        "complete": lambda r: r.path.startswith("/api/complete_multipart/"),
+    }[kind]
+    return [r for r in hub.requests if match(r)]
+
+
+def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload(lfs_hub, adapter):
+    hub = lfs_hub
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    hub.fail("^/lfs-storage/", "reset", "500")  # the first PUT is cut off half-way, the second gets a 500
+    push(adapter, REPO, progress=False)
+    assert hub.files(REPO)["adapter_model.safetensors"] == weights  # byte for byte, as the storage holds it
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}
+    (batch,) = lfs_requests(hub, "batch")
+    (announced,) = json.loads(batch.body)["objects"]
+    assert announced == {"oid": hashlib.sha256(weights).hexdigest(), "size": len(weights)}
+    puts = lfs_requests(hub, "put")
+    assert len(puts) == 3 and puts[-1].body == weights  # retried by huggingface_hub's http_backoff, from byte 0
+    assert len(hub.repos[REPO].commits) == 1
+
+
+def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, tiny_llama, tmp_path, monkeypatch):
+
+    from adaconvert.merging import merge
+
+    model = tmp_path / "merged"
+    report = merge(tiny_llama, adalora_llama, model, max_shard_size="100KB")
+    assert report.shards >= 2
+    before = tree(model)
+    shards = sorted(name for name in before if name.endswith(".safetensors"))
+    part_size = 32 * 2**10
+    assert all(len(before[name]) > part_size for name in shards)
+    with FakeHub(TOKEN, part_size=part_size) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        upload_path(monkeypatch, xet=False)
+        # a part cut off half-way, then a 500 on the next part; a 500 on one completion request
+        server.fail(r"^/lfs-storage/[0-9a-f]{64}/\w+/2$", "reset", "500")
+        server.fail("^/api/complete_multipart/", "500")
+        result = push(model, "team/merged", token=TOKEN, progress=False)
+        assert result.kind == "merged" and not result.problems
+        received = server.files("team/merged")
+        assert set(received) == {*before, "README.md"}  # and the card
+        for name, data in before.items():
+            if name != "README.md":
+                assert received[name] == data, name  # every shard and the index, byte for byte
+        assert set(shards) <= server.lfs_files("team/merged")
+        parts = lfs_requests(server, "part")
+        expected_parts = sum(-(-len(before[name]) // part_size) for name in shards)
+        assert len(parts) == expected_parts + 2  # the two failed tries were sent again
+        assert all(len(r.body) <= part_size for r in parts)
+        assert len(lfs_requests(server, "complete")) == len(shards) + 1
+        assert lfs_requests(server, "put") == []  # multipart only: every shard is above the part size
+        assert {r.authorization for r in parts} == {None}  # signed storage URLs: the token stays with the API
+    assert tree(model) == before
+
+
+def test_lfs_upload_failing_for_good_is_one_line_and_commits_nothing(lfs_hub, adapter, capsys, caplog):
+    hub = lfs_hub
+    before = tree(adapter)
+    hub.fail("^/lfs-storage/", *["503"] * 6)  # one try and huggingface_hub's 5 retries (Retry-After: 0)
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(
+        f"error: push to {REPO}: uploading adapter_model.safetensors failed: the Hub answered HTTP 503"
+    ), err
+    assert len(lfs_requests(hub, "put")) == 6
+    assert hub.repos[REPO].commits == [] and hub.lfs_objects == {}
+    assert tree(adapter) == before
+
+
+def test_commit_naming_an_object_that_was_never_stored_is_refused(hub, adapter, capsys, caplog):
+    """The fake Hub checks what it is told: an lfsFile whose bytes never arrived gets the Hub's 422."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(REPO)
+    operation = CommitOperationAdd("adapter_model.safetensors", str(adapter / "adapter_model.safetensors"))
+    operation._upload_mode, operation._is_uploaded = "lfs", True  # as if uploaded: the commit alone is sent
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="422"):
+        api.create_commit(REPO, [operation], commit_message="no bytes")
+    assert hub.repos[REPO].commits == []
+
+
+@pytest.fixture
+def xet_hub(hub, monkeypatch) -> FakeHub:
+    """The fake Hub, with the client on the path a user of the pinned versions gets: huggingface_hub 2.4 uploads
+    weights through Xet whenever ``hf_xet`` is importable (a dependency of it on x86_64 and arm64) and
+    HF_HUB_DISABLE_XET is unset (``is_xet_available()``; no negotiation with the server)."""
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    if os.environ.get("CI"):
+        import hf_xet  # noqa: F401 - installed with huggingface_hub on every CI platform
+    else:
+        pytest.importorskip("hf_xet")
+    assert is_xet_available()
+    return hub
+
+
+def cas_requests(hub: FakeHub, route: str) -> list:
+    return [r for r in hub.requests if r.path.startswith(f"/cas/v1/{route}")]
+
+
+def test_adapter_weights_go_through_xet_and_survive_resets_and_500s(xet_hub, adapter, capsys, caplog):
+    hub = xet_hub
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    hub.fail("^/cas/v1/xorbs/", "reset", "500")  # the xorb cut off half-way, then a 500
+    hub.fail("^/cas/v1/shards$", "500")
+    code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 0, err
+    assert hub.files(REPO)["adapter_model.safetensors"] == weights  # rebuilt from the chunks the CAS received
+    assert hub.lfs_files(REPO) == {"adapter_model.safetensors"}
+    assert [r.path for r in hub.requests if "/xet-" in r.path] == [f"/api/models/{REPO}/xet-write-token/main"]
+    assert lfs_requests(hub, "batch") == [] and lfs_requests(hub, "put") == []  # Xet, not LFS
+    assert len(cas_requests(hub, "xorbs/")) == 3 and len(cas_requests(hub, "shards")) == 2  # retried by hf_xet
+    cas = [r for r in hub.requests if r.path.startswith("/cas/")]
+    assert {r.authorization for r in cas} == {f"Bearer {hub.xet_token}"}  # the Hub token never reaches the CAS
+    assert len(hub.repos[REPO].commits) == 1
+
+
+def test_sharded_merged_model_goes_through_xet(adalora_llama, tiny_llama, xet_hub, tmp_path):
+    from adaconvert.merging import merge
+
+    hub = xet_hub
+    model = tmp_path / "merged"
+    report = merge(tiny_llama, adalora_llama, model, max_shard_size="100KB")
+    assert report.shards >= 2
+    before = tree(model)
+    shards = sorted(name for name in before if name.endswith(".safetensors"))
+    hub.fail("^/cas/v1/shards$", "reset")
+    push(model, "team/merged", progress=False)
+    received = hub.files("team/merged")
+    assert set(received) == {*before, "README.md"}
+    for name, data in before.items():
+        assert received[name] == data, name
+    assert hub.lfs_files("team/merged") == set(shards)
+    chunks = sum(len(chunks) for chunks in hub.xorbs.values())
+    assert chunks >= len(shards) and sum(len(c) for x in hub.xorbs.values() for c in x) >= sum(
+        len(before[name]) for name in shards
+    )  # every byte of every shard reached the CAS (deduplicated chunks would only lower the count of chunks)
+    assert tree(model) == before
+
+
+def test_xet_upload_refused_is_one_line_and_commits_nothing(xet_hub, adapter, capsys, caplog):
+    hub = xet_hub
+    before = tree(adapter)
+    hub.fail("^/cas/v1/xorbs/", "403")  # not retried: a token without write scope
+    code, out, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 7 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: push to {REPO}: uploading the files failed: ") and "403" in err, err
+    assert hub.xet_token not in err + caplog.text
+    assert hub.repos[REPO].commits == [] and hub.lfs_objects == {}
+    assert tree(adapter) == before
+
+
+def _link_to_outside_file(adapter: Path) -> str:
+    secret = adapter.parent / "secret.txt"
+    secret.write_text("not for the Hub\n")
+    (adapter / "notes.txt").symlink_to(secret)
+    return "notes.txt"
+
+
+def _link_to_outside_dir(adapter: Path) -> str:
+    outside = adapter.parent / "private"
+    outside.mkdir()
+    (outside / "id_ed25519").write_text("key\n")
+    (adapter / "extra").symlink_to(outside, target_is_directory=True)
+    return "extra"
+
+
+def _link_to_etc_passwd(adapter: Path) -> str:
+    (adapter / "passwd").symlink_to("/etc/passwd")
+    return "passwd"
+
+
+@pytest.mark.parametrize("link", [_link_to_etc_passwd, _link_to_outside_file, _link_to_outside_dir])
+@pytest.mark.parametrize("flags", [[], ["--force"], ["--dry-run"]])
+def test_symlink_out_of_the_directory_is_refused_and_nothing_sent(hub, adapter, capsys, caplog, link, flags):
+    name = link(adapter)
+    code, out, err = run_cli(["push", str(adapter), REPO, *flags], capsys, caplog)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"refusing to push: {name} is a symlink to " in err and "outside the directory" in err
+    assert hub.requests == []
+
+
+def test_symlink_inside_the_directory_is_uploaded_as_its_content(hub, adapter):
+    (adapter / "weights-link.safetensors").symlink_to("adapter_model.safetensors")
+    push(adapter, REPO, progress=False)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    assert hub.files(REPO)["weights-link.safetensors"] == weights
+
+
+@pytest.mark.parametrize("base", ["org/base\nrm -rf ~", 'org/base") ; import os #', "my model`s base", "a b"])
+def test_base_model_that_would_break_the_card_is_refused(hub, adapter, capsys, caplog, base):
+    from huggingface_hub import ModelCard
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+    code, _, err = run_cli(["push", str(adapter), REPO], capsys, caplog)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "base_model_name_or_path" in err and "neither a Hub id nor a plain path" in err
+    assert hub.requests == []
+    # forced, the card shows a placeholder: its code blocks stay intact and nothing of the value leaks in
+    card = push(adapter, REPO, dry_run=True, force=True).card
+    assert base not in card
+    assert 'AutoModelForCausalLM.from_pretrained("BASE_MODEL")' in card and "vllm serve BASE_MODEL --enable" in card
+    assert card.count("```") % 2 == 0 and ModelCard(card).data.base_model is None
+
+
+def test_merged_card_keeps_bad_names_out_of_its_code(hub, tmp_path):
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    adapters = [{"source": "runs/x`\n```\nrm -rf ~", "weight": 1.0, "kind": "lora"}]
+    (model / "merge_report.json").write_text(json.dumps({"base": "org/base\n```", "adapters": adapters}))
+    card = push(model, "team/merged", dry_run=True).card
+    assert "rm -rf" not in card and "org/base" not in card and card.count("```") % 2 == 0
+    assert "`the base model` with `an adapter (weight 1.0)` merged" in card
+
+
+def test_local_base_path_stays_in_the_snippets(adapter, tmp_path):
+    base = tmp_path / "models" / "base-7b"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base)}))
+    result = push(adapter, REPO, dry_run=True)
+    assert not any("base_model_name_or_path" in p for p in result.problems)
+    assert f'from_pretrained("{base}")' in result.card

@@ -1,6 +1,9 @@
 """``serve``: the plan (checks, on-the-fly conversion, bucket, command) without a server, then one real
 ``adaconvert serve`` on loopback with two converted adapters and one raw AdaLoRA, queried with the openai client
-and stopped with Ctrl-C (SIGINT) at the end — or killed, with everything it spawned, if a test fails first."""
+and stopped with Ctrl-C (SIGINT) at the end — or killed, with everything it spawned, if a test fails first.
+
+The real server listens on 0.0.0.0 with an API key given through VLLM_API_KEY (as a user keeps it out of `ps`),
+and is started from an environment that asks for vLLM's runtime adapter loading, which it must not get."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -18,7 +22,15 @@ import pytest
 from adaconvert import to_lora
 from adaconvert.cli import main
 from adaconvert.errors import InvalidConfigError, RankLimitError, ServeError, SourceNotFoundError
-from adaconvert.serving import ServePlan, VllmServer, check_port_free, is_safe_layout, plan_serve, serve
+from adaconvert.serving import (
+    ServePlan,
+    VllmServer,
+    check_port_free,
+    is_loopback,
+    is_safe_layout,
+    plan_serve,
+    serve,
+)
 from tests.adapter_edits import wrong_prefix
 
 
@@ -106,6 +118,11 @@ PLAN_ERRORS = [
     (lambda a, t: _served(a), {"extra_args": ["--max-lora-rank=8"]}, InvalidConfigError, "clashes"),
     (lambda a, t: _served(a), {"extra_args": ["--port", "1"]}, InvalidConfigError, "--port after `--` clashes"),
     (lambda a, t: _served(a), {"port": 0}, InvalidConfigError, "--port must be in"),
+    (lambda a, t: _served(a), {"extra_args": ["--api-key", "k"]}, InvalidConfigError, "--api-key after `--` clashes"),
+    (lambda a, t: _served(a), {"host": "0.0.0.0"}, InvalidConfigError, "--host 0.0.0.0 is reachable from other"),
+    (lambda a, t: _served(a), {"host": "::"}, InvalidConfigError, "give an API key .* or pass --insecure"),
+    (lambda a, t: _served(a), {"host": "myhost.example"}, InvalidConfigError, "reachable from other machines"),
+    (lambda a, t: _served(a), {"host": "0.0.0.0", "api_key": ""}, InvalidConfigError, "API key is empty"),
 ]
 
 
@@ -164,10 +181,12 @@ def server(tiny_llama, adapters, tmp_path_factory):
     port = _free_port()
     argv = [sys.executable, "-m", "adaconvert.cli", "serve", str(tiny_llama)]
     argv += [f"{name}={path}" for name, path in _served(adapters).items()]
-    argv += ["--port", str(port), "--cache-dir", str(work / "cache"), "--log-file", str(work / "vllm.log")]
+    argv += ["--host", "0.0.0.0", "--port", str(port)]
+    argv += ["--cache-dir", str(work / "cache"), "--log-file", str(work / "vllm.log")]
     argv += ["--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "8"]
     out = open(work / "cli.log", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # the key as a user keeps it out of `ps`; runtime adapter loading asked for, which vLLM must not get
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": KEY, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     cli = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     spawned: list = []
@@ -199,8 +218,20 @@ def server(tiny_llama, adapters, tmp_path_factory):
 
 
 def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+def _status(url: str, payload: dict, key: str | None) -> int:
+    """The HTTP status of POSTing ``payload`` to ``url`` with ``key`` as bearer token (None: no header)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 @pytest.mark.vllm
@@ -221,7 +252,7 @@ def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
     from tests.vllm_utils import prompt_token_ids
 
     url = server[0]
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=120, max_retries=0)
     prompts = prompt_token_ids(tiny_llama)
     cases = {name: original for name, (_, original) in adapters.items()} | {str(tiny_llama.resolve()): None}
     outputs = {}
@@ -238,6 +269,29 @@ def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
         assert served == expected, model
         outputs[model] = served
     assert len({json.dumps(v) for v in outputs.values()}) == len(outputs), "every adapter must change the output"
+
+
+@pytest.mark.vllm
+def test_api_key_is_required_and_runtime_loading_is_off(server, tiny_llama, adapters):
+    psutil = pytest.importorskip("psutil")
+    url, cli, work, spawned = server
+    completion = {"model": "ada", "prompt": "hello", "max_tokens": 2, "temperature": 0.0}
+    assert _status(f"{url}/v1/completions", completion, None) == 401
+    assert _status(f"{url}/v1/completions", completion, "sk-wrong") == 401
+    assert _status(f"{url}/v1/completions", completion, KEY) == 200
+    # with runtime loading off vLLM has no such route: a client cannot make it load a path of this machine
+    load = {"lora_name": "evil", "lora_path": str(adapters["plain"][0])}
+    assert _status(f"{url}/v1/load_lora_adapter", load, KEY) == 404
+    assert "evil" not in {m["id"] for m in _get(f"{url}/v1/models")["data"]}
+    for process in [psutil.Process(cli.pid), *spawned]:
+        if process.is_running() and process.status() != "zombie":
+            assert KEY not in " ".join(process.cmdline()), process  # out of `ps`
+    (vllm_server,) = [p for p in spawned if p.ppid() == cli.pid]
+    vllm_env = vllm_server.environ()
+    assert vllm_env.get("VLLM_API_KEY") == KEY and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env
+    log = (work / "cli.log").read_text()
+    assert "not passing VLLM_ALLOW_RUNTIME_LORA_UPDATING on to vLLM" in log
+    assert KEY not in log + (work / "vllm.log").read_text()
 
 
 @pytest.mark.vllm
@@ -258,3 +312,80 @@ def test_ctrl_c_stops_the_server_cleanly(server):
         assert not child.is_running() or child.status() == "zombie", child
     check_port_free("127.0.0.1", int(url.rsplit(":", 1)[1]))
     assert "vLLM stopped" in (work / "cli.log").read_text()
+
+
+# --- exposure: API key, non-loopback hosts, runtime adapter loading; the process left as it was -------------------
+
+KEY = "sk-adaconvert-TEST-9f8e7d6c5b4a"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("::", False), ("", False), ("192.168.1.20", False), ("example.org", False)],
+)  # fmt: skip
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_key_or_insecure_allows_a_public_host_and_the_key_never_shows(tiny_llama, adapters, tmp_path):
+    ada = {"ada": adapters["ada"][0]}
+    insecure = plan_serve(tiny_llama, ada, host="0.0.0.0", insecure=True, cache_dir=tmp_path)
+    assert insecure.api_key is None and insecure.to_dict()["api_key_set"] is False
+    plan = plan_serve(tiny_llama, ada, host="0.0.0.0", api_key=KEY, cache_dir=tmp_path)
+    assert plan.url.startswith("http://127.0.0.1:") and plan.to_dict()["api_key_set"] is True
+    for text in (json.dumps(plan.to_dict()), plan.shell_command(), repr(plan), " ".join(plan.command)):
+        assert KEY not in text
+    server = VllmServer(plan, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"})
+    env = server.server_env()
+    assert env["VLLM_API_KEY"] == KEY and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    assert server.auth_headers() == {"Authorization": f"Bearer {KEY}"}
+
+
+def test_server_env_drops_an_inherited_key_and_runtime_loading(tiny_llama, adapters, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "some-other-key")
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    plan = plan_serve(tiny_llama, {"ada": adapters["ada"][0]}, cache_dir=tmp_path)
+    env = VllmServer(plan).server_env()
+    assert "VLLM_API_KEY" not in env and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    assert os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"  # ours is left alone
+
+
+def test_cli_refuses_a_public_host_without_a_key_and_never_prints_it(
+    tiny_llama, adapters, tmp_path, capsys, monkeypatch
+):
+    argv = ["serve", str(tiny_llama), f"ada={adapters['ada'][0]}", "--cache-dir", str(tmp_path), "--dry-run"]
+    argv += ["--port", str(_free_port()), "--host", "0.0.0.0"]
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert main([*argv, "-q"]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("error: --host 0.0.0.0 is reachable from other machines") and len(err.splitlines()) == 1
+    assert main([*argv, "-q", "--insecure"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("VLLM_API_KEY", KEY)  # the way that keeps it out of `ps`
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["api_key_set"] is True and KEY not in out + err
+    assert main([*argv, "--port", "0", "--api-key", KEY]) == 2  # an error once the key is known
+    out, err = capsys.readouterr()
+    assert "--port must be in" in err and KEY not in out + err
+
+
+def test_library_calls_leave_the_signal_handler_and_environment_as_they_were(tiny_llama, adapters, tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        before = dict(os.environ)
+        with socket.socket() as holder:  # serve() gets past its handler swap, then fails to bind
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            for options in ({}, {"host": "0.0.0.0", "api_key": KEY}):
+                with pytest.raises(ServeError, match="cannot listen on"):
+                    serve(tiny_llama, {"ada": adapters["ada"][0]}, port=port, cache_dir=tmp_path, **options)
+                assert signal.getsignal(signal.SIGTERM) is mine
+                assert dict(os.environ) == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
