@@ -19,6 +19,7 @@ from adaconvert.errors import InvalidConfigError, RankLimitError
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.report import REPORT_NAME, ConversionReport, build_report
+from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.transforms import compress_ranks, pad_ranks, strip_empty
 from adaconvert.vllm_compat import check_bucket, require_vllm_compat
 from adaconvert.writers import LAYOUTS, write_peft_lora
@@ -190,15 +191,16 @@ def to_lora(
     adapter = prepared.adapter
     if vllm_max_lora_rank is not None:
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
-    written = pad_ranks(adapter) if layout == "uniform" else adapter
+    written = pad_ranks(adapter, fill_from=prepared.source) if layout == "uniform" else adapter
     report = prepared.report(dst, layout=layout, written=written)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         write_peft_lora(written, tmp, dtype=prepared.out_dtype, layout=layout)
-        write_report_and_card(tmp, report, conversion_card(report, base_model=adapter.base_model))
         # DESIGN.md §3, checked on the files as written: nothing vLLM would reject gets renamed into place.
         # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()
         require_vllm_compat(tmp, max_lora_rank=vllm_max_lora_rank, what="the conversion", warn_only=warn_only)
+        report.runtimes = runtimes_dict(check_runtimes(tmp))
+        write_report_and_card(tmp, report, conversion_card(report, base_model=adapter.base_model))
     logger.info("wrote %s: %d modules, max rank %d", dst, len(adapter.deltas), adapter.max_rank)
     return report
 
