@@ -13,6 +13,8 @@ from pathlib import Path
 
 from adaconvert.adapter import split_module_name
 from adaconvert.report import ConversionReport
+from adaconvert.runtimes import describe
+from adaconvert.runtimes import title as runtime_title
 
 _METHOD_TAGS = {"adalora": "adalora", "lora-drop": "lora-drop", "lora": "lora"}
 _METHOD_NAMES = {"adalora": "AdaLoRA", "lora-drop": "LoRA-Drop", "lora": "LoRA"}
@@ -183,18 +185,8 @@ def parameter_comparison(report: ConversionReport) -> list[tuple[str, int, str]]
 
 def runtimes_markdown(runtimes: Mapping) -> str:
     """The ``runtimes`` section of a report (the portability check of the files written) as a markdown table."""
-    from adaconvert.runtimes import RUNTIMES
-
-    lines = ["| runtime | verdict on this file |", "|---|---|"]
-    for key, v in runtimes.items():
-        title = RUNTIMES[key].title if key in RUNTIMES else key
-        verdict = f"**{v['status']}**"
-        if v.get("factor_range"):
-            low, high = v["factor_range"]
-            verdict += f" on {len(v['factors'])} module(s), × {_fmt(low)}–{_fmt(high)}"
-        if v.get("reason"):
-            verdict += f": {v['reason']}"
-        lines.append(f"| {title} | {verdict.replace('|', chr(92) + '|')} |")
+    lines = ["| runtime | verdict on these files |", "|---|---|"]
+    lines += [f"| {runtime_title(k)} | " + describe(v).replace("|", "\\|") + " |" for k, v in runtimes.items()]
     return "\n".join(lines)
 
 
@@ -311,7 +303,7 @@ def conversion_card(
     removed = f" ({len(report.removed_modules)} empty modules {how})" if report.removed_modules else ""
     bucket = report.vllm_max_lora_rank or report.max_rank
     bucket_row = f"| vLLM `--max-lora-rank` | {bucket} |\n" if library == "peft" else ""
-    exact = [_runtime_title(k) for k, v in report.runtimes.items() if v.get("status") == "exact"]
+    exact = [runtime_title(k) for k, v in report.runtimes.items() if v.get("status") == "exact"]
     runtimes_md = (
         f"""
 ## Runtimes
@@ -362,12 +354,6 @@ Converted by adaconvert {intro.format(r=report.max_rank)}
 
 {usage(report, base=base, where=where, name=name)}"""
     )
-
-
-def _runtime_title(key: str) -> str:
-    from adaconvert.runtimes import RUNTIMES
-
-    return RUNTIMES[key].title if key in RUNTIMES else key
 
 
 def merged_card(

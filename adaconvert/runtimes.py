@@ -100,14 +100,6 @@ class Verdict:
     def factor_range(self) -> tuple[float, float] | None:
         return (min(self.factors.values()), max(self.factors.values())) if self.factors else None
 
-    def summary(self) -> str:
-        """One line: ``exact``, ``wrong-scale on 5 modules (× 0.5–4)``, ``refused: ...``."""
-        if self.status == WRONG_SCALE:
-            low, high = self.factor_range
-            span = f"× {low:.3g}" if math.isclose(low, high) else f"× {low:.3g}–{high:.3g}"
-            return f"wrong-scale on {len(self.factors)} module(s) ({span}): {self.reason}"
-        return f"{self.status}: {self.reason}" if self.reason else self.status
-
     def to_dict(self) -> dict:
         return {**asdict(self), "factor_range": self.factor_range, "notes": list(self.notes)}
 
@@ -411,18 +403,28 @@ def runtimes_dict(verdicts: dict[str, Verdict]) -> dict[str, dict]:
     return {key: v.to_dict() for key, v in verdicts.items()}
 
 
-def exact_in(verdicts: dict[str, Verdict]) -> list[str]:
-    """Display names of the runtimes whose verdict is exact."""
-    return [RUNTIMES[k].title for k, v in verdicts.items() if v.status == EXACT]
+def describe(verdict: dict) -> str:
+    """One line for a verdict dict: ``exact``, ``wrong-scale on 5 module(s) (× 0.5–4): why``, ``refused: why``."""
+    text = verdict["status"]
+    if verdict.get("factor_range"):
+        low, high = verdict["factor_range"]
+        span = f"× {low:.3g}" if math.isclose(low, high) else f"× {low:.3g}–{high:.3g}"
+        text += f" on {len(verdict['factors'])} module(s) ({span})"
+    return f"{text}: {verdict['reason']}" if verdict.get("reason") else text
 
 
-def runtimes_table(verdicts: dict[str, Verdict]) -> list[str]:
-    """Lines of a fixed-width runtime → verdict table, for terminals."""
-    width = max(len(RUNTIMES[k].title) for k in verdicts)
+def title(key: str) -> str:
+    """The display name of a runtime key (the key itself when unknown, e.g. from a newer report)."""
+    return RUNTIMES[key].title if key in RUNTIMES else key
+
+
+def runtimes_table(verdicts: dict[str, dict]) -> list[str]:
+    """Lines of a fixed-width runtime → verdict table (``runtimes_dict`` form), for terminals."""
+    width = max((len(title(k)) for k in verdicts), default=0)
     lines = []
     for key, v in verdicts.items():
-        lines.append(f"{RUNTIMES[key].title:<{width}}  {v.summary()}")
-        lines += [f"{'':<{width}}    note: {n}" for n in v.notes]
+        lines.append(f"{title(key):<{width}}  {describe(v)}")
+        lines += [f"{'':<{width}}    note: {n}" for n in v.get("notes", ())]
     return lines
 
 
@@ -431,7 +433,7 @@ __all__ = [
     "AdapterFacts",
     "Verdict",
     "check_runtimes",
-    "exact_in",
+    "describe",
     "llama_cpp_scale_factors",
     "read_facts",
     "runtimes_dict",

@@ -12,6 +12,7 @@ from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
 from adaconvert.readers import read_adapter
+from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
 from adaconvert.validation.report import Check, Tolerances, ValidationReport
@@ -41,7 +42,8 @@ def validate(
     Weights: per-module ‖ΔW_orig − ΔW_conv‖/‖ΔW_orig‖ from the factors, modules present on one side only, and
     modules that match nothing in the base model (vLLM would silently ignore them); for ``merged``,
     W_merged − W_base against ΔW_orig, tensor by tensor. Logits: PEFT(original) against PEFT(converted) and the
-    merged model on ``prompts``: max |Δlogit|, max KL, top-1 agreement. vLLM (``vllm=True``): the static check and
+    merged model on ``prompts``: max |Δlogit|, max KL, top-1 agreement. ``report.runtimes`` holds the portability
+    check of each conversion (which runtimes compute it exactly). vLLM (``vllm=True``): the static check and
     vLLM's own loader, then greedy decoding of every converted adapter in one batch against PEFT(original): token
     agreement and max |Δlogprob|. Every problem is collected; the validation fails once, at the end.
 
@@ -109,6 +111,8 @@ def validate(
                 orig, conv, result, subject=label, tol=tols[label], reported=reported
             )
         adapters[label] = (orig, conv)
+        if conv is not None:
+            result.runtimes[label] = runtimes_dict(check_runtimes(conv_dir))
     merged_tol = None
     if merged is not None:
         merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged), overrides=tolerances)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter
+from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
 
@@ -45,8 +45,23 @@ class MlxPlan:
     keys: tuple[str, ...]
     shapes: dict[str, tuple[int, int]]
 
-    def name(self, layer: int, key: str) -> str:
-        return f"{self.prefix}.{layer}.{key}"
+    def names(self) -> dict[str, str]:
+        """Every module mlx-lm wraps, in the order written → its key: ``model.layers.0.self_attn.q_proj`` →
+        ``self_attn.q_proj``."""
+        return {f"{self.prefix}.{layer}.{key}": key for layer in range(self.num_layers) for key in self.keys}
+
+    def complete(self, adapter: Adapter) -> Adapter:
+        """``adapter`` (padded to one rank R) with an all-zero module of rank R for every block and key it lacks:
+        mlx-lm starts ``lora_a`` random, so nothing may be left to its initial values."""
+        rank = adapter.max_rank
+        deltas = {}
+        for name, key in self.names().items():
+            fan_in, fan_out = self.shapes[key]
+            delta = adapter.deltas.get(name)
+            deltas[name] = (
+                delta if delta is not None else LowRankDelta(torch.zeros(rank, fan_in), torch.zeros(fan_out, rank))
+            )
+        return adapter.replace(deltas=deltas)
 
 
 def plan_mlx(source: Adapter, *, num_layers: int | None, path=None) -> MlxPlan:
@@ -114,32 +129,24 @@ def mlx_config_dict(plan: MlxPlan, rank: int) -> dict:
 def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *, dtype: torch.dtype) -> None:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` into an existing ``directory``.
 
-    ``adapter`` must be padded to one rank R (``transforms.pad_ranks``). Every block of ``plan`` and every key gets
-    ``<prefix>.<layer>.<key>.lora_a`` (in, R) = Aᵀ and ``.lora_b`` (R, out) = Bᵀ, zeros for modules the adapter
-    lacks; tensors are streamed to disk one at a time.
+    ``adapter`` must be :meth:`MlxPlan.complete`: every block and key at one rank R. Each module becomes
+    ``<prefix>.<layer>.<key>.lora_a`` (in, R) = Aᵀ and ``.lora_b`` (R, out) = Bᵀ (mlx-lm's parameter names,
+    ``tuner/lora.py`` ``LoRALinear``); tensors are streamed to disk one at a time.
     """
     directory = Path(directory)
+    names = plan.names()
     ranks = {d.rank for d in adapter.deltas.values()}
-    if len(ranks) != 1:
-        raise ValueError("the mlx-lm format needs every module at one rank: pad the adapter first")
+    if set(adapter.deltas) != set(names) or len(ranks) != 1:
+        raise ValueError("the adapter must be MlxPlan.complete(padded adapter): every block and key, one rank")
     rank = ranks.pop()
-    entries = []  # (module name, in, out)
-    for layer in range(plan.num_layers):
-        entries += [(plan.name(layer, key), *plan.shapes[key]) for key in plan.keys]
-    unplaced = set(adapter.deltas) - {name for name, _, _ in entries}
-    if unplaced:
-        raise ValueError(f"modules outside the plan: {sorted(unplaced)[:3]}")
     layout = []
-    for name, fan_in, fan_out in entries:
-        layout += [(f"{name}.lora_a", dtype, (fan_in, rank)), (f"{name}.lora_b", dtype, (rank, fan_out))]
+    for name in names:
+        d = adapter.deltas[name]
+        layout += [(f"{name}.lora_a", dtype, (d.in_features, rank)), (f"{name}.lora_b", dtype, (rank, d.out_features))]
     with SafetensorsWriter(directory / MLX_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
-        for name, fan_in, fan_out in entries:
-            delta = adapter.deltas.get(name)
-            if delta is None:
-                writer.write(f"{name}.lora_a", torch.zeros(fan_in, rank, dtype=dtype))
-                writer.write(f"{name}.lora_b", torch.zeros(rank, fan_out, dtype=dtype))
-            else:
-                writer.write(f"{name}.lora_a", delta.A.T.to(dtype).contiguous())
-                writer.write(f"{name}.lora_b", delta.B.T.to(dtype).contiguous())
+        for name in names:
+            d = adapter.deltas[name]
+            writer.write(f"{name}.lora_a", d.A.T.to(dtype).contiguous())
+            writer.write(f"{name}.lora_b", d.B.T.to(dtype).contiguous())
     config = mlx_config_dict(plan, rank)
     (directory / MLX_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
