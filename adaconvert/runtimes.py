@@ -245,6 +245,8 @@ def llama_cpp_scale_factors(facts: AdapterFacts) -> dict[str, float]:
 
 
 def _check_llama_cpp(facts: AdapterFacts) -> Verdict:
+    """llama.cpp and Ollama (its llama.cpp runner): :func:`llama_cpp_scale_factors` (``convert_lora_to_gguf.py``,
+    ``src/llama-adapter.h`` ``get_scale``); the converter refuses any tensor but ``lora_A`` / ``lora_B``."""
     name = "llama.cpp"
     if (refused := _not_peft(facts, name) or _only_lora_tensors(facts, name)) is not None:
         return refused

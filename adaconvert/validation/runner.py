@@ -112,7 +112,10 @@ def validate(
             )
         adapters[label] = (orig, conv)
         if conv is not None:
-            result.runtimes[label] = runtimes_dict(check_runtimes(conv_dir))
+            try:
+                result.runtimes[label] = runtimes_dict(check_runtimes(conv_dir))
+            except AdaconvertError as exc:  # information only: a conversion we can read but not classify
+                result.notes.append(f"{label}: no portability check ({first_line(exc)})")
     merged_tol = None
     if merged is not None:
         merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged), overrides=tolerances)
