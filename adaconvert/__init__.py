@@ -29,6 +29,7 @@ _LAZY = {
     "serve": "adaconvert.serving",
     "to_lora": "adaconvert.convert",
     "to_lora_many": "adaconvert.batch",
+    "to_mlx": "adaconvert.export_mlx",
     "train": "adaconvert.training",
     "validate": "adaconvert.validation",
 }

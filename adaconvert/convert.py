@@ -20,7 +20,7 @@ from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.report import REPORT_NAME, ConversionReport, build_report
 from adaconvert.runtimes import check_runtimes, runtimes_dict
-from adaconvert.transforms import compress_ranks, pad_ranks, strip_empty
+from adaconvert.transforms import compress_ranks, padding_params, strip_empty, uniform_modules
 from adaconvert.vllm_compat import check_bucket, require_vllm_compat
 from adaconvert.writers import LAYOUTS, write_peft_lora
 
@@ -46,13 +46,12 @@ class Prepared:
     adapter: Adapter
     out_dtype: torch.dtype
 
-    def report(self, destination: str | Path, *, written: Adapter | None = None, layout: str = "compact"):
+    def report(self, destination: str | Path, *, layout: str = "compact", overhead_params: int = 0):
         """The :class:`ConversionReport` of writing ``self.adapter`` to ``destination``.
 
         Args:
-            written: the adapter as the writer laid it out, when it differs from ``self.adapter`` only by zero
-                padding (the uniform layout); its extra parameters are reported as the layout's overhead.
             layout: the name of the layout written, for the report and the card.
+            overhead_params: zero parameters the layout adds on disk (padding), reported against compact.
         """
         return build_report(
             self.source,
@@ -61,7 +60,7 @@ class Prepared:
             dtype=self.out_dtype,
             destination=str(destination),
             layout=layout,
-            written=written,
+            overhead_params=overhead_params,
         )
 
 
@@ -191,10 +190,12 @@ def to_lora(
     adapter = prepared.adapter
     if vllm_max_lora_rank is not None:
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
-    written = pad_ranks(adapter, fill_from=prepared.source) if layout == "uniform" else adapter
-    report = prepared.report(dst, layout=layout, written=written)
+    overhead = 0
+    if layout == "uniform":
+        overhead = padding_params(adapter, uniform_modules(adapter, prepared.source), adapter.max_rank)
+    report = prepared.report(dst, layout=layout, overhead_params=overhead)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        write_peft_lora(written, tmp, dtype=prepared.out_dtype, layout=layout)
+        write_peft_lora(adapter, tmp, dtype=prepared.out_dtype, layout=layout, fill_from=prepared.source)
         # DESIGN.md §3, checked on the files as written: nothing vLLM would reject gets renamed into place.
         # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()

@@ -9,9 +9,9 @@ from adaconvert.card import conversion_card
 from adaconvert.convert import prepare_conversion, write_report_and_card
 from adaconvert.errors import AdaconvertError, InvalidConfigError
 from adaconvert.io.atomic import atomic_output_dir, check_output
+from adaconvert.io.source import read_json, resolve_source
 from adaconvert.report import ConversionReport
 from adaconvert.runtimes import check_runtimes, runtimes_dict
-from adaconvert.transforms import pad_ranks
 from adaconvert.writers.mlx_lm import plan_mlx, write_mlx_adapter
 
 logger = logging.getLogger(__name__)
@@ -62,33 +62,39 @@ def to_mlx(
     dst = check_output(dst, overwrite=overwrite)
     prepared = prepare_conversion(src, max_rank=max_rank, energy=energy, tol=tol, dtype=dtype)
     plan = plan_mlx(prepared.source, num_layers=_num_layers(base, prepared.source.base_model), path=src)
-    padded = pad_ranks(prepared.adapter)
-    written = plan.complete(padded)
-    report = prepared.report(dst, layout="mlx", written=written)
+    adapter = prepared.adapter
+    overhead = plan.params(adapter.max_rank) - adapter.num_params
+    report = prepared.report(dst, layout="mlx", overhead_params=overhead)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        write_mlx_adapter(written, plan, tmp, dtype=prepared.out_dtype)
+        write_mlx_adapter(adapter, plan, tmp, dtype=prepared.out_dtype)
         report.runtimes = runtimes_dict(check_runtimes(tmp))
         write_report_and_card(tmp, report, conversion_card(report, base_model=prepared.adapter.base_model))
-    logger.info("wrote %s: %d blocks × %d keys at rank %d", dst, plan.num_layers, len(plan.keys), padded.max_rank)
+    logger.info("wrote %s: %d blocks × %d keys at rank %d", dst, plan.num_layers, len(plan.keys), adapter.max_rank)
     return report
 
 
 def _num_layers(base, adapter_base: str | None) -> int | None:
     """``num_hidden_layers`` of ``base`` (an error if it cannot be read), else of the adapter's base model if its
-    config can be read, else None."""
-    from adaconvert.base_modules import load_base_config
+    config can be read, else None. Only config.json is read (a Hub id downloads that file alone)."""
+
+    def fetch(repo_id: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "config.json")).parent
 
     if base is None and not adapter_base:
         return None
     try:
-        config = load_base_config(base if base is not None else adapter_base)
+        root = resolve_source(base or adapter_base, what="a base model directory or Hub model id", fetch=fetch)
+        config = read_json(root / "config.json")
     except AdaconvertError:
         if base is not None:
             raise
         logger.warning("base config %s not readable: num_layers from the adapter's own blocks", adapter_base)
         return None
-    config = config.get_text_config()  # a multimodal config keeps the language model's blocks there
-    layers = getattr(config, "num_hidden_layers", None)
+    text = config.get("text_config") or config  # multimodal: the language model's blocks
+    # transformers' names for it (GPT-2 style configs say n_layer)
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in text), None)
     if not isinstance(layers, int):
-        raise InvalidConfigError("the base config has no num_hidden_layers", path=base or adapter_base)
+        raise InvalidConfigError("the base config has no num_hidden_layers", path=root / "config.json")
     return layers

@@ -69,7 +69,7 @@ def build_report(
     dtype: torch.dtype,
     destination: str,
     layout: str = "compact",
-    written: Adapter | None = None,
+    overhead_params: int = 0,
 ) -> ConversionReport:
     """Compare the written adapter (``result`` cast to ``dtype``) with the source, module by module.
 
@@ -80,7 +80,7 @@ def build_report(
             exactly 0: the tensors written are the ones compared).
         result: what is written, each module at its own rank.
         layout: the export layout's name.
-        written: ``result`` as laid out on disk when the layout zero-pads it (uniform); default ``result``.
+        overhead_params: zero parameters the layout adds on disk (uniform, mlx: padding); in ``bytes_after``.
     """
     stored = source.provenance.get("stored_ranks", source.ranks)
     modules = []
@@ -104,7 +104,6 @@ def build_report(
             )
         )
     element = dtype.itemsize
-    overhead = (written.num_params - result.num_params) if written is not None else 0
     return ConversionReport(
         source=str(source.provenance.get("source", "")),
         source_kind=source.source_kind,
@@ -115,10 +114,10 @@ def build_report(
         vllm_max_lora_rank=smallest_bucket(result.max_rank),
         params_before=source.num_params,
         params_after=result.num_params,
-        bytes_after=(result.num_params + overhead) * element,
+        bytes_after=(result.num_params + overhead_params) * element,
         max_rel_error=max((m.rel_error for m in modules), default=0.0),
         removed_modules=sorted(set(source.deltas) - set(result.deltas)),
         provenance={k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "scalings")},
         layout=layout,
-        layout_overhead_params=overhead,
+        layout_overhead_params=overhead_params,
     )

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.adapter import Adapter
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
+from adaconvert.transforms.pad import pad_delta, zero_delta
 
 MLX_WEIGHTS_NAME = "adapters.safetensors"
 MLX_CONFIG_NAME = "adapter_config.json"
@@ -50,18 +51,9 @@ class MlxPlan:
         ``self_attn.q_proj``."""
         return {f"{self.prefix}.{layer}.{key}": key for layer in range(self.num_layers) for key in self.keys}
 
-    def complete(self, adapter: Adapter) -> Adapter:
-        """``adapter`` (padded to one rank R) with an all-zero module of rank R for every block and key it lacks:
-        mlx-lm starts ``lora_a`` random, so nothing may be left to its initial values."""
-        rank = adapter.max_rank
-        deltas = {}
-        for name, key in self.names().items():
-            fan_in, fan_out = self.shapes[key]
-            delta = adapter.deltas.get(name)
-            deltas[name] = (
-                delta if delta is not None else LowRankDelta(torch.zeros(rank, fan_in), torch.zeros(fan_out, rank))
-            )
-        return adapter.replace(deltas=deltas)
+    def params(self, rank: int) -> int:
+        """Parameters written at ``rank``: every block and key, rank·(in + out) each."""
+        return self.num_layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.shapes.values())
 
 
 def plan_mlx(source: Adapter, *, num_layers: int | None, path=None) -> MlxPlan:
@@ -129,23 +121,24 @@ def mlx_config_dict(plan: MlxPlan, rank: int) -> dict:
 def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *, dtype: torch.dtype) -> None:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` into an existing ``directory``.
 
-    ``adapter`` must be :meth:`MlxPlan.complete`: every block and key at one rank R. Each module becomes
-    ``<prefix>.<layer>.<key>.lora_a`` (in, R) = Aᵀ and ``.lora_b`` (R, out) = Bᵀ (mlx-lm's parameter names,
-    ``tuner/lora.py`` ``LoRALinear``); tensors are streamed to disk one at a time.
+    Every block and key of ``plan`` becomes ``<prefix>.<layer>.<key>.lora_a`` (in, R) = Aᵀ and ``.lora_b``
+    (R, out) = Bᵀ (mlx-lm's parameter names, ``tuner/lora.py`` ``LoRALinear``), R the adapter's max rank: each
+    module zero-padded to R (zeros where the adapter has nothing) as it is written, one module in memory at a time.
     """
     directory = Path(directory)
     names = plan.names()
-    ranks = {d.rank for d in adapter.deltas.values()}
-    if set(adapter.deltas) != set(names) or len(ranks) != 1:
-        raise ValueError("the adapter must be MlxPlan.complete(padded adapter): every block and key, one rank")
-    rank = ranks.pop()
+    unplaced = set(adapter.deltas) - set(names)
+    if unplaced:
+        raise ValueError(f"modules outside the plan: {sorted(unplaced)[:3]}")
+    rank = adapter.max_rank
     layout = []
-    for name in names:
-        d = adapter.deltas[name]
-        layout += [(f"{name}.lora_a", dtype, (d.in_features, rank)), (f"{name}.lora_b", dtype, (rank, d.out_features))]
+    for name, key in names.items():
+        fan_in, fan_out = plan.shapes[key]
+        layout += [(f"{name}.lora_a", dtype, (fan_in, rank)), (f"{name}.lora_b", dtype, (rank, fan_out))]
     with SafetensorsWriter(directory / MLX_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
-        for name in names:
-            d = adapter.deltas[name]
+        for name, key in names.items():
+            found = adapter.deltas.get(name)
+            d = pad_delta(found, rank) if found is not None else zero_delta(*plan.shapes[key], rank)
             writer.write(f"{name}.lora_a", d.A.T.to(dtype).contiguous())
             writer.write(f"{name}.lora_b", d.B.T.to(dtype).contiguous())
     config = mlx_config_dict(plan, rank)
