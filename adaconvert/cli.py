@@ -134,7 +134,8 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     report = to_lora(src, dst, **options)
     text = (
         f"wrote {dst}: {sum(1 for m in report.modules if m.rank_after)} modules "
-        f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, "
+        f"({len(report.removed_modules)} empty {'removed' if report.layout == 'compact' else 'written as zeros'}), "
+        f"max rank {report.max_rank}, "
         f"{report.params_after:,} parameters ({report.params_before:,} before), "
         f"max relative error {report.max_rel_error:.2e}\n"
         f"layout: {layout_summary(report)}\n"

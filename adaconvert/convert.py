@@ -75,7 +75,7 @@ def check_options(
     """Reject bad compression / dtype options before any work (one line naming the option).
 
     Raises:
-        InvalidConfigError: an option is out of range; ``RankLimitError`` family for a bad vLLM bucket.
+        InvalidConfigError: an option is out of range, or the vLLM bucket is not one vLLM accepts.
     """
     if max_rank is not None and max_rank < 1:
         raise InvalidConfigError(f"--max-rank must be at least 1, got {max_rank}")

@@ -47,14 +47,12 @@ class AdapterFacts:
         format: ``lora`` (PEFT LoRA), ``adalora`` (PEFT AdaLoRA) or ``mlx`` (an mlx-lm adapter directory).
         config: adapter_config.json.
         modules: module name (no ``base_model.model.``) → shape; for AdaLoRA the stored rank.
-        keys: every tensor key → shape, as stored.
         path: the directory read.
     """
 
     format: str
     config: dict
     modules: dict[str, ModuleShape]
-    keys: dict[str, tuple[int, ...]]
     path: Path
 
     def intended_scale(self, module: str) -> float:
@@ -123,9 +121,8 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
             f"peft_type {config.get('peft_type')!r}: the portability check reads LORA and ADALORA adapters",
             path=root / CONFIG_NAME,
         )
-    missing = [f for f in ("r", "lora_alpha") if not isinstance(config.get(f), int | float)]
-    if peft_type == "ADALORA":
-        missing = [f for f in ("init_r", "lora_alpha") if not isinstance(config.get(f), int | float)]
+    required = ("init_r", "lora_alpha") if peft_type == "ADALORA" else ("r", "lora_alpha")
+    missing = [f for f in required if not isinstance(config.get(f), int | float)]
     if missing:
         raise InvalidConfigError(f"missing or non-numeric {', '.join(missing)}", path=root / CONFIG_NAME)
     keys = tensor_shapes(root)
@@ -138,7 +135,7 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
         b = keys.get(key.removesuffix(a_suffix) + b_suffix)
         if len(a) == 2 and b is not None and len(b) == 2:
             modules[name] = ModuleShape(rank=a[0], in_features=a[1], out_features=b[0])
-    return AdapterFacts(format=peft_type.lower(), config=config, modules=modules, keys=keys, path=root)
+    return AdapterFacts(format=peft_type.lower(), config=config, modules=modules, path=root)
 
 
 def _mlx_facts(root: Path, config: dict) -> AdapterFacts:
@@ -158,7 +155,7 @@ def _mlx_facts(root: Path, config: dict) -> AdapterFacts:
         if key.endswith(".lora_a") and len(a) == 2:
             b = keys.get(key.removesuffix("lora_a") + "lora_b", ())
             modules[key.removesuffix(".lora_a")] = ModuleShape(a[1], a[0], b[1] if len(b) == 2 else 0)
-    return AdapterFacts(format="mlx", config=config, modules=modules, keys=keys, path=root)
+    return AdapterFacts(format="mlx", config=config, modules=modules, path=root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
