@@ -267,6 +267,10 @@ def _check_sglang(facts: AdapterFacts) -> Verdict:
     if (refused := _not_peft(facts, name) or _only_lora_tensors(facts, name)) is not None:
         return refused
     r = facts.config["r"]
+    # lora_config.py of recent SGLang also reads rank_pattern / alpha_pattern (rank_overrides, alpha_overrides)
+    notes = ()
+    if facts.config.get("rank_pattern") or facts.config.get("alpha_pattern"):
+        notes = ("rule of LoRAAdapter's single scale; SGLang versions whose lora_config.py reads the patterns differ",)
     other = [m for m, s in sorted(facts.modules.items()) if s.rank != r]
     if other:
         return Verdict(
@@ -274,10 +278,12 @@ def _check_sglang(facts: AdapterFacts) -> Verdict:
             REFUSED,
             f"{len(other)} module(s) with a rank other than r = {r} (first: {other[0]}, rank "
             f"{facts.modules[other[0]].rank}): the buffer copy fails",
+            notes=notes,
         )
     scale = facts.config["lora_alpha"] / r
     factors = {m: scale / facts.intended_scale(m) for m in facts.modules}
-    return _wrong_or_exact(name, factors, "one scale lora_alpha / r for every module (patterns, rsLoRA not read)")
+    reason = "one scale lora_alpha / r for every module (patterns, rsLoRA not read)"
+    return _wrong_or_exact(name, factors, reason, notes=notes)
 
 
 # LoRAX server/lorax_server/utils/sgmv.py: MIN_SGMV_RANK, SGMV_BLOCK_SIZE (pad_rank / pad_to_min_rank)
@@ -321,10 +327,11 @@ def _check_lorax(facts: AdapterFacts) -> Verdict:
     reason = "one scale lora_alpha / r (patterns not read)"
     if dropped:
         reason += f"; {', '.join(sorted(dropped))} missing in some layer, so not applied in any"
-    notes = ()
+    # the adapter does not say how many layers the base has: a base with more drops every kind (factor 0)
+    notes = [f"checked over the adapter's {len(layers)} layer(s); LoRAX needs each kind in every layer of the base"]
     if any(len({s.rank for s in by_layer.values()}) > 1 for by_layer in kinds.values()):
-        notes = ("ranks differ within a module kind: stacking needs the SGMV kernels' padding (GPU builds)",)
-    return _wrong_or_exact(name, factors, reason, notes=notes)
+        notes.append("ranks differ within a module kind: stacking needs the SGMV kernels' padding (GPU builds)")
+    return _wrong_or_exact(name, factors, reason, notes=tuple(notes))
 
 
 def _check_mlx(facts: AdapterFacts) -> Verdict:
