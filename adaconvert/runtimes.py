@@ -168,6 +168,13 @@ def _not_peft(facts: AdapterFacts, runtime: str) -> Verdict | None:
     return None
 
 
+def _ratio(runtime_scale: float, intended: float) -> float:
+    """runtime scale / intended scale; a module PEFT scales by 0 (lora_alpha 0) is exact only at 0 too."""
+    if intended == 0:
+        return 1.0 if runtime_scale == 0 else math.inf
+    return runtime_scale / intended
+
+
 def _wrong_or_exact(runtime: str, factors: dict[str, float], reason: str, **kw) -> Verdict:
     off = {m: f for m, f in sorted(factors.items()) if not math.isclose(f, 1.0, rel_tol=_FACTOR_RTOL)}
     return Verdict(runtime, WRONG_SCALE, reason, off, **kw) if off else Verdict(runtime, EXACT, **kw)
@@ -238,7 +245,9 @@ def llama_cpp_scale_factors(facts: AdapterFacts) -> dict[str, float]:
         2.0
     """
     alpha = float(facts.config["lora_alpha"])
-    return {m: (alpha / s.rank if alpha else 1.0) / facts.intended_scale(m) for m, s in sorted(facts.modules.items())}
+    return {
+        m: _ratio(alpha / s.rank if alpha else 1.0, facts.intended_scale(m)) for m, s in sorted(facts.modules.items())
+    }
 
 
 def _check_llama_cpp(facts: AdapterFacts) -> Verdict:
@@ -281,7 +290,7 @@ def _check_sglang(facts: AdapterFacts) -> Verdict:
             notes=notes,
         )
     scale = facts.config["lora_alpha"] / r
-    factors = {m: scale / facts.intended_scale(m) for m in facts.modules}
+    factors = {m: _ratio(scale, facts.intended_scale(m)) for m in facts.modules}
     reason = "one scale lora_alpha / r for every module (patterns, rsLoRA not read)"
     return _wrong_or_exact(name, factors, reason, notes=notes)
 
@@ -319,7 +328,7 @@ def _check_lorax(facts: AdapterFacts) -> Verdict:
             )
     c = facts.config
     scale = lora_scaling(c["r"], c["lora_alpha"], use_rslora=bool(c.get("use_rslora")))
-    factors = {m: scale / facts.intended_scale(m) for m in facts.modules}
+    factors = {m: _ratio(scale, facts.intended_scale(m)) for m in facts.modules}
     dropped = [kind for kind, by_layer in kinds.items() if None not in by_layer and set(by_layer) != layers]
     for m in facts.modules:
         if split_module_name(m)[1] in dropped:
