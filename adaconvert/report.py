@@ -48,6 +48,8 @@ class ConversionReport:
     layout_overhead_params: int = 0
     # the portability check of the files as written: runtime → verdict (``runtimes.check_runtimes``)
     runtimes: dict = field(default_factory=dict)
+    # the source's base_model_name_or_path: formats without such a field (mlx-lm) keep it here for the card
+    base_model: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,4 +122,5 @@ def build_report(
         provenance={k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "scalings")},
         layout=layout,
         layout_overhead_params=overhead_params,
+        base_model=source.base_model,
     )

@@ -126,6 +126,23 @@ def test_mlx_files(adaloras, tmp_path):
     assert report.layout_overhead_params == sum(t.numel() for t in tensors.values()) - report.params_after
 
 
+def test_push_checks_mlx_lm_rules_and_regenerates_the_mlx_card(adaloras, tmp_path):
+    from adaconvert.hub import push
+
+    to_mlx(adaloras["llama"][1], tmp_path / "mlx")
+    result = push(tmp_path / "mlx", "me/tiny-mlx", dry_run=True)
+    assert result.problems == []  # mlx-lm's rules, not vLLM's (which would refuse an mlx-lm directory)
+    assert {name for name, _ in result.files} == {
+        "README.md",
+        "adapter_config.json",
+        "adapters.safetensors",
+        "conversion_report.json",
+    }
+    assert 'adapter_path="me/tiny-mlx"' in result.card and "library_name: mlx" in result.card
+    base = json.loads((tmp_path / "mlx" / "conversion_report.json").read_text())["base_model"]
+    assert base and f'load("{base}"' in result.card
+
+
 def test_mlx_cli_json_dtype_and_compression(adaloras, tmp_path, capsys):
     base, adalora = adaloras["llama"]
     args = ["to-mlx", str(adalora), str(tmp_path / "mlx"), "--base", str(base), "--max-rank", "2"]
