@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# measured operation → adaconvert CLI arguments; SRC and DST follow the verb, "{base}" is a Llama-3-8B config
-# directory (only config.json). Add an export verb here to get its row in the same table.
+# measured operation → (adaconvert CLI arguments, suffix of DST): SRC and DST follow the verb, "{base}" is a
+# Llama-3-8B config directory (only config.json). Add an export verb here to get its row in the same table; a verb
+# writing one file gives its suffix (e.g. ".gguf"), a directory "".
 OPERATIONS = {
-    "to-lora (compact)": ["to-lora"],
-    "to-lora --layout uniform": ["to-lora", "--layout", "uniform"],
-    "to-mlx": ["to-mlx", "--base", "{base}"],
+    "to-lora (compact)": (["to-lora"], ""),
+    "to-lora --layout uniform": (["to-lora", "--layout", "uniform"], ""),
+    "to-mlx": (["to-mlx", "--base", "{base}"], ""),
 }
 
 # (name, in_features, out_features) of one Llama-3-8B decoder layer
@@ -112,7 +113,7 @@ def child(mode: str, src: str, dst: str, base: str) -> None:
         Path(dst).mkdir()
         save_file(load_file(f"{src}/adapter_model.safetensors"), f"{dst}/adapter_model.safetensors")
     elif mode in OPERATIONS:  # through the CLI, as users run it
-        verb, *options = (arg.format(base=base) for arg in OPERATIONS[mode])
+        verb, *options = (arg.format(base=base) for arg in OPERATIONS[mode][0])
         if main([verb, src, dst, *options, "--quiet"]) != 0:
             raise SystemExit(f"{mode} failed")
     elif mode != "idle":
@@ -160,7 +161,7 @@ def main() -> None:
             size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=pattern)
             best = {}
             for mode in ("copy", *OPERATIONS):
-                dst = tmp / f"out-{len(best)}"
+                dst = tmp / f"out-{len(best)}{OPERATIONS[mode][1] if mode in OPERATIONS else ''}"
                 runs = [measure(mode, src, dst, base) for _ in range(args.repeat)]
                 best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss", "bytes")}
             rows.append((pattern, size, best))
