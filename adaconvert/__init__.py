@@ -30,6 +30,7 @@ _LAZY = {
     "to_gguf": "adaconvert.gguf_export",
     "to_lora": "adaconvert.convert",
     "to_lora_many": "adaconvert.batch",
+    "to_mlx": "adaconvert.export_mlx",
     "train": "adaconvert.training",
     "validate": "adaconvert.validation",
 }

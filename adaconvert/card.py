@@ -14,6 +14,8 @@ from pathlib import Path
 from adaconvert.adapter import split_module_name
 from adaconvert.io.location import is_hub_id
 from adaconvert.report import ConversionReport
+from adaconvert.runtimes import describe
+from adaconvert.runtimes import title as runtime_title
 
 _METHOD_TAGS = {"adalora": "adalora", "lora-drop": "lora-drop", "lora": "lora"}
 _METHOD_NAMES = {"adalora": "AdaLoRA", "lora-drop": "LoRA-Drop", "lora": "LoRA"}
@@ -152,22 +154,6 @@ def _module_widths(report: ConversionReport) -> dict[str, int]:
     return widths
 
 
-_LAYOUT_TEXT = {
-    "compact": "Layout *compact*: `rank_pattern = alpha_pattern` give each module its own rank (scale r_m / r_m = 1 "
-    "where a runtime reads the patterns).",
-    "uniform": "Layout *uniform*: every module is zero-padded to rank r, with no patterns (scale lora_alpha / r = 1 "
-    "in every runtime that reads one rank).",
-}
-
-
-def layout_summary(report: ConversionReport) -> str:
-    """One line: the layout and what it costs on disk against compact."""
-    if not report.layout_overhead_params:
-        return report.layout
-    share = report.layout_overhead_params / report.params_after if report.params_after else 0.0
-    return f"{report.layout} (+{report.layout_overhead_params:,} zero parameters, {share:.1%} over compact)"
-
-
 def parameter_comparison(report: ConversionReport) -> list[tuple[str, int, str]]:
     """(what, parameters, note) rows: this adapter against fixed-rank LoRAs on the same modules."""
     widths = _module_widths(report)
@@ -203,6 +189,81 @@ def parameter_comparison(report: ConversionReport) -> list[tuple[str, int, str]]
     return rows
 
 
+def runtimes_markdown(runtimes: Mapping) -> str:
+    """The ``runtimes`` section of a report (the portability check of the files written) as a markdown table."""
+    lines = ["| runtime | verdict on these files |", "|---|---|"]
+    lines += [f"| {runtime_title(k)} | " + describe(v).replace("|", "\\|") + " |" for k, v in runtimes.items()]
+    return "\n".join(lines)
+
+
+def _peft_usage(report: ConversionReport, *, base: str, where: str, name: str) -> str:
+    bucket = report.vllm_max_lora_rank or report.max_rank
+    return f"""With PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(model, "{where}")
+```
+
+With vLLM (multi-LoRA serving; `--max-lora-rank` must be at least this adapter's max rank, {report.max_rank}):
+
+```bash
+vllm serve {base} --enable-lora --max-lora-rank {bucket} \\
+    --lora-modules {name}={where}
+```
+"""
+
+
+def _mlx_usage(report: ConversionReport, *, base: str, where: str, name: str) -> str:
+    return f"""With mlx-lm (Apple silicon):
+
+```bash
+mlx_lm.generate --model {base} --adapter-path {where} --prompt "Hello"
+```
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{base}", adapter_path="{where}")
+print(generate(model, tokenizer, prompt="Hello"))
+```
+"""
+
+
+# layout → (what the files are, the library on the Hub, how to use them); the intro follows "Converted by adaconvert"
+_FORMATS = {
+    "compact": (
+        "into a standard PEFT LoRA (`peft_type: LORA`): every module's scaling is folded into `lora_B`, "
+        "`r = lora_alpha = {r}`, and `rank_pattern = alpha_pattern` give each module its own rank (layout *compact*).",
+        "peft",
+        _peft_usage,
+    ),
+    "uniform": (
+        "into a standard PEFT LoRA (`peft_type: LORA`): every module's scaling is folded into `lora_B` and every "
+        "module is zero-padded to rank `r = lora_alpha = {r}`, with no patterns (layout *uniform*).",
+        "peft",
+        _peft_usage,
+    ),
+    "mlx": (
+        "into an mlx-lm adapter (`adapters.safetensors`, `lora_a` = Aᵀ, `lora_b` = Bᵀ): every module's scaling is "
+        "folded into `lora_b`, every module of every block is zero-padded to rank {r}, and `scale` is 1.",
+        "mlx",
+        _mlx_usage,
+    ),
+}
+
+
+def layout_summary(report: ConversionReport) -> str:
+    """One line: the layout and what it costs on disk against compact."""
+    if not report.layout_overhead_params:
+        return report.layout
+    share = report.layout_overhead_params / report.params_after if report.params_after else 0.0
+    return f"{report.layout} (+{report.layout_overhead_params:,} zero parameters, {share:.1%} over compact)"
+
+
 def conversion_card(
     report: ConversionReport,
     *,
@@ -212,7 +273,7 @@ def conversion_card(
     heatmap: str | None = None,
     validation: Mapping | None = None,
 ) -> str:
-    """README.md for a converted adapter.
+    """README.md for a converted adapter, in any of the layouts of :data:`_FORMATS` (``report.layout``).
 
     Args:
         report: what the conversion did (``conversion_report.json`` as a :class:`ConversionReport`).
@@ -224,34 +285,50 @@ def conversion_card(
         validation: a validation report (``adaconvert validate --report``; its checks are shown), if one was made.
 
     Returns:
-        The card text: YAML metadata, summary, rank allocation, parameter counts versus fixed-rank LoRA,
-        conversion (and validation) figures, and PEFT / vLLM snippets.
+        The card text: YAML metadata, summary, the runtimes the files are exact in (``report.runtimes``, the
+        portability check of the files as written), rank allocation, parameter counts versus fixed-rank LoRA,
+        conversion (and validation) figures, and how to load it.
     """
+    intro, library, usage = _FORMATS[report.layout]
     ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}
     method = _METHOD_TAGS.get(report.source_kind, report.source_kind)
     meta = card_metadata(
         base_model=base_model,
-        library_name="peft",
-        tags=["lora", method, "converted", "adaconvert", "peft"],
+        library_name=library,
+        tags=["lora", method, "converted", "adaconvert", library],
         pipeline_tag=_PIPELINE_TAGS.get(task_type or "", "text-generation"),
     )
     where = repo_id or "path/to/this/adapter"
     name = re.sub(r"[^\w.-]", "-", where.rsplit("/", 1)[-1]) if repo_id else "adapter"
     base = snippet_id(base_model) or "BASE_MODEL"
-    bucket = report.vllm_max_lora_rank or report.max_rank
     saved = 1 - report.params_after / report.params_before if report.params_before else 0.0
     errors = [m.rel_error for m in report.modules if m.rank_after]
     params_rows = "\n".join(f"| {what} | {n:,} | {note} |" for what, n, note in parameter_comparison(report))
     heatmap_md = f"\n![rank per layer and module]({heatmap})\n" if heatmap else ""
     validation_md = f"\n## Validation\n\n{validation_table(validation)}\n" if validation else ""
-    removed = f" ({len(report.removed_modules)} empty modules removed)" if report.removed_modules else ""
+    how = "removed" if report.layout == "compact" else "written as zeros"
+    removed = f" ({len(report.removed_modules)} empty modules {how})" if report.removed_modules else ""
+    bucket = report.vllm_max_lora_rank or report.max_rank
+    bucket_row = f"| vLLM `--max-lora-rank` | {bucket} |\n" if library == "peft" else ""
+    exact = [runtime_title(k) for k, v in report.runtimes.items() if v.get("status") == "exact"]
+    runtimes_md = (
+        f"""
+## Runtimes
+
+Exact (the intended scale on every module) in: {", ".join(exact) or "none of the runtimes checked"}.
+From adaconvert's portability check of these files (`adaconvert inspect --runtimes`):
+
+{runtimes_markdown(report.runtimes)}
+"""
+        if report.runtimes
+        else ""
+    )
     return (
         meta
         + f"""
 # Rank-varying LoRA converted from {_METHOD_NAMES.get(report.source_kind, report.source_kind)}
 
-Converted by adaconvert into a standard PEFT LoRA (`peft_type: LORA`): every module's
-scaling is folded into `lora_B` and `r = lora_alpha = {report.max_rank}`. {_LAYOUT_TEXT[report.layout]}
+Converted by adaconvert {intro.format(r=report.max_rank)}
 
 | | value |
 |---|---|
@@ -259,9 +336,8 @@ scaling is folded into `lora_B` and `r = lora_alpha = {report.max_rank}`. {_LAYO
 | max rank | {report.max_rank} |
 | parameters | {report.params_after:,} ({saved:.1%} fewer than the source's {report.params_before:,}) |
 | size | {report.bytes_after / 2**20:.2f} MiB ({report.dtype}) |
-| vLLM `--max-lora-rank` | {bucket} |
-| layout | {layout_summary(report)} |
-
+{bucket_row}| layout | {layout_summary(report)} |
+{runtimes_md}
 ## Rank allocation
 
 {markdown_rank_table(ranks)}
@@ -283,23 +359,7 @@ scaling is folded into `lora_B` and `r = lora_alpha = {report.max_rank}`. {_LAYO
 {validation_md}
 ## Use it
 
-With PEFT:
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("{base}")
-model = PeftModel.from_pretrained(model, "{where}")
-```
-
-With vLLM (multi-LoRA serving; `--max-lora-rank` must be at least this adapter's max rank, {report.max_rank}):
-
-```bash
-vllm serve {base} --enable-lora --max-lora-rank {bucket} \\
-    --lora-modules {name}={where}
-```
-"""
+{usage(report, base=base, where=where, name=name)}"""
     )
 
 

@@ -163,7 +163,8 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     report = to_lora(src, dst, **options)
     text = (
         f"wrote {dst}: {sum(1 for m in report.modules if m.rank_after)} modules "
-        f"({len(report.removed_modules)} empty removed), max rank {report.max_rank}, "
+        f"({len(report.removed_modules)} empty {'removed' if report.layout == 'compact' else 'written as zeros'}), "
+        f"max rank {report.max_rank}, "
         f"{report.params_after:,} parameters ({report.params_before:,} before), "
         f"max relative error {report.max_rel_error:.2e}\n"
         f"layout: {layout_summary(report)}\n"
@@ -209,12 +210,44 @@ def to_gguf_cmd(src, dst, *, as_json, **options):
     emit(report.to_dict(), text, as_json=as_json)
 
 
+@cli.command("to-mlx")
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--base", help="Base model (directory or Hub id; only config.json is read) for its number of blocks.")
+@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
+@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
+@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
+@common_options(overwrite=True, one_torch_thread=True)
+def to_mlx_cmd(src, dst, *, as_json, **options):
+    """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into an mlx-lm adapter directory at DST."""
+    from adaconvert.card import layout_summary
+    from adaconvert.export_mlx import to_mlx
+
+    report = to_mlx(src, dst, **options)
+    text = (
+        f"wrote {dst}: {sum(1 for m in report.modules if m.rank_after)} modules at rank {report.max_rank}, "
+        f"{report.params_after:,} parameters ({report.params_before:,} before), "
+        f"max relative error {report.max_rel_error:.2e}\n"
+        f"layout: {layout_summary(report)}\n"
+        f"use with mlx-lm: mlx_lm.generate --model BASE --adapter-path {dst}"
+    )
+    emit(report.to_dict(), text, as_json=as_json)
+
+
 @cli.command("inspect")
 @click.argument("adapter")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a rank heatmap (layers × modules) PNG.")
+@click.option(
+    "--runtimes", "show_runtimes", is_flag=True, help="Say in which runtimes it is exact, wrong-scale or refused."
+)
 @common_options(one_torch_thread=True)
-def inspect_cmd(adapter, *, as_json, plot):
-    """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs."""
+def inspect_cmd(adapter, *, as_json, plot, show_runtimes):
+    """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs.
+
+    --runtimes adds the portability check: per runtime (PEFT, vLLM, llama.cpp/Ollama, SGLang, LoRAX/TGI, mlx-lm),
+    exact, wrong-scale (which modules, by which factor) or refused (why), from the config and tensor shapes alone.
+    """
     from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
@@ -232,6 +265,10 @@ def inspect_cmd(adapter, *, as_json, plot):
     ]
     if plot:
         lines.append(f"heatmap: {plot}")
+    if show_runtimes:
+        from adaconvert.runtimes import runtimes_table
+
+        lines += ["", "runtimes:", *(f"  {line}" for line in runtimes_table(report.runtimes))]
     emit(report.to_dict(), "\n".join(lines), as_json=as_json)
 
 

@@ -19,7 +19,8 @@ from adaconvert.errors import InvalidConfigError, NonFiniteError, RankLimitError
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.report import REPORT_NAME, ConversionReport, build_report
-from adaconvert.transforms import compress_ranks, pad_ranks, strip_empty
+from adaconvert.runtimes import check_runtimes, runtimes_dict
+from adaconvert.transforms import compress_ranks, padding_params, strip_empty, uniform_modules
 from adaconvert.vllm_compat import check_bucket, require_vllm_compat
 from adaconvert.writers import LAYOUTS, write_peft_lora
 
@@ -45,13 +46,12 @@ class Prepared:
     adapter: Adapter
     out_dtype: torch.dtype
 
-    def report(self, destination: str | Path, *, written: Adapter | None = None, layout: str = "compact"):
+    def report(self, destination: str | Path, *, layout: str = "compact", overhead_params: int = 0):
         """The :class:`ConversionReport` of writing ``self.adapter`` to ``destination``.
 
         Args:
-            written: the adapter as the writer laid it out, when it differs from ``self.adapter`` only by zero
-                padding (the uniform layout); its extra parameters are reported as the layout's overhead.
             layout: the name of the layout written, for the report and the card.
+            overhead_params: zero parameters the layout adds on disk (padding), reported against compact.
         """
         return build_report(
             self.source,
@@ -60,7 +60,7 @@ class Prepared:
             dtype=self.out_dtype,
             destination=str(destination),
             layout=layout,
-            written=written,
+            overhead_params=overhead_params,
         )
 
 
@@ -75,7 +75,7 @@ def check_options(
     """Reject bad compression / dtype options before any work (one line naming the option).
 
     Raises:
-        InvalidConfigError: an option is out of range; ``RankLimitError`` family for a bad vLLM bucket.
+        InvalidConfigError: an option is out of range, or the vLLM bucket is not one vLLM accepts.
     """
     if max_rank is not None and max_rank < 1:
         raise InvalidConfigError(f"--max-rank must be at least 1, got {max_rank}")
@@ -191,15 +191,18 @@ def to_lora(
     adapter = prepared.adapter
     if vllm_max_lora_rank is not None:
         _check_rank_limit(adapter.ranks, vllm_max_lora_rank, src)
-    written = pad_ranks(adapter) if layout == "uniform" else adapter
-    report = prepared.report(dst, layout=layout, written=written)
+    overhead = 0
+    if layout == "uniform":
+        overhead = padding_params(adapter, uniform_modules(adapter, prepared.source), adapter.max_rank)
+    report = prepared.report(dst, layout=layout, overhead_params=overhead)
     with atomic_output_dir(dst, overwrite=overwrite, inputs=[src]) as tmp:
-        write_peft_lora(written, tmp, dtype=prepared.out_dtype, layout=layout)
-        write_report_and_card(tmp, report, conversion_card(report, base_model=adapter.base_model))
+        write_peft_lora(adapter, tmp, dtype=prepared.out_dtype, layout=layout, fill_from=prepared.source)
         # docs/design.md §4, checked on the files as written: nothing vLLM would reject gets renamed into place.
         # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()
         require_vllm_compat(tmp, max_lora_rank=vllm_max_lora_rank, what="the conversion", warn_only=warn_only)
+        report.runtimes = runtimes_dict(check_runtimes(tmp))
+        write_report_and_card(tmp, report, conversion_card(report, base_model=adapter.base_model))
     logger.info("wrote %s: %d modules, max rank %d", dst, len(adapter.deltas), adapter.max_rank)
     return report
 

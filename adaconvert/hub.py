@@ -75,7 +75,8 @@ def push(
 
     The README.md is regenerated from ``conversion_report.json`` with ``repo_id`` in its snippets (the local file is
     left as it is). An adapter must pass the static vLLM check (LoRA keys only, positive integer ranks within
-    vLLM's buckets, no DoRA/bias) and carry its conversion report, unless ``force``.
+    vLLM's buckets, no DoRA/bias; a ``to-mlx`` output: mlx-lm's rules instead) and carry its conversion report,
+    unless ``force``.
 
     Args:
         adapter: local directory (``to-lora`` or ``merge`` output).
@@ -165,6 +166,12 @@ def _check(root: Path, kind: str) -> list[str]:
     problems = (
         [] if (root / REPORT_NAME).is_file() else [f"no {REPORT_NAME}: convert it with adaconvert to-lora first"]
     )
+    config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+    if "lora_parameters" in config and "peft_type" not in config:  # a to-mlx output: mlx-lm's rules, not vLLM's
+        from adaconvert.runtimes import check_runtimes
+
+        verdict = check_runtimes(root, runtimes=["mlx-lm"])["mlx-lm"]
+        return problems + ([] if verdict.status == "exact" else [f"mlx-lm would not load it: {verdict.reason}"])
     return problems + _base_problems(root) + vllm_problems(root)
 
 
@@ -230,7 +237,7 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
         raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
     return conversion_card(
         report,
-        base_model=config.get("base_model_name_or_path"),
+        base_model=config.get("base_model_name_or_path") or report.base_model,
         repo_id=repo_id,
         task_type=config.get("task_type"),
         heatmap=HEATMAP_NAME if (root / HEATMAP_NAME).is_file() else None,

@@ -9,6 +9,7 @@ import torch
 
 from adaconvert.io.atomic import atomic_output_file, check_no_overlap
 from adaconvert.readers import read_adapter
+from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.transforms import strip_empty
 from adaconvert.vllm_compat import smallest_bucket
 
@@ -35,13 +36,15 @@ class InspectReport:
     fixed_max_rank_params: int
     vllm_max_lora_rank: int | None
     provenance: dict
+    # the portability check (runtimes.check_runtimes): runtime → verdict dict
+    runtimes: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport:
-    """Summarise the rank allocation of any supported adapter.
+    """Summarise the rank allocation of any supported adapter, and which runtimes compute it exactly.
 
     Args:
         src: adapter directory or Hub repo id (AdaLoRA, LoRA, LoRA-Drop output, or a converted adapter).
@@ -75,6 +78,7 @@ def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport
         fixed_max_rank_params=adapter.max_rank * width,
         vllm_max_lora_rank=smallest_bucket(adapter.max_rank),
         provenance={k: v for k, v in source.provenance.items() if k in ("init_r", "target_r", "lora_drop", "source")},
+        runtimes=runtimes_dict(check_runtimes(src)),
     )
     if plot is not None:
         plot_rank_heatmap(ranks, plot)

@@ -48,6 +48,8 @@ class ConversionReport:
     layout_overhead_params: int = 0
     # the portability check of the files as written: runtime → verdict (``runtimes.check_runtimes``)
     runtimes: dict = field(default_factory=dict)
+    # the source's base_model_name_or_path: formats without such a field (mlx-lm) keep it here for the card
+    base_model: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +71,7 @@ def build_report(
     dtype: torch.dtype,
     destination: str,
     layout: str = "compact",
-    written: Adapter | None = None,
+    overhead_params: int = 0,
 ) -> ConversionReport:
     """Compare the written adapter (``result`` cast to ``dtype``) with the source, module by module.
 
@@ -80,7 +82,7 @@ def build_report(
             exactly 0: the tensors written are the ones compared).
         result: what is written, each module at its own rank.
         layout: the export layout's name.
-        written: ``result`` as laid out on disk when the layout zero-pads it (uniform); default ``result``.
+        overhead_params: zero parameters the layout adds on disk (uniform, mlx: padding); in ``bytes_after``.
     """
     stored = source.provenance.get("stored_ranks", source.ranks)
     modules = []
@@ -104,7 +106,6 @@ def build_report(
             )
         )
     element = dtype.itemsize
-    overhead = (written.num_params - result.num_params) if written is not None else 0
     return ConversionReport(
         source=str(source.provenance.get("source", "")),
         source_kind=source.source_kind,
@@ -115,10 +116,11 @@ def build_report(
         vllm_max_lora_rank=smallest_bucket(result.max_rank),
         params_before=source.num_params,
         params_after=result.num_params,
-        bytes_after=(result.num_params + overhead) * element,
+        bytes_after=(result.num_params + overhead_params) * element,
         max_rel_error=max((m.rel_error for m in modules), default=0.0),
         removed_modules=sorted(set(source.deltas) - set(result.deltas)),
         provenance={k: v for k, v in result.provenance.items() if k not in ("stored_ranks", "scalings")},
         layout=layout,
-        layout_overhead_params=overhead,
+        layout_overhead_params=overhead_params,
+        base_model=source.base_model,
     )

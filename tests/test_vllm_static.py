@@ -201,8 +201,8 @@ def test_to_lora_runs_the_check_before_renaming(adalora_llama, tmp_path, monkeyp
 
     real_writer = convert.write_peft_lora
 
-    def writer_with_bias(adapter, directory, *, dtype):
-        real_writer(adapter, directory, dtype=dtype)
+    def writer_with_bias(adapter, directory, **options):
+        real_writer(adapter, directory, **options)
         config = directory / "adapter_config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "bias": "lora_only"}))
 

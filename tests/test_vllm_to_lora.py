@@ -7,6 +7,7 @@ import json
 import pytest
 
 import adaconvert
+from adaconvert.runtimes import check_runtimes
 from tests.peft_utils import peft_greedy
 from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids, vllm_load_adapter
 
@@ -26,6 +27,10 @@ def test_two_converted_adapters_in_one_engine_match_peft(
     prompts = prompt_token_ids(tiny_llama)
     base = peft_greedy(tiny_llama, None, prompts)
     for name, conv, orig in (("a", converted[0], adalora_llama), ("b", converted[1], adalora_llama_b)):
+        # the portability check's prediction for a compact adapter with ranks below R, checked by serving it
+        config = json.loads((conv / "adapter_config.json").read_text())
+        assert min(config["rank_pattern"].values()) < config["r"]
+        assert check_runtimes(conv)["vllm"].status == "exact"
         expected = peft_greedy(tiny_llama, orig, prompts)
         assert expected != base, "the adapter must change the generation for the test to mean something"
         assert_same_generation(greedy(vllm_engine, prompts, conv, name=name), expected)
@@ -35,8 +40,21 @@ def test_two_converted_adapters_in_one_engine_match_peft(
     )
 
 
+def test_uniform_layout_serves_like_peft(vllm_engine, adalora_llama, tiny_llama, tmp_path):
+    """The uniform layout (every module at rank R, no patterns) in the same engine: what PEFT computes."""
+    adaconvert.to_lora(adalora_llama, tmp_path / "uniform", layout="uniform")
+    assert check_runtimes(tmp_path / "uniform")["vllm"].status == "exact"
+    prompts = prompt_token_ids(tiny_llama)
+    assert_same_generation(
+        greedy(vllm_engine, prompts, tmp_path / "uniform", name="uniform"),
+        peft_greedy(tiny_llama, adalora_llama, prompts),
+    )
+
+
 def test_vllm_rejects_the_raw_adalora_directory(adalora_llama, tmp_path):
-    """Why this project exists: vLLM's adapter loader refuses PEFT's AdaLoRA checkpoints, and loads ours."""
+    """Why this project exists: vLLM's adapter loader refuses PEFT's AdaLoRA checkpoints, and loads ours; the
+    portability check predicts both."""
+    assert check_runtimes(adalora_llama)["vllm"].status == "refused"
     with pytest.raises(ValueError, match=r"rank_pattern. must be a positive integer, got \[(True|False)"):
         vllm_load_adapter(adalora_llama)
     adaconvert.to_lora(adalora_llama, tmp_path / "ok")

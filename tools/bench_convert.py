@@ -1,12 +1,12 @@
-"""Benchmark `to-lora` on a synthetic AdaLoRA adapter with Llama-3-8B shapes.
+"""Benchmark the export verbs on a synthetic AdaLoRA adapter with Llama-3-8B shapes.
 
 Compares, in the same run and each in a fresh subprocess (so that peak RSS is its own):
-  - copy:    safetensors load_file + save_file of the same tensors (what any conversion must at least do);
-  - convert: `adaconvert to-lora` (read, fold scaling, strip, measure errors, write, check, card + report);
-  - gguf:    `adaconvert to-gguf` (the same pipeline, one f32 GGUF file + report + card), in a table of its own.
-Prints wall time and peak RSS, the ratios, and the adapter size.
+  - copy: safetensors load_file + save_file of the same tensors (what any conversion must at least do);
+  - every entry of OPERATIONS: an adaconvert verb through the CLI, as users run it (`to-lora` in both layouts,
+    `to-mlx`, `to-gguf`: read, fold scaling, strip, measure errors, write, checks, card + report).
+Prints wall time and peak RSS, their ratios to the copy, and the output size against the compact layout's.
 
-    python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB)
+    python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB, ~320 MiB)
     python tools/bench_convert.py --layers 4      # quick
 """
 
@@ -20,6 +20,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# measured operation → (adaconvert CLI arguments, suffix of DST): SRC and DST follow the verb, "{base}" is a
+# Llama-3-8B config directory (only config.json). Add an export verb here to get its row in the same table; a verb
+# writing one file gives its suffix (e.g. ".gguf"), a directory "".
+OPERATIONS = {
+    "to-lora (compact)": (["to-lora"], ""),
+    "to-lora --layout uniform": (["to-lora", "--layout", "uniform"], ""),
+    "to-mlx": (["to-mlx", "--base", "{base}"], ""),
+    "to-gguf (f32)": (["to-gguf", "--base", "{base}", "--overwrite"], ".gguf"),  # its side files stay
+}
 
 # (name, in_features, out_features) of one Llama-3-8B decoder layer
 LLAMA3_8B = [
@@ -71,11 +81,28 @@ def make_adapter(path: Path, *, layers: int, init_r: int, pattern: bool, seed: i
     return (path / "adapter_model.safetensors").stat().st_size
 
 
-def child(mode: str, src: str, dst: str) -> None:
+def make_base_config(path: Path, *, layers: int) -> Path:
+    """A Llama-3-8B-shaped config.json (no weights): what ``--base`` reads."""
+    path.mkdir(parents=True)
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def child(mode: str, src: str, dst: str, base: str) -> None:
     """Run one measured operation; print {"seconds", "peak_rss"} as JSON on stdout."""
     # imports happen before the clock starts in every mode, so only the work is timed (the model card's
     # huggingface_hub import is a fixed per-process cost, about 0.1-0.3 s, reported by the "idle" run's RSS only)
-    import gguf  # noqa: F401
     import huggingface_hub  # noqa: F401
     from safetensors.torch import load_file, save_file
 
@@ -86,24 +113,32 @@ def child(mode: str, src: str, dst: str) -> None:
     if mode == "copy":
         Path(dst).mkdir()
         save_file(load_file(f"{src}/adapter_model.safetensors"), f"{dst}/adapter_model.safetensors")
-    elif mode == "convert":  # through the CLI, as users run it
-        if main(["to-lora", src, dst, "--quiet"]) != 0:
-            raise SystemExit("conversion failed")
-    elif mode == "gguf":  # base config written by gguf_table beside the adapter
-        if main(["to-gguf", src, f"{dst}/adapter.gguf", "--base", f"{src}-base", "--quiet"]) != 0:
-            raise SystemExit("GGUF export failed")
+    elif mode in OPERATIONS:  # through the CLI, as users run it
+        verb, *options = (arg.format(base=base) for arg in OPERATIONS[mode][0])
+        if main([verb, src, dst, *options, "--quiet"]) != 0:
+            raise SystemExit(f"{mode} failed")
     elif mode != "idle":
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes()}))
 
 
-def measure(mode: str, src: Path, dst: Path) -> dict:
-    shutil.rmtree(dst, ignore_errors=True)
+def output_bytes(path: Path) -> int:
+    """Size of everything written (a directory's files, or one file; 0 when nothing was)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def measure(mode: str, src: Path, dst: Path, base: Path) -> dict:
+    shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(missing_ok=True)
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(src), str(dst)], check=True, capture_output=True, text=True
+        [sys.executable, __file__, "--child", mode, str(src), str(dst), str(base)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "bytes": output_bytes(dst)}
 
 
 def main() -> None:
@@ -111,82 +146,47 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--init-r", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the best time and RSS are kept")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "SRC", "DST", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
 
-    idle = measure("idle", Path("."), Path(tempfile.gettempdir()) / "adaconvert-bench-idle")
     rows = []
     with tempfile.TemporaryDirectory(prefix="adaconvert-bench-") as tmp:
         tmp = Path(tmp)
+        base = make_base_config(tmp / "base", layers=args.layers)
+        idle = measure("idle", Path("."), tmp / "idle", base)
         for pattern in (False, True):
             src = tmp / f"adalora-{pattern}"
             size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=pattern)
             best = {}
-            for mode in ("copy", "convert"):
-                runs = [measure(mode, src, tmp / f"out-{mode}") for _ in range(args.repeat)]
-                best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss")}
+            for mode in ("copy", *OPERATIONS):
+                dst = tmp / f"out-{len(best)}{OPERATIONS[mode][1] if mode in OPERATIONS else ''}"
+                runs = [measure(mode, src, dst, base) for _ in range(args.repeat)]
+                best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss", "bytes")}
             rows.append((pattern, size, best))
 
     mb = 2**20
     print(
-        f"\nto-lora on a synthetic AdaLoRA, Llama-3-8B shapes: {args.layers} layers x 7 projections, "
+        f"\nExports of a synthetic AdaLoRA, Llama-3-8B shapes: {args.layers} layers x 7 projections, "
         f"init_r {args.init_r}, float32; best of {args.repeat}; python+torch idle RSS {idle['peak_rss'] / mb:.0f} MiB"
     )
     header = (
-        "| rank_pattern | adapter MiB | copy s | convert s | time ratio | copy RSS MiB | convert RSS MiB "
-        "| RSS / adapter | (RSS - idle) / adapter |"
+        "| rank_pattern | adapter MiB | operation | s | time / copy | peak RSS MiB | RSS / adapter "
+        "| (RSS - idle) / adapter | output MiB | output / compact |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for pattern, size, best in rows:
-        c, v = best["copy"], best["convert"]
-        print(
-            f"| {'set' if pattern else 'null'} | {size / mb:.0f} | {c['seconds']:.2f} | {v['seconds']:.2f} "
-            f"| {v['seconds'] / c['seconds']:.2f} | {c['peak_rss'] / mb:.0f} | {v['peak_rss'] / mb:.0f} "
-            f"| {v['peak_rss'] / size:.2f} | {(v['peak_rss'] - idle['peak_rss']) / size:.2f} |"
-        )
-    gguf_table(args, idle)
-
-
-# Llama-3-8B's config.json, as far as to-gguf reads it (architecture, heads, layers, tied embeddings)
-LLAMA3_8B_CONFIG = {
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_hidden_layers": 32,
-    "tie_word_embeddings": False,
-}
-
-
-def gguf_table(args, idle: dict) -> None:
-    """`to-gguf` (f32) of the rank_pattern-null adapter against the same copy, in a table of its own."""
-    mb = 2**20
-    with tempfile.TemporaryDirectory(prefix="adaconvert-bench-gguf-") as tmp:
-        src = Path(tmp) / "adalora"
-        size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=False)
-        base = Path(f"{src}-base")
-        base.mkdir()
-        (base / "config.json").write_text(json.dumps({**LLAMA3_8B_CONFIG, "num_hidden_layers": args.layers}))
-        best = {}
-        for mode in ("copy", "gguf"):
-            runs = [measure(mode, src, Path(tmp) / f"out-{mode}") for _ in range(args.repeat)]
-            best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss")}
-        gguf_size = (Path(tmp) / "out-gguf" / "adapter.gguf").stat().st_size
-    c, g = best["copy"], best["gguf"]
-    print(f"\nto-gguf --outtype f32 of the same adapter (rank_pattern null); best of {args.repeat}")
-    header = (
-        "| adapter MiB | GGUF MiB | copy s | to-gguf s | time ratio | copy RSS MiB | to-gguf RSS MiB | RSS / adapter |"
-    )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    print(
-        f"| {size / mb:.0f} | {gguf_size / mb:.0f} | {c['seconds']:.2f} | {g['seconds']:.2f} "
-        f"| {g['seconds'] / c['seconds']:.2f} | {c['peak_rss'] / mb:.0f} | {g['peak_rss'] / mb:.0f} "
-        f"| {g['peak_rss'] / size:.2f} |"
-    )
+        copy, compact = best["copy"], best["to-lora (compact)"]
+        for mode, m in best.items():
+            print(
+                f"| {'set' if pattern else 'null'} | {size / mb:.0f} | {mode} | {m['seconds']:.2f} "
+                f"| {m['seconds'] / copy['seconds']:.2f} | {m['peak_rss'] / mb:.0f} | {m['peak_rss'] / size:.2f} "
+                f"| {(m['peak_rss'] - idle['peak_rss']) / size:.2f} | {m['bytes'] / mb:.0f} "
+                f"| {m['bytes'] / compact['bytes']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
-"""Pure ``Adapter -> Adapter`` transforms: no I/O, inputs never mutated."""
+"""Pure ``Adapter -> Adapter`` transforms (and per-module helpers): no I/O, inputs never mutated."""
 
 from adaconvert.transforms.compress import compress_ranks, low_rank_svd
-from adaconvert.transforms.pad import pad_ranks
+from adaconvert.transforms.pad import pad_delta, padding_params, uniform_modules, zero_delta
 from adaconvert.transforms.strip import strip_empty
 
-__all__ = ["compress_ranks", "low_rank_svd", "pad_ranks", "strip_empty"]
+__all__ = [
+    "compress_ranks",
+    "low_rank_svd",
+    "pad_delta",
+    "padding_params",
+    "strip_empty",
+    "uniform_modules",
+    "zero_delta",
+]

@@ -124,6 +124,8 @@ class ValidationReport:
         problems: every failure; empty when the validation passed.
         modules: per pair, ``{module: relative ΔW error}`` (None for a module present on one side only).
         notes: things worth knowing that are not failures (an adapter that barely changes the outputs).
+        runtimes: per pair, the portability check of the converted adapter (``runtimes.check_runtimes``): runtime
+            → verdict dict. Information, not a pass/fail level.
     """
 
     base: str
@@ -135,6 +137,7 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     modules: dict[str, dict[str, float | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    runtimes: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -179,6 +182,11 @@ class ValidationReport:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
         lines = [line.rstrip() for line in lines]
         lines += [f"note: {n}" for n in self.notes]
+        for label, verdicts in self.runtimes.items():
+            by_status: dict[str, list[str]] = {}
+            for runtime, v in verdicts.items():
+                by_status.setdefault(v["status"], []).append(runtime)
+            lines.append(f"runtimes {label}: " + "; ".join(f"{s} in {', '.join(r)}" for s, r in by_status.items()))
         lines += [f"problem: {p}" for p in self.problems]
         verdict = "PASSED" if self.passed else f"FAILED at level(s): {', '.join(self.failed_levels)}"
         lines.append(f"{verdict} ({len(self.checks)} checks, {len(self.problems)} problems)")

@@ -15,6 +15,7 @@ from adaconvert.io.atomic import check_no_overlap
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
 from adaconvert.readers import read_adapter
+from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
 from adaconvert.validation.report import Check, Tolerances, ValidationReport
@@ -44,7 +45,8 @@ def validate(
     Weights: per-module ‖ΔW_orig − ΔW_conv‖/‖ΔW_orig‖ from the factors, modules present on one side only, and
     modules that match nothing in the base model (vLLM would silently ignore them); for ``merged``,
     W_merged − W_base against ΔW_orig, tensor by tensor. Logits: PEFT(original) against PEFT(converted) and the
-    merged model on ``prompts``: max |Δlogit|, max KL, top-1 agreement. vLLM (``vllm=True``): the static check and
+    merged model on ``prompts``: max |Δlogit|, max KL, top-1 agreement. ``report.runtimes`` holds the portability
+    check of each conversion (which runtimes compute it exactly). vLLM (``vllm=True``): the static check and
     vLLM's own loader, then greedy decoding of every converted adapter in one batch against PEFT(original): token
     agreement and max |Δlogprob|. Every problem is collected; the validation fails once, at the end.
 
@@ -118,6 +120,11 @@ def validate(
                 orig, conv, result, subject=label, tol=tols[label], reported=reported
             )
         adapters[label] = (orig, conv)
+        if conv is not None:
+            try:
+                result.runtimes[label] = runtimes_dict(check_runtimes(conv_dir))
+            except AdaconvertError as exc:  # information only: a conversion we can read but not classify
+                result.notes.append(f"{label}: no portability check ({first_line(exc)})")
     merged_tol = None
     if merged is not None:
         base_ckpt, merged_ckpt = open_checkpoint(base), open_checkpoint(merged)

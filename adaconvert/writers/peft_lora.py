@@ -5,51 +5,49 @@ Each module's scaling is already folded into B.
 - ``compact``: each module at its own rank r_m; the config says ``r = lora_alpha = R = max_m r_m`` and
   ``rank_pattern = alpha_pattern = {module: r_m}``. PEFT and vLLM ≥ 0.11 read the patterns (scale r_m / r_m = 1);
   runtimes that ignore them (llama.cpp, SGLang, LoRAX/TGI) compute another scale or refuse it (``runtimes.py``).
-- ``uniform``: every module zero-padded to rank R (``transforms.pad_ranks``), no patterns, integer
+- ``uniform``: every module zero-padded to rank R as it is written (``transforms.pad_delta``), no patterns, integer
   ``r = lora_alpha = R``: scale 1 in every runtime that reads ``lora_alpha / r``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter
+from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
 from adaconvert.readers._common import PEFT_PREFIX
+from adaconvert.transforms.pad import pad_delta, uniform_modules, zero_delta
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 LAYOUTS = ("compact", "uniform")
 
 
-def lora_config_dict(adapter: Adapter, *, layout: str = "compact") -> dict:
+def lora_config_dict(adapter: Adapter, *, layout: str = "compact", modules: Iterable[str] = ()) -> dict:
     """adapter_config.json for ``adapter`` in ``layout`` (``compact`` or ``uniform``, see the module docstring).
 
-    ``target_modules`` lists the full module names, so PEFT wraps exactly the modules that have weights. For
-    ``uniform`` the adapter must already be padded (every module at the same rank).
+    ``target_modules`` lists the full module names, so PEFT wraps exactly the modules that have weights; with
+    ``uniform``, also ``modules`` the adapter lacks (written as zeros).
 
     Raises:
         InvalidConfigError: the adapter has no module.
-        ValueError: ``uniform`` with modules of different ranks (a programming error: pad first).
     """
     if not adapter.deltas:
         raise InvalidConfigError("adapter has no module with a non-zero update left; nothing to write")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    max_rank = adapter.max_rank
+    names = set(adapter.deltas) | (set(modules) if layout == "uniform" else set())
     # PEFT and vLLM take the first key matching a dotted suffix of a module name. Deeper names first: a module's
     # own key then always comes before any key that is a suffix of it (``encoder.fc`` inside ``vision.encoder.fc``).
-    ranks = {name: adapter.deltas[name].rank for name in sorted(adapter.deltas, key=lambda n: (-n.count("."), n))}
-    max_rank = max(ranks.values())
-    if layout == "uniform":
-        if set(ranks.values()) != {max_rank}:
-            raise ValueError("the uniform layout needs every module at one rank: pad the adapter first")
-        patterns = {}  # PEFT's default: every module at r, alpha lora_alpha
-    elif layout == "compact":
-        patterns = ranks
-    else:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    ordered = sorted(names, key=lambda n: (-n.count("."), n))
+    # uniform: PEFT's default, every module at r with alpha lora_alpha
+    patterns = {name: adapter.deltas[name].rank for name in ordered} if layout == "compact" else {}
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -59,7 +57,7 @@ def lora_config_dict(adapter: Adapter, *, layout: str = "compact") -> dict:
         "lora_alpha": max_rank,
         "rank_pattern": patterns,
         "alpha_pattern": dict(patterns),
-        "target_modules": list(ranks),
+        "target_modules": ordered,
         "fan_in_fan_out": adapter.fan_in_fan_out,
         "bias": "none",
         "lora_dropout": 0.0,
@@ -74,27 +72,44 @@ def lora_config_dict(adapter: Adapter, *, layout: str = "compact") -> dict:
     }
 
 
-def write_peft_lora(adapter: Adapter, directory: str | Path, *, dtype: torch.dtype, layout: str = "compact") -> None:
+def write_peft_lora(
+    adapter: Adapter,
+    directory: str | Path,
+    *,
+    dtype: torch.dtype,
+    layout: str = "compact",
+    fill_from: Adapter | None = None,
+) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into an existing ``directory``.
 
-    ``layout`` as in :func:`lora_config_dict`: a ``uniform`` adapter must already be padded.
-
-    Tensors are cast to ``dtype`` one at a time and streamed to disk. Keys are
-    ``base_model.model.<module>.lora_A.weight`` (r_m, in) and ``.lora_B.weight`` (out, r_m), modules sorted.
-    Callers wanting atomic output pass a temporary directory (see ``io.atomic.atomic_output_dir``).
+    Tensors are cast to ``dtype`` (and, for ``uniform``, zero-padded to the max rank R) one module at a time and
+    streamed to disk. Keys are ``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight``
+    (out, r). ``uniform`` also writes the modules of ``fill_from`` that ``adapter`` lacks, as zeros
+    (``transforms.uniform_modules``). Callers wanting atomic output pass a temporary directory
+    (see ``io.atomic.atomic_output_dir``).
     """
     directory = Path(directory)
-    config = lora_config_dict(adapter, layout=layout)
-    layout = []
+    uniform = layout == "uniform"
+    shapes = uniform_modules(adapter, fill_from if uniform else None)  # {module: (in, out)}
+    config = lora_config_dict(adapter, layout=layout, modules=shapes)
+    rank = config["r"]
+
+    def delta(name: str) -> LowRankDelta:
+        found = adapter.deltas.get(name)
+        if not uniform:
+            return found
+        return pad_delta(found, rank) if found is not None else zero_delta(*shapes[name], rank)
+
+    layout_specs = []
     for name in config["target_modules"]:
-        d = adapter.deltas[name]
-        layout += [
-            (f"{PEFT_PREFIX}{name}.lora_A.weight", dtype, d.A.shape),
-            (f"{PEFT_PREFIX}{name}.lora_B.weight", dtype, d.B.shape),
+        (fan_in, fan_out), r = shapes[name], rank if uniform else adapter.deltas[name].rank
+        layout_specs += [
+            (f"{PEFT_PREFIX}{name}.lora_A.weight", dtype, (r, fan_in)),
+            (f"{PEFT_PREFIX}{name}.lora_B.weight", dtype, (fan_out, r)),
         ]
-    with SafetensorsWriter(directory / WEIGHTS_NAME, layout, metadata={"format": "pt"}) as writer:
+    with SafetensorsWriter(directory / WEIGHTS_NAME, layout_specs, metadata={"format": "pt"}) as writer:
         for name in config["target_modules"]:
-            d = adapter.deltas[name]
+            d = delta(name)
             writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", d.A.to(dtype))
             writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", d.B.to(dtype))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
