@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.needs import require
+
 # llama.cpp against transformers, both float32 (f32 weights and KV cache, one thread): max |Δlogit| on logits of
 # magnitude ~3. The two sum in different orders (ggml's own kernels vs. torch's BLAS, AVX2 or AVX-512 depending on
 # the CI machine): measured 2e-6 to 4e-6 on the tiny bases, with and without an adapter. 1e-4 leaves room for other
@@ -26,13 +28,7 @@ LOGIT_TOL = 1e-4
 
 def require_llama_cpp():
     """Import llama_cpp; skip locally when missing, fail in CI (these tests are never skipped there)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("llama-cpp-python is not installed, but CI must run the llama.cpp tests")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
+    return require("llama_cpp", purpose="the llama.cpp tests")
 
 
 def write_base_gguf(model_dir: str | Path, path: str | Path) -> Path:

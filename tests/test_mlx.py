@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -17,6 +16,7 @@ from adaconvert.export_mlx import to_mlx
 from adaconvert.runtimes import check_runtimes
 from tests.adapter_edits import edited_copy
 from tests.conftest import adalora_config, lora_config
+from tests.needs import require
 from tests.peft_utils import base_logits, peft_logits, prompt_ids, train_peft
 
 # float32 on both sides, but mlx and torch order their sums differently (and CPUs differ: AVX2, AVX-512, NEON).
@@ -27,23 +27,14 @@ LOGIT_TOL = 1e-4
 
 def _require_mlx_lm():
     """mlx-lm where it is installed; skipped locally without it, a failure in CI (never skipped there)."""
-    try:
-        import mlx_lm
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("mlx-lm is not installed, but CI must run the mlx-lm tests")
-        pytest.skip("mlx-lm is not installed")
-    return mlx_lm
+    return require("mlx_lm", purpose="the mlx-lm tests")
 
 
 @pytest.fixture(scope="module")
 def adaloras(adalora_llama, tiny_llama, tiny_qwen2, tmp_path_factory):
     """Real PEFT-trained AdaLoRAs with pruned, rank-varying modules, on llama (GQA) and qwen2 (biases, tied)."""
     out = tmp_path_factory.mktemp("mlx-adalora-qwen2")
-    # the tiny qwen2's own tokenizer class ignores its tokenizer.json under transformers 5: batch from llama's
-    qwen2 = train_peft(
-        tiny_qwen2, out, adalora_config("qwen2", total_step=30), steps=30, seed=0, adalora=True, tokens_from=tiny_llama
-    )
+    qwen2 = train_peft(tiny_qwen2, out, adalora_config("qwen2", total_step=30), steps=30, seed=0, adalora=True)
     return {"llama": (tiny_llama, adalora_llama), "qwen2": (tiny_qwen2, qwen2)}
 
 
