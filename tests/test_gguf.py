@@ -18,6 +18,7 @@ from adaconvert.cli import main
 from adaconvert.convert import prepare_conversion, to_lora
 from adaconvert.errors import AdapterShapeError, InvalidConfigError, OutputExistsError, SourceNotFoundError
 from adaconvert.gguf_export import load_gguf_base, side_files, to_gguf
+from adaconvert.runtimes import check_runtimes, llama_cpp_scale_factors, read_facts
 from adaconvert.writers.gguf import write_gguf_lora
 from tests.conftest import adalora_config
 from tests.gguf_utils import (
@@ -68,14 +69,6 @@ def reference(base, adapter) -> torch.Tensor:
     return peft_logits(base, adapter, torch.tensor([IDS]))[0]
 
 
-def llama_cpp_factors(adapter_config: dict, ranks: dict[str, int]) -> dict[str, float]:
-    """What llama.cpp does to each module of a PEFT LoRA converted with its ``lora_alpha`` copied into
-    ``adapter.lora.alpha``: scale alpha / r_m (``get_scale``, rank = the tensor's own), where PEFT applied the
-    module's own alpha / r (1 in our layouts). The portability check predicts these factors from the config and
-    shapes alone; this is the same prediction, kept in one place so that it can be swapped for that check."""
-    return {module: adapter_config["lora_alpha"] / rank for module, rank in ranks.items()}
-
-
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
@@ -115,13 +108,17 @@ def test_gguf_from_lora_with_patterns_and_from_to_lora_output(bases, runners, lo
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compact_alpha_is_mis_scaled_by_predicted_factors(arch, bases, runners, adaloras, tmp_path):
     """The compact layout's ``lora_alpha = R`` in a GGUF (as llama.cpp's converter copies it) is loudly wrong, and
-    wrong by exactly R / r_m per module: dividing each module's B by its predicted factor makes it exact again."""
+    wrong by exactly the factors the portability check predicts for llama.cpp (R / r_m per module): dividing each
+    module's B by its predicted factor makes it exact again."""
     src = adaloras[arch]
     to_lora(src, tmp_path / "compact")
     config = json.loads((tmp_path / "compact" / "adapter_config.json").read_text())
     adapter = prepare_conversion(tmp_path / "compact").adapter
-    factors = llama_cpp_factors(config, adapter.ranks)
+    factors = llama_cpp_scale_factors(read_facts(tmp_path / "compact"))
+    assert factors == pytest.approx({m: config["lora_alpha"] / r for m, r in adapter.ranks.items()})
     assert max(factors.values()) / min(factors.values()) > 1, "ranks must vary for the factors to differ"
+    verdict = check_runtimes(tmp_path / "compact", runtimes=["llama.cpp"])["llama.cpp"]
+    assert verdict.status == "wrong-scale"
     base = load_gguf_base(bases[arch])
     want = reference(bases[arch], src)
 
