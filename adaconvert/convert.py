@@ -202,7 +202,8 @@ def to_lora(
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()
         require_vllm_compat(tmp, max_lora_rank=vllm_max_lora_rank, what="the conversion", warn_only=warn_only)
         report.runtimes = runtimes_dict(check_runtimes(tmp))
-        write_report_and_card(tmp, report, conversion_card(report, base_model=adapter.base_model))
+        card = conversion_card(report, base_model=adapter.base_model, task_type=adapter.task_type)
+        write_report_and_card(tmp, report, card)
     logger.info("wrote %s: %d modules, max rank %d", dst, len(adapter.deltas), adapter.max_rank)
     return report
 

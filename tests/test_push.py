@@ -578,3 +578,21 @@ def test_local_base_path_stays_in_the_snippets(adapter, tmp_path):
     result = push(adapter, REPO, dry_run=True)
     assert not any("base_model_name_or_path" in p for p in result.problems)
     assert f'from_pretrained("{base}")' in result.card
+
+
+def test_local_card_and_pushed_card_agree_on_the_pipeline_tag(lora_variants, tmp_path):
+    """to-lora's README and the card push regenerates both follow the adapter's task_type."""
+    from adaconvert import to_lora
+    from adaconvert.hub import _card
+
+    src = tmp_path / "feature-extraction"
+    shutil.copytree(lora_variants["plain"], src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "task_type": "FEATURE_EXTRACTION"}))
+    to_lora(src, tmp_path / "out")
+
+    def tag(card: str) -> str:
+        return re.search(r"^pipeline_tag: (.+)$", card, re.M).group(1)
+
+    local = (tmp_path / "out" / "README.md").read_text()
+    assert tag(local) == tag(_card(tmp_path / "out", "adapter", "me/x")) == "feature-extraction"
