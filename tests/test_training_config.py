@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from adaconvert import errors
-from adaconvert.cli import main
-from adaconvert.training.config import TrainOptions, adalora_schedule, load_options, optimizer_steps
+from adaconvert.cli import cli, main
+from adaconvert.training.config import (
+    FIELDS,
+    REQUIRED,
+    TrainOptions,
+    adalora_schedule,
+    flag,
+    load_options,
+    optimizer_steps,
+    option_kind,
+)
 from adaconvert.training.data import CausalCollator, load_texts, tokenize
 from tests.training_utils import write_jsonl
 
@@ -38,6 +47,58 @@ def test_recipe_then_overrides(tmp_path):
     assert options.alpha == 32  # default 2 × init_r
 
 
+def _other_value(name: str):
+    """A valid value of option ``name`` that is not its default, as a recipe would spell it."""
+    f = FIELDS[name]
+    if f.metadata["choices"]:
+        return next(c for c in f.metadata["choices"] if c != f.default)
+    return {
+        bool: not f.default,
+        int: 3 if f.default != 3 else 4,
+        float: 0.25 if f.default != 0.25 else 0.5,
+        str: "x-value",
+        list: ["q_proj", "v_proj"],
+    }[option_kind(name)]
+
+
+def test_every_option_is_settable_from_the_cli_and_a_recipe(tmp_path):
+    """The dataclass is the one list: each field has a command-line spelling and a recipe key, both reaching it."""
+    import yaml
+
+    command = cli.commands["train"]
+    spellings = {opt: param.name for param in command.params for opt in [*param.opts, *param.secondary_opts]}
+    spellings["METHOD"] = "method"  # the argument
+    for name in FIELDS:
+        assert spellings.get(flag(name)) == name, f"{name} has no command-line flag {flag(name)}"
+        assert FIELDS[name].metadata["help"], f"{name} has no help text"
+
+    values = {name: _other_value(name) for name in FIELDS}
+    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5)  # a consistent set
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in values.items()}))
+    from_recipe = load_options(config=recipe)
+    for name, value in values.items():
+        assert getattr(from_recipe, name) == value, name
+
+    # the same values through the command line: click parses them into the keyword options train() gets
+    args = ["adalora"]
+    for name, value in values.items():
+        if name == "method" or value is None:
+            continue
+        if option_kind(name) is bool:
+            args.append(flag(name) if value else f"--no-{flag(name)[2:]}")
+        else:
+            args += [flag(name), ",".join(value) if isinstance(value, list) else str(value)]
+    ctx = command.make_context("train", args)
+    parsed = dict(ctx.params)
+    parsed["precision"] = parsed.pop("precision_flag") or parsed["precision"]
+    for name in ("as_json", "debug", "config"):
+        parsed.pop(name)
+    method = parsed.pop("method")
+    assert load_options(method, **parsed) == from_recipe
+    assert set(REQUIRED) <= set(FIELDS)
+
+
 def test_optimizer_steps_like_the_trainer():
     opts = TrainOptions(method="lora", model="m", data="d", output="o", batch_size=4, grad_accum=3, epochs=2)
     # 50 examples on 2 processes: 25 each -> 7 micro-batches -> 3 optimizer steps per epoch (last one partial)
@@ -54,6 +115,13 @@ def test_texts_from_jsonl_text_and_json(tmp_path):
     assert load_texts(tmp_path / "c.json") == ["p q", "r"]
     (tmp_path / "d.csv").write_text("text,other\nhello world,1\nbye,2\n")
     assert load_texts(tmp_path / "d.csv") == ["hello world", "bye"]
+
+
+def test_texts_from_a_multi_column_tsv(tmp_path):
+    # commas inside the text and a tab-separated header: read as CSV this has one column named "id\ttext\tlabel"
+    (tmp_path / "d.tsv").write_text("id\ttext\tlabel\n1\thello, world\tgood\n2\tbye, then\tbad\n")
+    assert load_texts(tmp_path / "d.tsv") == ["hello, world", "bye, then"]
+    assert load_texts(tmp_path / "d.tsv", text_column="label") == ["good", "bad"]
 
 
 def test_tokenize_and_collate(tiny_llama):
