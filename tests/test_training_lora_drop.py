@@ -18,14 +18,15 @@ from tests.training_utils import quick_train, write_jsonl
 
 
 class TwoLayers(nn.Module):
-    """embedding → layers.0.proj → layers.1.proj, called like a causal LM (input_ids, attention_mask)."""
+    """embedding → layers.0.proj → layers.1.proj, called like a causal LM (input_ids, attention_mask,
+    logits_to_keep: it has no head)."""
 
     def __init__(self, vocab=11, hidden=6):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(hidden, hidden, bias=False)}) for _ in range(2)])
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer["proj"](x)

@@ -98,6 +98,12 @@ class TrainOptions:
     gradient_checkpointing: bool = option(
         False, "Recompute activations in the backward pass: less memory, more compute."
     )
+    fsdp: bool = option(
+        False,
+        "Shard the base model, adapters, gradients and optimizer state over the processes of a torchrun / accelerate "
+        "launch (FSDP2, one unit per decoder layer); default: DDP, a full copy on each.",
+    )
+    time_steps: bool = option(False, "Wait for the GPU after every step so that step times are exact (benchmarks).")
     seed: int = option(0, "Random seed.")
     logging_steps: int = option(10, "Log the loss every N steps.")
     overwrite: bool = option(False, "Replace the output directory if it exists.", flag="--overwrite")
