@@ -142,6 +142,9 @@ def run_phase(
         started = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - started
+        # accelerate left bf16 / fp16 autocast wrapped around the model's forward: what the caller gets back (and
+        # what is compared with the saved adapter) is the plain model again
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
     stats = PhaseStats(
         trainable_params=count_trainable(model),
         optimizer_steps=trainer.state.global_step,
