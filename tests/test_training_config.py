@@ -30,8 +30,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(recipe):
     options = load_options(config=recipe, output="runs/x")
-    assert options.method == recipe.stem
+    assert recipe.stem in (options.method, f"{options.method}-70b-fsdp")
     assert options.precision == "auto" and options.gradient_checkpointing
+    assert options.fsdp == recipe.stem.endswith("-fsdp")
     if options.method == "adalora":
         schedule = adalora_schedule(options, optimizer_steps(options, 9846))
         assert schedule.tinit + schedule.tfinal < schedule.total_step
