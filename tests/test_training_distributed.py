@@ -41,7 +41,7 @@ ada = train("adalora", output=out + "/adalora", steps=16, init_r=6, target_r=2, 
             **common)
 drop = train("lora-drop", output=out + "/lora-drop", steps=6, keep_fraction=0.5, pilot_fraction=0.5,
              granularity="module", policy="drop", **common)
-lora = train("lora", output=out + "/lora", steps=4, **common)
+lora = train("lora", output=out + "/lora", steps=4, gradient_checkpointing=True, **common)  # the 70B recipe's mix
 rank = int(os.environ.get("RANK", "0"))
 # (saving strips the adapter name from the pattern's keys in place on rank 0: compare without it)
 pattern = {k.removesuffix(".default"): v for k, v in ada.model.peft_config["default"].rank_pattern.items()}

@@ -186,11 +186,13 @@ class LayerGrads(TrainerCallback):
 
     def __init__(self):
         self.phases: list[dict[int, list[bool]]] = []
+        self.checkpointing: list[tuple[bool, bool]] = []  # (the model checkpoints, the Trainer was asked to)
         self.handles: list = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         seen: dict[int, list[bool]] = {}
         self.phases.append(seen)
+        self.checkpointing.append((model.get_base_model().is_gradient_checkpointing, args.gradient_checkpointing))
 
         def record(index):
             def hook(_module, _inputs, output):
@@ -223,6 +225,8 @@ def test_drop_with_checkpointing_does_not_backpropagate_below_the_lowest_kept_la
     assert all(all(main[i]) for i in range(lowest, 4))  # the kept layer and those above it are backpropagated
     assert not any(any(main[i]) for i in range(lowest)), "the backward pass went through dropped layers"
     assert all(all(grads) for grads in spy.phases[0].values())  # the pilot trains every layer
+    # checkpointing is switched on through the model, not the TrainingArguments flag transformers 5 deprecates
+    assert spy.checkpointing == [(True, False), (True, False)]
 
 
 def test_output_importance_computes_no_full_vocabulary_logits(tiny_llama):
