@@ -17,6 +17,7 @@ import warnings
 import click
 
 from adaconvert import errors
+from adaconvert.training.config import FIELDS, METHODS, flag, option_help, option_kind
 
 logger = logging.getLogger("adaconvert")
 
@@ -369,63 +370,31 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **o
         raise failure(result)
 
 
-# (flag, type, help) of `adaconvert train`; every option defaults to unset, so that a --config recipe can set it
-_TRAIN_OPTIONS = [
-    ("--model", str, "Base model: local directory or Hub id."),
-    ("--data", str, "Training data: .jsonl/.json/.txt/.csv/.parquet file, or a `datasets` Hub name."),
-    ("--output", str, "Adapter directory to write."),
-    ("--text-column", str, "Column / JSONL key holding the text (default text)."),
-    ("--split", str, "`datasets` split (default train)."),
-    ("--data-config", str, "`datasets` configuration name."),
-    ("--max-length", int, "Tokens per example; longer ones are truncated (default 512)."),
-    ("--batch-size", int, "Examples per device per micro-batch (default 4)."),
-    ("--grad-accum", int, "Micro-batches per optimizer step (default 1)."),
-    ("--lr", float, "Learning rate (default 2e-4)."),
-    ("--steps", int, "Optimizer steps (default: --epochs 1)."),
-    ("--epochs", float, "Passes over the data."),
-    ("--warmup-ratio", float, "Linear warm-up, as a fraction of the steps (default 0)."),
-    ("--target-modules", str, "Comma-separated module names to adapt (default all-linear)."),
-    ("--r", int, "LoRA rank, for lora and lora-drop (default 8)."),
-    ("--lora-alpha", float, "LoRA alpha (default 2 × rank)."),
-    ("--lora-dropout", float, "LoRA dropout (default 0.05)."),
-    ("--init-r", int, "AdaLoRA: initial rank per module (default 12)."),
-    ("--target-r", int, "AdaLoRA: average final rank per module (default 8)."),
-    ("--tinit", int, "AdaLoRA: warm-up steps before pruning (default 10% of the steps)."),
-    ("--tfinal", int, "AdaLoRA: final steps with fixed ranks (default 20% of the steps)."),
-    ("--delta-t", int, "AdaLoRA: steps between budget updates (default 1% of the steps)."),
-    ("--beta1", float, "AdaLoRA: sensitivity smoothing (default 0.85)."),
-    ("--beta2", float, "AdaLoRA: uncertainty smoothing (default 0.85)."),
-    ("--orth-reg-weight", float, "AdaLoRA: orthogonality loss weight (default 0.5)."),
-    ("--pilot-fraction", float, "LoRA-Drop: share of data and steps for the pilot run (default 0.1)."),
-    ("--importance", click.Choice(["output", "weight-l1"]), "LoRA-Drop scoring: Σ‖ΔW x‖² (default) or ‖A‖₁+‖B‖₁."),
-    ("--threshold", float, "LoRA-Drop: keep layers up to this cumulative importance (default 0.9)."),
-    ("--keep-fraction", float, "LoRA-Drop: keep this fraction of the layers instead."),
-    ("--policy", click.Choice(["share", "drop"]), "LoRA-Drop: the other layers share one LoRA (default) or none."),
-    ("--granularity", click.Choice(["layer", "module"]), "LoRA-Drop selection unit (default layer)."),
-    ("--importance-samples", int, "LoRA-Drop: pilot examples scored (default 256)."),
-    ("--precision", click.Choice(["auto", "bf16", "fp16", "fp32"]), "Default auto: bf16/fp16 on GPU, fp32 on CPU."),
-    ("--seed", int, "Random seed (default 0)."),
-    ("--logging-steps", int, "Log the loss every N steps (default 10)."),
-]
-
-
 def _train_options(fn):
-    for flag, kind, text in reversed(_TRAIN_OPTIONS):
-        fn = click.option(flag, type=kind, default=None, help=text)(fn)
+    """The ``train`` flags, one per :class:`~adaconvert.training.config.TrainOptions` field (its type, choices and
+    help). Every flag defaults to unset, so that a ``--config`` recipe can set it; fields with their own spelling
+    (the METHOD argument, the shared ``--overwrite`` / ``--quiet``) are declared where that spelling lives."""
+    for name in reversed(list(FIELDS)):
+        if FIELDS[name].metadata["flag"] is not None:
+            continue
+        kind, choices, text = option_kind(name), FIELDS[name].metadata["choices"], option_help(name)
+        if kind is bool:
+            spelling = flag(name)
+            fn = click.option(f"{spelling}/--no-{spelling[2:]}", name, default=None, help=text)(fn)
+        else:
+            click_type = click.Choice(choices) if choices else {list: str}.get(kind, kind)
+            fn = click.option(flag(name), name, type=click_type, default=None, help=text)(fn)
     fn = click.option("--bf16", "precision_flag", flag_value="bf16", help="Same as --precision bf16.")(fn)
     fn = click.option("--fp16", "precision_flag", flag_value="fp16", help="Same as --precision fp16.")(fn)
-    fn = click.option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Trade compute for memory."
-    )(fn)
     return click.option("--config", type=click.Path(dir_okay=False), help="YAML recipe (see training/).")(fn)
 
 
 @cli.command("train")
-@click.argument("method", type=click.Choice(["lora", "adalora", "lora-drop"]))
+@click.argument("method", type=click.Choice(METHODS))
 @_train_options
 @common_options(overwrite=True)
 def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
-    """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP via torchrun.
+    """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP or --fsdp via torchrun.
 
     Example: adaconvert train adalora --model Qwen/Qwen2.5-0.5B --data data.jsonl --output runs/ada --steps 500
     """

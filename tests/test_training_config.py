@@ -7,10 +7,20 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaconvert import errors
-from adaconvert.cli import main
-from adaconvert.training.config import TrainOptions, adalora_schedule, load_options, optimizer_steps
+from adaconvert.cli import cli, main
+from adaconvert.training.config import (
+    FIELDS,
+    REQUIRED,
+    TrainOptions,
+    adalora_schedule,
+    flag,
+    load_options,
+    optimizer_steps,
+    option_kind,
+)
 from adaconvert.training.data import CausalCollator, load_texts, tokenize
 from tests.training_utils import write_jsonl
 
@@ -20,8 +30,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(recipe):
     options = load_options(config=recipe, output="runs/x")
-    assert options.method == recipe.stem
+    assert recipe.stem in (options.method, f"{options.method}-70b-fsdp")
     assert options.precision == "auto" and options.gradient_checkpointing
+    assert options.fsdp == recipe.stem.endswith("-fsdp")
     if options.method == "adalora":
         schedule = adalora_schedule(options, optimizer_steps(options, 9846))
         assert schedule.tinit + schedule.tfinal < schedule.total_step
@@ -36,6 +47,58 @@ def test_recipe_then_overrides(tmp_path):
     assert (options.max_length, options.init_r, options.target_r) == (64, 16, 8)  # None leaves the recipe/default
     assert options.target_modules == ["q_proj", "v_proj"]
     assert options.alpha == 32  # default 2 × init_r
+
+
+def _other_value(name: str):
+    """A valid value of option ``name`` that is not its default, as a recipe would spell it."""
+    f = FIELDS[name]
+    if f.metadata["choices"]:
+        return next(c for c in f.metadata["choices"] if c != f.default)
+    return {
+        bool: not f.default,
+        int: 3 if f.default != 3 else 4,
+        float: 0.25 if f.default != 0.25 else 0.5,
+        str: "x-value",
+        list: ["q_proj", "v_proj"],
+    }[option_kind(name)]
+
+
+def test_every_option_is_settable_from_the_cli_and_a_recipe(tmp_path):
+    """The dataclass is the one list: each field has a command-line spelling and a recipe key, both reaching it."""
+    import yaml
+
+    command = cli.commands["train"]
+    spellings = {opt: param.name for param in command.params for opt in [*param.opts, *param.secondary_opts]}
+    spellings["METHOD"] = "method"  # the argument
+    for name in FIELDS:
+        assert spellings.get(flag(name)) == name, f"{name} has no command-line flag {flag(name)}"
+        assert FIELDS[name].metadata["help"], f"{name} has no help text"
+
+    values = {name: _other_value(name) for name in FIELDS}
+    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5)  # a consistent set
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in values.items()}))
+    from_recipe = load_options(config=recipe)
+    for name, value in values.items():
+        assert getattr(from_recipe, name) == value, name
+
+    # the same values through the command line: click parses them into the keyword options train() gets
+    args = ["adalora"]
+    for name, value in values.items():
+        if name == "method" or value is None:
+            continue
+        if option_kind(name) is bool:
+            args.append(flag(name) if value else f"--no-{flag(name)[2:]}")
+        else:
+            args += [flag(name), ",".join(value) if isinstance(value, list) else str(value)]
+    ctx = command.make_context("train", args)
+    parsed = dict(ctx.params)
+    parsed["precision"] = parsed.pop("precision_flag") or parsed["precision"]
+    for name in ("as_json", "debug", "config"):
+        parsed.pop(name)
+    method = parsed.pop("method")
+    assert load_options(method, **parsed) == from_recipe
+    assert set(REQUIRED) <= set(FIELDS)
 
 
 def test_optimizer_steps_like_the_trainer():
@@ -54,6 +117,13 @@ def test_texts_from_jsonl_text_and_json(tmp_path):
     assert load_texts(tmp_path / "c.json") == ["p q", "r"]
     (tmp_path / "d.csv").write_text("text,other\nhello world,1\nbye,2\n")
     assert load_texts(tmp_path / "d.csv") == ["hello world", "bye"]
+
+
+def test_texts_from_a_multi_column_tsv(tmp_path):
+    # commas inside the text and a tab-separated header: read as CSV this has one column named "id\ttext\tlabel"
+    (tmp_path / "d.tsv").write_text("id\ttext\tlabel\n1\thello, world\tgood\n2\tbye, then\tbad\n")
+    assert load_texts(tmp_path / "d.tsv") == ["hello, world", "bye, then"]
+    assert load_texts(tmp_path / "d.tsv", text_column="label") == ["good", "bad"]
 
 
 def test_tokenize_and_collate(tiny_llama):
@@ -107,6 +177,8 @@ ERROR_CASES = [
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "method: adalora\n"}, r"recipe is for method 'adalora'"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "steps: many\n"}, r"option 'steps' must be int, got 'many'"),
     (["lora", "--config", "{tmp}/none.yaml"], {}, r"none.yaml: no such recipe file"),
+    (["lora", "--fsdp"], {}, r"--fsdp needs a distributed launch of at least 2 processes"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "fsdp: true\n"}, r"--fsdp needs a distributed launch"),
 ]
 
 
@@ -157,3 +229,68 @@ def test_cli_train_json_is_the_only_stdout(tiny_llama, tmp_path, capsys):
     assert result["method"] == "lora" and result["main"]["optimizer_steps"] == 3 and result["written"]
     assert json.loads((out / "training_summary.json").read_text())["main"]["trainable_params"] > 0
     assert main([*args, "--steps", "3"]) == 4  # exists: refused without --overwrite
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [(None, "fp32"), ((6, 1), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"),
+     ((9, 0), "bf16"), ((10, 0), "bf16")],
+)  # fmt: skip
+def test_auto_precision_is_fp16_before_ampere(capability, expected):
+    """V100 (7.0) and T4 (7.5) report bf16 support (emulated, far slower than fp16): auto must pick fp16 there."""
+    from adaconvert.training.trainer import auto_precision
+
+    assert auto_precision(capability) == expected
+
+
+LAUNCH_ERRORS = [
+    # (method, options, environment, expected message)
+    ("adalora", {}, {"ACCELERATE_USE_DEEPSPEED": "true"}, r"AdaLoRA under DeepSpeed is not supported"),
+    ("lora", {"fsdp": True}, {"WORLD_SIZE": "1"}, r"--fsdp needs a distributed launch"),
+    ("lora", {"fsdp": True}, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, r"exclude each other"),
+    ("lora-drop", {"fsdp": True}, {"WORLD_SIZE": "2"}, r"cannot shard LoRA-Drop's shared LoRA .*; use --policy drop"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "env", "message"), LAUNCH_ERRORS, ids=[c[3][:30] for c in LAUNCH_ERRORS]
+)
+def test_launches_that_cannot_train_are_refused_before_any_work(method, options, env, message, monkeypatch):
+    from adaconvert.training.trainer import check_launch
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opts = load_options(method, model="m", data="d", output="o", **options)
+    with pytest.raises(errors.InvalidConfigError, match=message):
+        check_launch(opts)
+    # what the same launch can train passes
+    check_launch(load_options("lora", model="m", data="d", output="o"))
+    if "WORLD_SIZE" in env and env["WORLD_SIZE"] == "2" and "ACCELERATE_USE_DEEPSPEED" not in env:
+        check_launch(load_options("lora-drop", model="m", data="d", output="o", fsdp=True, policy="drop"))
+
+
+def test_accelerate_launch_with_fsdp_is_an_fsdp_run(tiny_llama, tmp_path, monkeypatch, capsys):
+    """``accelerate launch --use_fsdp`` without --fsdp gets the same checks (here: a single process)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    args = ["train", "lora", "--model", str(tiny_llama), "--data", str(data), "--output", str(tmp_path / "o")]
+    assert main([*args, "--quiet"]) == 2
+    assert "--fsdp needs a distributed launch" in capsys.readouterr().err
+
+
+def test_a_world_that_the_data_cannot_feed_is_refused():
+    from adaconvert.training.trainer import check_world_fits
+
+    opts = load_options("lora", model="m", data="d.jsonl", output="o", batch_size=4)
+    check_world_fits(opts, 8, world=2)
+    check_world_fits(opts, 3, world=1)  # one process: a short last batch is fine
+    with pytest.raises(errors.InvalidConfigError, match=r"d.jsonl: 7 training examples cannot feed 2 processes"):
+        check_world_fits(opts, 7, world=2)
+
+
+def test_step_clock_waits_for_the_device_only_when_timing_is_asked():
+    from adaconvert.training.phase import StepClock
+
+    assert not StepClock().sync
+    assert StepClock(sync=True).sync == torch.cuda.is_available()
+    assert not load_options("lora", model="m", data="d", output="o").time_steps

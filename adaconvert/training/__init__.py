@@ -5,6 +5,15 @@ result = train("adalora", model="Qwen/Qwen2.5-0.5B", data="data.jsonl", output="
 """
 
 from adaconvert.training.config import TrainOptions, load_options
-from adaconvert.training.trainer import TrainResult, train
 
 __all__ = ["TrainOptions", "TrainResult", "load_options", "train"]
+
+
+def __getattr__(name: str):
+    # the trainer imports torch and transformers: only when asked for, so that the CLI builds its ``train`` flags
+    # from the options (this package's config module) without them
+    if name in ("TrainResult", "train"):
+        from adaconvert.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

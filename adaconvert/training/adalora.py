@@ -5,15 +5,26 @@
 ``on_optimizer_step`` (after ``optimizer.step()``, before the gradients are cleared: the importance scores need
 them), with the index of that step; under DDP every process sees the same all-reduced gradients and so computes
 the same mask. It also records the rank of every module at each budget step (``rank_history.json``).
+
+- Under FSDP each process holds a shard of every ``lora_A/E/B`` and of its gradient, while PEFT's allocator
+  scores whole rows and columns and takes one threshold over all modules. The allocator is given the whole
+  tensors instead (:class:`_WholeAdapter`, gathered on every process), so every process computes the budget of a
+  single process and applies the same masks to its shards.
+- A step that the fp16 loss scaler skipped (inf/NaN gradients) is not an optimizer step: the schedule does not
+  advance and the importance scores never read those gradients.
+- PEFT's dtype casts re-create ``ranknum`` (each module's rank divisor) as a trainable parameter when the base is
+  bf16 / fp16: :func:`freeze_ranknum` freezes it, or AdamW would train a divisor the saved adapter does not keep.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from transformers import TrainerCallback
 
 from adaconvert.training.config import AdaLoraSchedule, TrainOptions, adalora_schedule
+from adaconvert.training.sharding import full, is_sharded, shard_like
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +53,33 @@ def adalora_config(options: TrainOptions, schedule: AdaLoraSchedule, target_modu
     )
 
 
+def adalora_peft_config(model):
+    """The AdaLoRA config of adapter ``default`` of the ``PeftModel`` ``model``, or ``None`` for other models."""
+    config = getattr(model, "peft_config", {}).get(ADAPTER)
+    return config if config is not None and config.peft_type == "ADALORA" else None
+
+
+def freeze_ranknum(model) -> int:
+    """Make every ``ranknum`` of ``model`` a constant again; returns how many were trainable."""
+    thawed = [p for name, p in model.named_parameters() if ".ranknum." in name and p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    return len(thawed)
+
+
+def orthogonality_penalty(model) -> torch.Tensor:
+    """PEFT's orthogonality regulariser R = mean over every ``lora_A`` / ``lora_B`` P of ‖P Pᵀ − I‖_F (A: r × in,
+    PPᵀ; B: out × r, PᵀP), on whole tensors (gathered from FSDP shards, differentiably)."""
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
+            whole = full(p)
+            cov = whole @ whole.T if "lora_A" in name else whole.T @ whole
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            terms.append(torch.linalg.matrix_norm(cov - eye))
+    return torch.stack(terms).mean()
+
+
 def module_ranks(rank_pattern: dict) -> dict[str, int]:
     """{module: kept rank} from a PEFT rank pattern ({``<module>.lora_E[.<adapter>]``: [bool] * init_r})."""
     ranks = {}
@@ -59,7 +97,8 @@ class AdaLoraCallback(TrainerCallback):
         options: the training options, to recompute the schedule from the Trainer's real step count.
 
     Attributes:
-        calls: how many times ``update_and_allocate`` ran (one per optimizer step).
+        calls: how many times ``update_and_allocate`` ran (one per optimizer step the loss scaler did not skip).
+        skipped: optimizer steps the loss scaler skipped.
         history: one entry per budget step: ``{"step", "budget", "total_rank", "ranks": {module: rank}}``.
     """
 
@@ -67,6 +106,7 @@ class AdaLoraCallback(TrainerCallback):
         self.model = model
         self.options = options
         self.calls = 0
+        self.skipped = 0
         self.history: list[dict] = []
         self._last_pattern = None
 
@@ -91,10 +131,18 @@ class AdaLoraCallback(TrainerCallback):
                 schedule.delta_t,
             )
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        """After ``optimizer.step()`` of optimizer step ``state.global_step`` (0-based), grads still present."""
-        step = state.global_step
-        self.model.base_model.update_and_allocate(step)
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """After ``optimizer.step()``, grads still present: the budget step of the real optimizer steps taken so far
+        (0-based), unless the loss scaler skipped this one."""
+        if getattr(optimizer, "step_was_skipped", False):
+            self.skipped += 1
+            logger.info("AdaLoRA: the loss scaler skipped optimizer step %d; the budget waits", state.global_step)
+            return
+        step = self.calls
+        if any(is_sharded(p) for p in self.model.parameters()):
+            _update_and_allocate_whole(self.model.base_model, step)
+        else:
+            self.model.base_model.update_and_allocate(step)
         self.calls += 1
         pattern = self.config.rank_pattern
         if pattern is not None and pattern is not self._last_pattern:
@@ -115,6 +163,51 @@ class AdaLoraCallback(TrainerCallback):
             "tfinal": c.tfinal,
             "delta_t": c.deltaT,
             "update_and_allocate_calls": self.calls,
+            "skipped_steps": self.skipped,
             "target_budget": c.target_r * len(self.model.base_model.rankallocator.name_set),
             "history": self.history,
         }
+
+
+class _WholeAdapter:
+    """The AdaLoRA tensors of a sharded model, whole, as PEFT's ``RankAllocator`` reads them: ``named_parameters()``
+    yields a gathered copy of every ``lora_A/E/B`` with its gathered gradient, under the model's own names.
+    :meth:`write_back` gives each process its shard of the masked ``lora_E``."""
+
+    def __init__(self, model, adapter: str, *, gradients: bool):
+        self.shards = {n: p for n, p in model.named_parameters() if "lora_" in n and adapter in n}
+        self.whole = {}
+        for name, shard in self.shards.items():
+            whole = torch.nn.Parameter(full(shard.detach()).clone(), requires_grad=False)
+            if gradients and shard.grad is not None:
+                whole.grad = full(shard.grad)
+            self.whole[name] = whole
+
+    def named_parameters(self):
+        return iter(self.whole.items())
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for name, shard in self.shards.items():
+            if ".lora_E." in name:
+                shard.to_local().copy_(shard_like(self.whole[name], shard))
+
+
+def _update_and_allocate_whole(adalora_model, step: int) -> None:
+    """PEFT's ``AdaLoraModel.update_and_allocate(step)``, with the allocator reading whole tensors (the same on
+    every process) and the masks written back to the shards."""
+    config = adalora_model.peft_config[adalora_model.trainable_adapter_name]
+    allocator = adalora_model.rankallocator
+    final = config.total_step - config.tfinal
+    whole = _WholeAdapter(adalora_model.model, adalora_model.trainable_adapter_name, gradients=step <= final)
+    if step < final:
+        _, pattern = allocator.update_and_allocate(whole, step)
+        if pattern:
+            config.rank_pattern = pattern
+    elif step == final:
+        _, pattern = allocator.update_and_allocate(whole, step, force_mask=True)
+        config.rank_pattern = pattern
+        allocator.reset_ipt()
+    else:
+        allocator.mask_using_rank_pattern(whole, config.rank_pattern)
+    whole.write_back()

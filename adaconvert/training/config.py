@@ -24,78 +24,90 @@ GRANULARITIES = ("layer", "module")
 DEFAULT_THRESHOLD = 0.9  # LoRA-Drop's cumulative importance kept when neither threshold nor keep_fraction is given
 
 
+def option(default=None, help: str = "", *, choices: tuple[str, ...] | None = None, flag: str | None = None):
+    """A :class:`TrainOptions` field: its default, its ``--help`` text and, for text options, the accepted values.
+
+    ``flag`` names the command-line spelling when it is not ``--<name-with-dashes>`` (``method`` is the command's
+    argument, ``overwrite`` / ``quiet`` are the shared flags of every command).
+    """
+    # a list option's default is given as a tuple: each TrainOptions gets its own list
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, tuple) else {"default": default}
+    return field(metadata={"help": help, "choices": choices, "flag": flag}, **kwargs)
+
+
 @dataclass
 class TrainOptions:
     """Everything ``adaconvert train`` can be told. Ranks are counts, fractions are in (0, 1].
 
-    Attributes:
-        method: ``lora``, ``adalora`` or ``lora-drop``.
-        model: base model, a local directory or a Hub id.
-        data: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.csv`` / ``.parquet`` file, or a ``datasets`` Hub name.
-        output: the adapter directory to write.
-        text_column: column (JSONL key) holding the training text.
-        split, data_config: ``datasets`` split and configuration name for Hub datasets.
-        max_length: tokens per example (longer examples are truncated).
-        batch_size: examples per device and micro-batch; ``grad_accum`` micro-batches make one optimizer step.
-        steps / epochs: length of training in optimizer steps, or in passes over the data (default 1 epoch).
-        target_modules: module names (suffixes) to adapt, or ``["all-linear"]`` (default: every linear layer but
-            the output head).
-        r, lora_alpha, lora_dropout: LoRA rank, alpha (default 2 × rank, so scaling 2) and dropout.
-        init_r, target_r, tinit, tfinal, delta_t, beta1, beta2, orth_reg_weight: AdaLoRA's settings, as in the
-            paper and PEFT; ``tinit`` / ``tfinal`` / ``delta_t`` default to 10 % / 20 % / 1 % of the steps.
-        pilot_fraction: LoRA-Drop's pilot share of the data and steps.
-        importance: ``output`` (paper: Σ‖ΔW x‖² over the pilot sample) or ``weight-l1`` (‖A‖₁ + ‖B‖₁).
-        threshold / keep_fraction: keep the most important units until their cumulative normalised importance
-            reaches ``threshold`` (default 0.9), or keep this fraction of them.
-        policy: ``share`` (the rest share one LoRA per module kind, the paper) or ``drop`` (the rest get none).
-        granularity: selection unit, ``layer`` (transformer block, default) or ``module``.
-        importance_samples: at most this many pilot examples are scored.
-        precision: ``auto`` (bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU), ``bf16``, ``fp16``,
-            ``fp32``.
+    This dataclass is the one list of training options: the CLI flags (:func:`click_options` in the CLI), the
+    recipe check (:func:`load_options`) and the help text are generated from its fields, their types and their
+    metadata. ``method``, ``model``, ``data`` and ``output`` have no default: they must come from the command line
+    or the recipe.
     """
 
-    method: str
-    model: str
-    data: str
-    output: str
-    text_column: str = "text"
-    split: str = "train"
-    data_config: str | None = None
-    max_length: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    steps: int | None = None
-    epochs: float | None = None
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    r: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.05
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int | None = None
-    tfinal: int | None = None
-    delta_t: int | None = None
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    pilot_fraction: float = 0.1
-    importance: str = "output"
-    threshold: float | None = None
-    keep_fraction: float | None = None
-    policy: str = "share"
-    granularity: str = "layer"
-    importance_samples: int = 256
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    logging_steps: int = 10
-    overwrite: bool = False
-    quiet: bool = False
+    method: str = option(help="lora, adalora or lora-drop.", choices=METHODS, flag="METHOD")
+    model: str = option(help="Base model: local directory or Hub id.")
+    data: str = option(help="Training data: .jsonl/.json/.txt/.csv/.tsv/.parquet file, or a `datasets` Hub name.")
+    output: str = option(help="Adapter directory to write.")
+    text_column: str = option("text", "Column / JSONL key holding the text.")
+    split: str = option("train", "`datasets` split.")
+    data_config: str | None = option(None, "`datasets` configuration name.")
+    max_length: int = option(512, "Tokens per example; longer ones are truncated.")
+    batch_size: int = option(4, "Examples per device per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    lr: float = option(2e-4, "Learning rate.")
+    steps: int | None = option(None, "Optimizer steps (default: --epochs 1).")
+    epochs: float | None = option(None, "Passes over the data.")
+    warmup_ratio: float = option(0.0, "Linear warm-up, as a fraction of the steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    lr_scheduler: str = option("linear", "Learning-rate schedule, a transformers `lr_scheduler_type` (cosine, ...).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 turns clipping off).")
+    target_modules: list[str] = option(  # noqa: RUF009 (option() returns a dataclass field with a default factory)
+        ("all-linear",), "Comma-separated module names to adapt (all-linear: every linear but the head)."
+    )
+    r: int = option(8, "LoRA rank, for lora and lora-drop.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default 2 × rank, or 2 × init_r for adalora).")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    init_r: int = option(12, "AdaLoRA: initial rank per module.")
+    target_r: int = option(8, "AdaLoRA: average final rank per module.")
+    tinit: int | None = option(None, "AdaLoRA: warm-up steps before pruning (default 10% of the steps).")
+    tfinal: int | None = option(None, "AdaLoRA: final steps with fixed ranks (default 20% of the steps).")
+    delta_t: int | None = option(None, "AdaLoRA: steps between budget updates (default 1% of the steps).")
+    beta1: float = option(0.85, "AdaLoRA: sensitivity smoothing.")
+    beta2: float = option(0.85, "AdaLoRA: uncertainty smoothing.")
+    orth_reg_weight: float = option(0.5, "AdaLoRA: orthogonality loss weight, per optimizer step.")
+    pilot_fraction: float = option(0.1, "LoRA-Drop: share of data and steps for the pilot run.")
+    importance: str = option("output", "LoRA-Drop scoring: Σ‖ΔW x‖² (output) or ‖A‖₁+‖B‖₁.", choices=IMPORTANCES)
+    threshold: float | None = option(
+        None,
+        f"LoRA-Drop: keep units up to this cumulative importance (default {DEFAULT_THRESHOLD}, or --keep-fraction).",
+    )
+    keep_fraction: float | None = option(None, "LoRA-Drop: keep this fraction of the units instead.")
+    policy: str = option(
+        "share", "LoRA-Drop: the other units share one LoRA (share) or get none (drop).", choices=POLICIES
+    )
+    granularity: str = option(
+        "layer", "LoRA-Drop selection unit: transformer block or single module.", choices=GRANULARITIES
+    )
+    importance_samples: int = option(256, "LoRA-Drop: pilot examples scored.")
+    precision: str = option(
+        "auto",
+        "auto: bf16 on GPUs that compute it natively (Ampere+), fp16 on older GPUs, fp32 on CPU.",
+        choices=PRECISIONS,
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass: less memory, more compute."
+    )
+    fsdp: bool = option(
+        False,
+        "Shard the base model, adapters, gradients and optimizer state over the processes of a torchrun / accelerate "
+        "launch (FSDP2, one unit per decoder layer); default: DDP, a full copy on each.",
+    )
+    time_steps: bool = option(False, "Wait for the GPU after every step so that step times are exact (benchmarks).")
+    seed: int = option(0, "Random seed.")
+    logging_steps: int = option(10, "Log the loss every N steps.")
+    overwrite: bool = option(False, "Replace the output directory if it exists.", flag="--overwrite")
+    quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
     @property
     def alpha(self) -> float:
@@ -110,6 +122,28 @@ class TrainOptions:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 _HINTS = typing.get_type_hints(TrainOptions)
+REQUIRED = ("method", "model", "data", "output")
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of option ``name`` (``max_length`` → ``--max-length``; ``method`` → ``METHOD``)."""
+    return FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def option_kind(name: str) -> type:
+    """The value type of option ``name``: int, float, str, bool or list (of str), ``None`` aside."""
+    return next(k for k in _annotation_types(_HINTS[name]) if k is not type(None))
+
+
+def option_help(name: str) -> str:
+    """The ``--help`` text of option ``name``, its default appended when it has a plain one."""
+    f = FIELDS[name]
+    text = f.metadata["help"]
+    if f.default_factory is not dataclasses.MISSING:
+        return f"{text.rstrip('.')} (default {','.join(f.default_factory())})."
+    if f.default is not None and f.default is not dataclasses.MISSING and option_kind(name) is not bool:
+        return f"{text.rstrip('.')} (default {f.default})."
+    return text
 
 
 def load_options(method: str | None = None, *, config: str | Path | None = None, **overrides) -> TrainOptions:
@@ -138,7 +172,7 @@ def load_options(method: str | None = None, *, config: str | Path | None = None,
     if unknown:
         raise InvalidConfigError(f"unknown training option(s): {', '.join(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [name for name in ("method", "model", "data", "output") if values.get(name) in (None, "")]
+    missing = [name for name in REQUIRED if values.get(name) in (None, "")]
     if missing:
         raise InvalidConfigError(
             "missing training option(s): "
@@ -223,7 +257,13 @@ def check_options(o: TrainOptions) -> None:
         if not ok:
             problems.append(text)
 
-    need(o.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {o.method!r}")
+    for f in dataclasses.fields(o):
+        allowed = f.metadata["choices"]
+        value = getattr(o, f.name)
+        need(
+            allowed is None or value in allowed,
+            f"{flag(f.name)} must be one of {', '.join(allowed or ())}, got {value!r}",
+        )
     need(o.max_length >= 2, f"--max-length must be at least 2, got {o.max_length}")
     need(o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}")
     need(o.grad_accum >= 1, f"--grad-accum must be at least 1, got {o.grad_accum}")
@@ -234,7 +274,6 @@ def check_options(o: TrainOptions) -> None:
     need(0 <= o.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {o.warmup_ratio}")
     need(o.r >= 1, f"--r must be at least 1, got {o.r}")
     need(0 <= o.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
-    need(o.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {o.precision!r}")
     need(o.logging_steps >= 1, f"--logging-steps must be at least 1, got {o.logging_steps}")
     if o.method == "adalora":
         need(o.target_r >= 1, f"--target-r must be at least 1, got {o.target_r}")
@@ -251,14 +290,6 @@ def check_options(o: TrainOptions) -> None:
         need(o.orth_reg_weight >= 0, f"--orth-reg-weight must be at least 0, got {o.orth_reg_weight}")
     if o.method == "lora-drop":
         need(0 < o.pilot_fraction <= 1, f"--pilot-fraction must be in (0, 1], got {o.pilot_fraction}")
-        need(
-            o.importance in IMPORTANCES, f"--importance must be one of {', '.join(IMPORTANCES)}, got {o.importance!r}"
-        )
-        need(o.policy in POLICIES, f"--policy must be one of {', '.join(POLICIES)}, got {o.policy!r}")
-        need(
-            o.granularity in GRANULARITIES,
-            f"--granularity must be one of {', '.join(GRANULARITIES)}, got {o.granularity!r}",
-        )
         need(o.threshold is None or o.keep_fraction is None, "give --threshold or --keep-fraction, not both")
         need(o.threshold is None or 0 < o.threshold <= 1, f"--threshold must be in (0, 1], got {o.threshold}")
         need(

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
+TABLE_OPTIONS = {".tsv": {"delimiter": "\t"}}  # the `datasets` csv builder reads commas unless told otherwise
 IGNORE_INDEX = -100  # label value the loss skips
 
 
@@ -49,7 +50,12 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
             texts = _column(_read_json_records(path), text_column, path=path)
         elif suffix in TABLE_SUFFIXES:
             texts = _from_datasets(
-                TABLE_SUFFIXES[suffix], text_column, split="train", data_files=str(path), where=path
+                TABLE_SUFFIXES[suffix],
+                text_column,
+                split="train",
+                data_files=str(path),
+                where=path,
+                **TABLE_OPTIONS.get(suffix, {}),
             )
         else:
             raise InvalidDataError(

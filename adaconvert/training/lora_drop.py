@@ -23,6 +23,7 @@ from adaconvert.adapter import split_module_name
 from adaconvert.errors import InvalidConfigError
 from adaconvert.readers._common import PEFT_PREFIX
 from adaconvert.training.adalora import ADAPTER
+from adaconvert.training.sharding import full
 
 
 def lora_modules(model) -> dict:
@@ -78,7 +79,9 @@ def output_importance(model, batches) -> dict[str, float]:
             mask = batch.get("attention_mask")
             mask = mask.to(device) if mask is not None else None
             state["mask"] = mask.to(torch.float32) if mask is not None else None
-            model(input_ids=ids, attention_mask=mask)
+            # the hooks need the layers' outputs only: the head computes the last position's logits, not the
+            # full-vocabulary logits of every position (4 × 1024 × 152k in bf16 is 1.25 GB per batch)
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
@@ -88,10 +91,12 @@ def output_importance(model, batches) -> dict[str, float]:
 
 @torch.no_grad()
 def weight_l1_importance(model) -> dict[str, float]:
-    """‖A_m‖₁ + ‖B_m‖₁ (sum of absolute entries of both factors) for every LoRA module m."""
+    """‖A_m‖₁ + ‖B_m‖₁ (sum of absolute entries of both factors) for every LoRA module m (FSDP shards gathered:
+    every process must call this)."""
     return {
         name: float(
-            layer.lora_A[ADAPTER].weight.abs().double().sum() + layer.lora_B[ADAPTER].weight.abs().double().sum()
+            full(layer.lora_A[ADAPTER].weight).abs().double().sum()
+            + full(layer.lora_B[ADAPTER].weight).abs().double().sum()
         )
         for name, layer in lora_modules(model).items()
     }

@@ -1,5 +1,22 @@
 """One ``transformers.Trainer`` run (a phase): arguments from the options, logs and progress on stderr, and the
-numbers the benchmarks need (step times, tokens, trainable parameters)."""
+numbers the benchmarks need (step times, tokens, trainable parameters).
+
+Three things the plain Trainer gets wrong for us are set right here, in :class:`PhaseTrainer`:
+
+- AdaLoRA's orthogonality penalty. PEFT adds ``orth_reg_weight · R`` to the loss of every micro-batch, while the
+  Trainer (for models that take ``num_items_in_batch``) no longer divides the loss by the accumulation steps and
+  multiplies it by the world size: the effective weight was ``orth_reg_weight × grad_accum × world``. Under FSDP
+  PEFT's penalty even fails (it multiplies the sharded ``lora_A`` / ``lora_B`` outside the layers' forward). The
+  model is called without labels instead (so PEFT adds nothing), its own loss function computes the causal-LM
+  loss, and the penalty is added here, once per optimizer step, on whole tensors.
+- FSDP on CPU. accelerate 1.15 maps a CPU ``torchrun`` to ``MULTI_CPU`` and drops the Trainer's FSDP plugin
+  without a word: ``fsdp`` trains as DDP. The state is set to FSDP with that same plugin, so that accelerate's
+  own FSDP2 path (``fully_shard`` over the gloo group) runs; on GPUs accelerate does this itself.
+- Gradient checkpointing is enabled on the model (non-reentrant), not through ``TrainingArguments`` (whose
+  ``gradient_checkpointing`` later transformers 5 releases deprecate), and without making the embedding output
+  require a gradient: non-reentrant checkpointing does not need it, and with it the backward pass runs through
+  every layer, also those without an adapter (LoRA-Drop ``drop``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +27,12 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from adaconvert.training.adalora import adalora_peft_config, orthogonality_penalty
 from adaconvert.training.config import TrainOptions, optimizer_steps
 from adaconvert.training.data import CausalCollator
+from adaconvert.training.sharding import world_size
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +60,20 @@ class PhaseStats:
 
 
 class StepClock(TrainerCallback):
-    """Times each optimizer step (CUDA synchronised), from the previous step's end (or the start of training)."""
+    """Times each optimizer step, from the previous step's end (or the start of training).
 
-    def __init__(self):
+    Args:
+        sync: wait for the GPU at every step, so that each time is the step's own (benchmarks). Off, the times are
+            host-side and a step's GPU work may be counted in the next one, but no step waits for the device.
+    """
+
+    def __init__(self, *, sync: bool = False):
         self.times: list[float] = []
+        self.sync = sync and torch.cuda.is_available()
         self._last = 0.0
 
-    @staticmethod
-    def _now() -> float:
-        if torch.cuda.is_available():
+    def _now(self) -> float:
+        if self.sync:
             torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -70,14 +94,16 @@ def run_phase(
     Returns:
         (PhaseStats, world size).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     steps = opts.steps if steps is None else steps
     world = world_size()
     total = optimizer_steps(replace(opts, steps=steps), len(dataset), world)
     collator = _CountingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    clock = StepClock()
+    clock = StepClock(sync=opts.time_steps)
+    if opts.gradient_checkpointing:
+        enable_checkpointing(model)
     with tempfile.TemporaryDirectory(prefix="adaconvert-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -92,8 +118,10 @@ def run_phase(
             max_grad_norm=opts.max_grad_norm,
             bf16=precision == "bf16",
             fp16=precision == "fp16",
-            gradient_checkpointing=opts.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if opts.gradient_checkpointing else None,
+            # FSDP2 (accelerate's plugin): one shard unit per decoder layer (the model's _no_split_modules) and the
+            # root; parameters are gathered for each unit's forward and backward and resharded after
+            fsdp=opts.fsdp or None,
+            fsdp_config={"version": 2, "reshard_after_forward": True} if opts.fsdp else None,
             logging_steps=opts.logging_steps,
             save_strategy="no",
             report_to="none",
@@ -106,7 +134,7 @@ def run_phase(
             ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = Trainer(
+        trainer = PhaseTrainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock, *callbacks]
         )
         # Trainer prints its logs on stdout, where our results go: log them, and show progress on stderr instead
@@ -116,6 +144,9 @@ def run_phase(
         started = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - started
+        # accelerate left bf16 / fp16 autocast wrapped around the model's forward: what the caller gets back (and
+        # what is compared with the saved adapter) is the plain model again
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
     stats = PhaseStats(
         trainable_params=count_trainable(model),
         optimizer_steps=trainer.state.global_step,
@@ -125,6 +156,64 @@ def run_phase(
         wall_s=wall,
     )
     return stats, args.world_size
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing on the base model, the embedding output left without a gradient.
+
+    ``gradient_checkpointing_enable`` (and PEFT, for a base that already checkpoints) hook the embedding so that
+    its output requires a gradient, which only reentrant checkpointing needs; with it, autograd runs the backward
+    through every layer down to the embedding, even those that hold no adapter.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
+
+
+class PhaseTrainer(Trainer):
+    """``transformers.Trainer`` with AdaLoRA's orthogonality penalty added once per optimizer step, and FSDP
+    kept on CPU processes (see the module docstring)."""
+
+    def __init__(self, *args, model=None, **kwargs):
+        if adalora_peft_config(model) is not None:
+            # the model is called without labels, so PEFT's AdaLoraModel adds no penalty of its own: the
+            # causal-LM loss is the model's own loss function, the penalty is added in compute_loss
+            kwargs["compute_loss_func"] = self._causal_lm_loss
+        super().__init__(*args, model=model, **kwargs)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None):
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        return base.loss_function(
+            outputs.logits,
+            labels,
+            vocab_size=base.config.get_text_config().vocab_size,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        config = adalora_peft_config(self.model)
+        if config is None or config.orth_reg_weight == 0:
+            return result
+        # with a compute_loss_func the Trainer does not divide the loss by the accumulation steps (the loss is
+        # normalised by num_items_in_batch, the tokens of the whole optimizer step): the penalty gets its share.
+        # Every process adds the same penalty and gradients are averaged over processes: no world-size factor.
+        penalty = config.orth_reg_weight / self.current_gradient_accumulation_steps * orthogonality_penalty(self.model)
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty, outputs
+        return result + penalty
 
 
 class _Progress(TrainerCallback):
@@ -168,13 +257,6 @@ class _CountingCollator(CausalCollator):
         batch = super().__call__(features)
         self.tokens += int(batch["attention_mask"].sum())
         return batch
-
-
-def world_size() -> int:
-    """Processes of a ``torchrun`` / ``accelerate launch`` run (1 otherwise)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def count_trainable(model) -> int:

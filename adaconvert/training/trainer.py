@@ -1,21 +1,23 @@
-"""``train``: LoRA, AdaLoRA or LoRA-Drop on top of ``transformers.Trainer`` (DDP through ``torchrun`` or
-``accelerate launch``; FSDP goes through the same Trainer but is untested, and saving does not gather FSDP shards),
-written as a standard PEFT adapter directory.
+"""``train``: LoRA, AdaLoRA or LoRA-Drop on top of ``transformers.Trainer`` (DDP, or FSDP2 with ``fsdp``, through
+``torchrun`` or ``accelerate launch``), written as a standard PEFT adapter directory.
 
-The story: check options and output, load tokenizer, data and base model, run the method's phases, and write
-the adapter atomically with its metadata (``rank_history.json`` for AdaLoRA, ``lora_drop.json`` for LoRA-Drop,
+The story: check options, launch and output (on every process, before any model is loaded), load tokenizer, data
+and base model, run the method's phases, gather the adapter (whole tensors, once, on every process) and write it
+atomically with its metadata (``rank_history.json`` for AdaLoRA, ``lora_drop.json`` for LoRA-Drop,
 ``training_summary.json`` for all). Only the main process writes.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import math
 import os
 import random
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,10 +29,11 @@ from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.readers.lora import LORA_DROP_FILE
 from adaconvert.runtime import hf_progress
 from adaconvert.training import lora_drop
-from adaconvert.training.adalora import AdaLoraCallback, adalora_config, module_ranks
+from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
 from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
-from adaconvert.training.phase import PhaseStats, run_phase, world_size
+from adaconvert.training.phase import PhaseStats, run_phase
+from adaconvert.training.sharding import adapter_state_dict, on_main_then_all, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +93,14 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         True
     """
     opts = load_options(method, config=config, **options)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config])
+    if accelerate_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`: the same as --fsdp
+        opts = replace(opts, fsdp=True)
+    check_launch(opts)
+    on_main_then_all(
+        lambda: check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config]),
+        cuda=torch.cuda.is_available(),
+    )
+    main_process = rank() == 0
     precision = resolve_precision(opts.precision)
     _set_seed(opts.seed)
     with hf_progress(not opts.quiet):
@@ -100,18 +108,68 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
         dataset = tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.data)
         logger.info("%d training examples, %d tokens", len(dataset), dataset.num_tokens)
-        if opts.method == "adalora":  # impossible schedules are refused before the (large) model is loaded
+        # impossible settings are refused before the (large) model is loaded
+        check_world_fits(opts, len(dataset), world_size())
+        if opts.method == "adalora":
             adalora_schedule(opts, optimizer_steps(opts, len(dataset), world_size()))
-        base = load_base_model(opts.model, precision)
-        total_params = sum(p.numel() for p in base.parameters())
+        load = functools.partial(load_base_model, opts.model, precision)
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
-        result = run(base, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
-    result.total_params = total_params
+        result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
     result.options = opts.to_dict()
     result.written = main_process
+    state = adapter_state_dict(result.model)  # a collective under FSDP: every process gathers
     if main_process:
-        _write(result, opts)
+        _write(result, opts, state)
     return result
+
+
+def accelerate_flag(name: str) -> bool:
+    """Whether ``accelerate launch`` set ``name`` (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``: from its
+    flags or its config file)."""
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def check_launch(opts: TrainOptions) -> None:
+    """Refuse, before any work, what this launch cannot train.
+
+    Raises:
+        InvalidConfigError: ``fsdp`` without a distributed launch or with DeepSpeed, FSDP with LoRA-Drop's shared
+            LoRA, or AdaLoRA under DeepSpeed.
+    """
+    if opts.method == "adalora" and accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise InvalidConfigError(
+            "AdaLoRA under DeepSpeed is not supported: DeepSpeed steps and clears the gradients inside backward, "
+            "so the rank budget would score zeros; launch with DDP (torchrun) or --fsdp"
+        )
+    if not opts.fsdp:
+        return
+    if world_size() < 2:
+        raise InvalidConfigError(
+            "--fsdp needs a distributed launch of at least 2 processes (torchrun --nproc_per_node N -m adaconvert.cli "
+            "train ..., or accelerate launch); this is a single process"
+        )
+    if accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise InvalidConfigError("--fsdp and DeepSpeed exclude each other; drop one")
+    if opts.method == "lora-drop" and opts.policy == "share":
+        raise InvalidConfigError(
+            "--fsdp cannot shard LoRA-Drop's shared LoRA (one set of weights used by several layers, each layer a "
+            "separate FSDP unit); use --policy drop, or DDP"
+        )
+
+
+def check_world_fits(opts: TrainOptions, num_examples: int, world: int) -> None:
+    """Every process needs its own examples for a micro-batch: with fewer than ``world × batch_size`` examples the
+    distributed sampler repeats examples to fill them.
+
+    Raises:
+        InvalidConfigError: the data cannot feed ``world`` processes.
+    """
+    if world > 1 and num_examples < world * opts.batch_size:
+        raise InvalidConfigError(
+            f"{num_examples} training examples cannot feed {world} processes × --batch-size {opts.batch_size}; "
+            "use fewer processes, a smaller --batch-size or more data",
+            path=opts.data,
+        )
 
 
 def load_tokenizer(model: str):
@@ -140,15 +198,27 @@ def _check_model_exists(model: str) -> None:
         raise SourceNotFoundError("no such model directory", path=model)
 
 
+def auto_precision(capability: tuple[int, int] | None) -> str:
+    """What ``--precision auto`` means on a GPU of CUDA compute ``capability`` (``None``: no GPU).
+
+    bf16 from Ampere (8.0) on, where the tensor cores compute it; fp16 before (Volta 7.0, Turing 7.5), where
+    ``torch.cuda.is_bf16_supported()`` still says yes because bf16 is emulated, at a fraction of fp16's speed;
+    fp32 on CPU.
+    """
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
 def resolve_precision(precision: str) -> str:
-    """``bf16``, ``fp16`` or ``fp32``: ``auto`` is bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU.
+    """``bf16``, ``fp16`` or ``fp32``; ``auto`` as :func:`auto_precision` decides for this machine's GPU.
 
     Raises:
         InvalidConfigError: fp16 asked for without a GPU.
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        return auto_precision(torch.cuda.get_device_capability() if cuda else None)
     if precision == "fp16" and not cuda:
         raise InvalidConfigError("--fp16 needs a CUDA GPU; use --bf16 or --precision fp32 on CPU")
     return precision
@@ -196,32 +266,46 @@ def _lora_config(opts: TrainOptions, target_modules):
     )
 
 
-def _run_lora(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _load(load) -> tuple[object, int]:
+    """The base model and its parameter count."""
+    base = load()
+    return base, sum(p.numel() for p in base.parameters())
+
+
+def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    base, total = _load(load)
     model = _peft(base, _lora_config(opts, _targets(opts)))
     stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
-    return TrainResult("lora", opts.output, False, world, 0, stats, model=model)
+    return TrainResult("lora", opts.output, False, world, total, stats, model=model)
 
 
-def _run_adalora(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    base, total = _load(load)
     world = world_size()
     schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
     model = _peft(base, adalora_config(opts, schedule, _targets(opts)))
+    if thawed := freeze_ranknum(model):
+        logger.debug("froze %d ranknum parameters that PEFT's dtype cast had made trainable", thawed)
     budget = AdaLoraCallback(model, opts)
     stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
     history = budget.history_record()
     pattern = budget.config.rank_pattern
     ranks = module_ranks(pattern) if pattern else None
-    return TrainResult("adalora", opts.output, False, world, 0, stats, rank_history=history, ranks=ranks, model=model)
+    return TrainResult(
+        "adalora", opts.output, False, world, total, stats, rank_history=history, ranks=ranks, model=model
+    )
 
 
-def _run_lora_drop(base, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
-    """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run."""
+def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+    """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
+    unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again)."""
     n_pilot = max(1, math.ceil(opts.pilot_fraction * len(dataset)))
     order = list(range(len(dataset)))
     random.Random(opts.seed).shuffle(order)
     pilot_data = TokenizedDataset([dataset.examples[i] for i in order[:n_pilot]])
     pilot_steps = max(1, math.ceil(opts.pilot_fraction * opts.steps)) if opts.steps is not None else None
 
+    base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     pilot_stats, world = run_phase(
         pilot, pilot_data, tokenizer, opts, precision=precision, callbacks=callbacks, steps=pilot_steps, desc="pilot"
@@ -237,7 +321,15 @@ def _run_lora_drop(base, dataset, tokenizer, opts, *, precision, callbacks) -> T
     drop_plan = lora_drop.plan(list(module_scores), kept, policy=opts.policy, granularity=opts.granularity)
     logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(importance), opts.policy)
 
-    base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
+    if opts.fsdp:
+        del pilot, base
+        gc.collect()  # the pilot's Trainer and accelerator held the sharded model in reference cycles
+        base = load()
+    else:
+        base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
+        # PEFT hooks the embedding of a base that checkpoints so that its output requires a gradient, a hook the
+        # main phase could not see to remove; that phase switches checkpointing on again without it
+        base.gradient_checkpointing_disable()
     _set_seed(opts.seed)
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
@@ -266,7 +358,7 @@ def _run_lora_drop(base, dataset, tokenizer, opts, *, precision, callbacks) -> T
         "main": {"trainable_params": stats.trainable_params},
     }
     return TrainResult(
-        "lora-drop", opts.output, False, world, 0, stats, pilot=pilot_stats, lora_drop=record, model=model
+        "lora-drop", opts.output, False, world, total, stats, pilot=pilot_stats, lora_drop=record, model=model
     )
 
 
@@ -294,14 +386,17 @@ def _same_on_every_process(scores: dict[str, float]) -> dict[str, float]:
     return payload[0]
 
 
-def _write(result: TrainResult, opts: TrainOptions) -> None:
-    """The PEFT adapter, its method metadata and a summary, written atomically to ``opts.output``."""
-    inputs = [opts.model, opts.data]
-    with atomic_output_dir(opts.output, overwrite=opts.overwrite, inputs=inputs) as tmp, warnings.catch_warnings():
+def _write(result: TrainResult, opts: TrainOptions, state: dict) -> None:
+    """The PEFT adapter (``state``: its whole tensors), its method metadata and a summary, written atomically to
+    ``opts.output``."""
+    with (
+        atomic_output_dir(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data]) as tmp,
+        warnings.catch_warnings(),
+    ):
         # AdaLoRA saves a fully pruned module as zero-size tensors (docs/design.md §2); PEFT warns that they look like
         # un-gathered FSDP / ZeRO-3 shards, which they are not
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
-        result.model.save_pretrained(str(tmp))
+        result.model.save_pretrained(str(tmp), state_dict=state)
         if result.rank_history is not None:
             _dump(tmp / RANK_HISTORY_FILE, result.rank_history)
         if result.lora_drop is not None:
