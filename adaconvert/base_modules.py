@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import MODEL_CONFIG_NAME
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError
 from adaconvert.io.location import is_hub_id
 from adaconvert.io.source import read_json
@@ -61,15 +62,15 @@ def load_base_config(base):
             return AutoConfig.from_pretrained(str(base))
         except (OSError, ValueError) as exc:
             raise SourceNotFoundError(f"no such directory, and no Hub model config ({exc})", path=base) from exc
-    if not (path / "config.json").is_file():
+    if not (path / MODEL_CONFIG_NAME).is_file():
         raise SourceNotFoundError("no config.json: expected a base model directory", path=path)
-    text_config = read_json(path / "config.json").get("text_config", {})  # hostile JSON: one line, not a traceback
+    text_config = read_json(path / MODEL_CONFIG_NAME).get("text_config", {})  # hostile JSON: one line, not a traceback
     if not isinstance(text_config, dict | None):
-        raise InvalidConfigError("field 'text_config' must be an object", path=path / "config.json")
+        raise InvalidConfigError("field 'text_config' must be an object", path=path / MODEL_CONFIG_NAME)
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidConfigError(f"cannot read the base model config ({exc})", path=path / "config.json") from exc
+        raise InvalidConfigError(f"cannot read the base model config ({exc})", path=path / MODEL_CONFIG_NAME) from exc
 
 
 def base_modules(base) -> dict[str, BaseModule]:

@@ -8,6 +8,9 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAMES = (ADAPTER_WEIGHTS_NAME, "adapter_model.bin", "adapter_model.pt")  # the order PEFT tries
 
+# an mlx-lm adapter directory (its config is ADAPTER_CONFIG_NAME too)
+MLX_ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
+
 # a transformers model directory
 MODEL_CONFIG_NAME = "config.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"

@@ -15,10 +15,11 @@ import torch
 
 from adaconvert.adapter import Adapter
 from adaconvert.card import conversion_card
+from adaconvert.constants import CARD_NAME, CONVERSION_REPORT_NAME
 from adaconvert.errors import InvalidConfigError, NonFiniteError, RankLimitError
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.readers import read_adapter
-from adaconvert.report import REPORT_NAME, ConversionReport, build_report
+from adaconvert.report import ConversionReport, build_report
 from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.transforms import compress_ranks, padding_params, strip_empty, uniform_modules
 from adaconvert.vllm_compat import check_bucket, require_vllm_compat
@@ -27,7 +28,6 @@ from adaconvert.writers import LAYOUTS, write_peft_lora
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CARD_NAME = "README.md"
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def prepare_conversion(
 def write_report_and_card(directory: str | Path, report: ConversionReport, card: str) -> None:
     """``conversion_report.json`` and ``README.md`` (the card) into ``directory`` (a temporary output)."""
     directory = Path(directory)
-    (directory / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (directory / CONVERSION_REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     (directory / CARD_NAME).write_text(card, encoding="utf-8")
 
 

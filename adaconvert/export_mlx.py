@@ -9,7 +9,7 @@ from adaconvert.card import conversion_card
 from adaconvert.convert import prepare_conversion, write_report_and_card
 from adaconvert.errors import AdaconvertError, InvalidConfigError
 from adaconvert.io.atomic import atomic_output_dir, check_output
-from adaconvert.io.source import read_json, resolve_source
+from adaconvert.io.source import read_model_config
 from adaconvert.report import ConversionReport
 from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.writers.mlx_lm import plan_mlx, write_mlx_adapter
@@ -76,17 +76,10 @@ def to_mlx(
 def _num_layers(base, adapter_base: str | None) -> int | None:
     """``num_hidden_layers`` of ``base`` (an error if it cannot be read), else of the adapter's base model if its
     config can be read, else None. Only config.json is read (a Hub id downloads that file alone)."""
-
-    def fetch(repo_id: str) -> Path:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id, "config.json")).parent
-
     if base is None and not adapter_base:
         return None
     try:
-        root = resolve_source(base or adapter_base, what="a base model directory or Hub model id", fetch=fetch)
-        config = read_json(root / "config.json")
+        config, path = read_model_config(base or adapter_base)
     except AdaconvertError:
         if base is not None:
             raise
@@ -96,5 +89,5 @@ def _num_layers(base, adapter_base: str | None) -> int | None:
     # transformers' names for it (GPT-2 style configs say n_layer)
     layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in text), None)
     if not isinstance(layers, int):
-        raise InvalidConfigError("the base config has no num_hidden_layers", path=root / "config.json")
+        raise InvalidConfigError("the base config has no num_hidden_layers", path=path)
     return layers

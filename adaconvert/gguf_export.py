@@ -17,7 +17,7 @@ from adaconvert.card import _METHOD_NAMES, card_metadata, layout_summary, markdo
 from adaconvert.convert import prepare_conversion
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.atomic import atomic_output_file, check_output
-from adaconvert.io.source import read_json, resolve_source
+from adaconvert.io.source import read_model_config
 from adaconvert.report import ConversionReport
 from adaconvert.writers.gguf import OUTTYPES, GGUFBase, gguf_base, write_gguf_lora
 
@@ -42,15 +42,8 @@ def load_gguf_base(base: str | Path) -> GGUFBase:
         SourceNotFoundError: no such directory, no config.json, or the Hub cannot provide it.
         InvalidConfigError: the config is not JSON, or its architecture is not supported.
     """
-
-    def fetch(repo_id: str) -> Path:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id, "config.json")).parent
-
-    root = resolve_source(base, what="a base model directory or Hub model id", fetch=fetch)
-    config_path = root / "config.json"
-    return gguf_base(read_json(config_path), path=config_path)
+    config, path = read_model_config(base)
+    return gguf_base(config, path=path)
 
 
 def to_gguf(

@@ -19,16 +19,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from adaconvert.card import conversion_card, merged_card, snippet_id
+from adaconvert.constants import (
+    ADAPTER_CONFIG_NAME,
+    CARD_NAME,
+    CONVERSION_REPORT_NAME,
+    MERGE_REPORT_NAME,
+    MODEL_CONFIG_NAME,
+    RANK_HEATMAP_NAME,
+    VALIDATION_REPORT_NAME,
+)
 from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
-from adaconvert.report import REPORT_NAME, ConversionReport, ModuleReport
+from adaconvert.report import ConversionReport, ModuleReport
 
 logger = logging.getLogger(__name__)
 
-CARD_NAME = "README.md"
-HEATMAP_NAME = "rank_heatmap.png"
-VALIDATION_NAME = "validation_report.json"
 # Reports that prove adaconvert wrote the directory: a conversion (to-lora) or a merge.
-MERGE_REPORT_NAMES = ("merge_report.json",)
 
 
 @dataclass
@@ -150,9 +155,9 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def _kind(root: Path) -> str:
-    if (root / "adapter_config.json").is_file():
+    if (root / ADAPTER_CONFIG_NAME).is_file():
         return "adapter"
-    if (root / "config.json").is_file():
+    if (root / MODEL_CONFIG_NAME).is_file():
         return "merged"
     raise InvalidConfigError("neither an adapter (adapter_config.json) nor a model (config.json)", path=root)
 
@@ -160,13 +165,15 @@ def _kind(root: Path) -> str:
 def _check(root: Path, kind: str) -> list[str]:
     """Every reason not to push: missing report, and (adapters) whatever vLLM would reject."""
     if kind == "merged":
-        if any((root / name).is_file() for name in (*MERGE_REPORT_NAMES, REPORT_NAME)):
+        if any((root / name).is_file() for name in (MERGE_REPORT_NAME, CONVERSION_REPORT_NAME)):
             return []
-        return [f"no {' or '.join(MERGE_REPORT_NAMES)}: not written by adaconvert merge"]
+        return [f"no {MERGE_REPORT_NAME}: not written by adaconvert merge"]
     problems = (
-        [] if (root / REPORT_NAME).is_file() else [f"no {REPORT_NAME}: convert it with adaconvert to-lora first"]
+        []
+        if (root / CONVERSION_REPORT_NAME).is_file()
+        else [f"no {CONVERSION_REPORT_NAME}: convert it with adaconvert to-lora first"]
     )
-    config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+    config = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
     if "lora_parameters" in config and "peft_type" not in config:  # a to-mlx output: mlx-lm's rules, not vLLM's
         from adaconvert.runtimes import check_runtimes
 
@@ -178,7 +185,7 @@ def _check(root: Path, kind: str) -> list[str]:
 def _base_problems(root: Path) -> list[str]:
     """``base_model_name_or_path`` must be a Hub id or a plain local path: it goes into the card's snippets."""
     try:
-        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         return []  # the vLLM check reports an unreadable config
     if base is None or snippet_id(base) is not None:
@@ -205,10 +212,10 @@ def vllm_problems(root: Path) -> list[str]:
 
 def _local_base(root: Path) -> Path | None:
     try:
-        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError):
         return None
-    return Path(base) if isinstance(base, str) and base and (Path(base) / "config.json").is_file() else None
+    return Path(base) if isinstance(base, str) and base and (Path(base) / MODEL_CONFIG_NAME).is_file() else None
 
 
 def load_report(path: Path) -> ConversionReport:
@@ -224,14 +231,16 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
     """The card to upload, regenerated with ``repo_id``; None to keep the local README.md (no report to build on)."""
     if kind == "merged":
         return _merged_card(root, repo_id)
-    report_path = root / REPORT_NAME
+    report_path = root / CONVERSION_REPORT_NAME
     if not report_path.is_file():
         return None
     try:
         report = load_report(report_path)
-        config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
         validation = (
-            json.loads((root / VALIDATION_NAME).read_text("utf-8")) if (root / VALIDATION_NAME).is_file() else None
+            json.loads((root / VALIDATION_REPORT_NAME).read_text("utf-8"))
+            if (root / VALIDATION_REPORT_NAME).is_file()
+            else None
         )
     except (OSError, ValueError, TypeError) as exc:
         raise InvalidConfigError(f"cannot build the model card ({first_line(exc, 300)})", path=report_path) from exc
@@ -240,14 +249,14 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
         base_model=config.get("base_model_name_or_path") or report.base_model,
         repo_id=repo_id,
         task_type=config.get("task_type"),
-        heatmap=HEATMAP_NAME if (root / HEATMAP_NAME).is_file() else None,
+        heatmap=RANK_HEATMAP_NAME if (root / RANK_HEATMAP_NAME).is_file() else None,
         validation=validation if isinstance(validation, dict) else None,
     )
 
 
 def _merged_card(root: Path, repo_id: str) -> str | None:
-    report_path = next((root / n for n in MERGE_REPORT_NAMES if (root / n).is_file()), None)
-    if report_path is None:
+    report_path = root / MERGE_REPORT_NAME
+    if not report_path.is_file():
         return None
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import (
     AdapterShapeError,
     InvalidConfigError,
@@ -42,7 +43,6 @@ from adaconvert.writers.merged import Shard, ShardFiles, copy_side_files, parse_
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-REPORT_NAME = "merge_report.json"
 # float32 bytes per row block: each is one read, one hand-off to the writer and one write, and small enough that the
 # blocks in flight stay in the CPU's caches (measured: 2 MiB beat 1 and 8 MiB on a 2-core, 32 MiB-L3 machine)
 BLOCK_BYTES = 2 * 2**20
@@ -221,7 +221,7 @@ def merge(
             peak_rss_bytes=peak_rss_bytes(),
             files_copied=copied,
         )
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / MERGE_REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s: %d of %d tensors merged, %d shard(s)", dst, len(updates), len(layout), len(shards))
     return report
 

@@ -10,8 +10,6 @@ from adaconvert.adapter import Adapter, LowRankDelta, split_module_name
 from adaconvert.metrics import relative_error
 from adaconvert.vllm_compat import smallest_bucket
 
-REPORT_NAME = "conversion_report.json"
-
 
 @dataclass
 class ModuleReport:

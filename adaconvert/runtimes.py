@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
+from adaconvert.constants import ADAPTER_CONFIG_NAME
 from adaconvert.errors import InvalidConfigError
-from adaconvert.io.source import CONFIG_NAME, read_json, resolve_source
+from adaconvert.io.source import read_json, resolve_source
 from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
 
 EXACT, WRONG_SCALE, REFUSED = "exact", "wrong-scale", "refused"
@@ -112,19 +113,19 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
     from adaconvert.vllm_compat import tensor_shapes
 
     root = resolve_source(adapter_dir)
-    config = read_json(root / CONFIG_NAME)
+    config = read_json(root / ADAPTER_CONFIG_NAME)
     if "lora_parameters" in config and "peft_type" not in config:
         return _mlx_facts(root, config)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "ADALORA"):
         raise InvalidConfigError(
             f"peft_type {config.get('peft_type')!r}: the portability check reads LORA and ADALORA adapters",
-            path=root / CONFIG_NAME,
+            path=root / ADAPTER_CONFIG_NAME,
         )
     required = ("init_r", "lora_alpha") if peft_type == "ADALORA" else ("r", "lora_alpha")
     missing = [f for f in required if not isinstance(config.get(f), int | float)]
     if missing:
-        raise InvalidConfigError(f"missing or non-numeric {', '.join(missing)}", path=root / CONFIG_NAME)
+        raise InvalidConfigError(f"missing or non-numeric {', '.join(missing)}", path=root / ADAPTER_CONFIG_NAME)
     keys = tensor_shapes(root)
     a_suffix, b_suffix = ("lora_A", "lora_B") if peft_type == "ADALORA" else ("lora_A.weight", "lora_B.weight")
     modules = {}
@@ -141,13 +142,13 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
 def _mlx_facts(root: Path, config: dict) -> AdapterFacts:
     from safetensors import safe_open
 
-    from adaconvert.writers.mlx_lm import MLX_WEIGHTS_NAME
+    from adaconvert.constants import MLX_ADAPTER_WEIGHTS_NAME
 
-    path = root / MLX_WEIGHTS_NAME
+    path = root / MLX_ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         from adaconvert.errors import SourceNotFoundError
 
-        raise SourceNotFoundError(f"mlx-lm adapter without {MLX_WEIGHTS_NAME}", path=root)
+        raise SourceNotFoundError(f"mlx-lm adapter without {MLX_ADAPTER_WEIGHTS_NAME}", path=root)
     with safe_open(str(path), framework="pt") as f:
         keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     modules = {}

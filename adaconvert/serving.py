@@ -34,8 +34,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
-from adaconvert.io.source import CONFIG_NAME, read_json, resolve_source
+from adaconvert.io.source import read_json, resolve_source
 from adaconvert.vllm_compat import (
     MAX_LORA_RANK_BUCKETS,
     bucket_for,
@@ -234,9 +235,9 @@ def is_safe_layout(adapter_dir: str | Path) -> bool:
     from adaconvert.scaling import lora_rank_and_alpha
 
     root = Path(adapter_dir)
-    if not (root / "adapter_model.safetensors").is_file() or not (root / CONFIG_NAME).is_file():
+    if not (root / ADAPTER_WEIGHTS_NAME).is_file() or not (root / ADAPTER_CONFIG_NAME).is_file():
         return False
-    config = read_json(root / CONFIG_NAME)
+    config = read_json(root / ADAPTER_CONFIG_NAME)
     if str(config.get("peft_type", "")).upper() != "LORA" or config.get("use_rslora"):
         return False
     r, alpha = config.get("r"), config.get("lora_alpha")
@@ -303,7 +304,7 @@ def _prepare(name: str, src, *, modules: dict, cache: Path) -> ServedAdapter:
         kind, path, converted, cached = adapter.source_kind, root, False, False
         if not is_safe_layout(root):
             path = cache / f"{_SAFE_CHARS.sub('_', name)}-{_digest(root)}"
-            cached = (path / CONFIG_NAME).is_file()
+            cached = (path / ADAPTER_CONFIG_NAME).is_file()
             if cached:
                 logger.info("adapter %s: using the conversion cached at %s", name, path)
             else:
@@ -314,7 +315,7 @@ def _prepare(name: str, src, *, modules: dict, cache: Path) -> ServedAdapter:
     except AdaconvertError as exc:
         # same error type, but the message names the adapter as the user called it
         raise type(exc)(f"adapter {name!r}: {exc.message}", path=exc.path, module=exc.module, **exc.fields) from exc
-    rank = max([served_rank(read_json(path / CONFIG_NAME)), *tensor_ranks(path)])
+    rank = max([served_rank(read_json(path / ADAPTER_CONFIG_NAME)), *tensor_ranks(path)])
     if rank > MAX_LORA_RANK_BUCKETS[-1]:
         raise RankLimitError(
             f"adapter {name!r} has rank {rank}, above vLLM's largest max_lora_rank {MAX_LORA_RANK_BUCKETS[-1]}; "

@@ -13,8 +13,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adaconvert.constants import ADAPTER_CONFIG_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError
-from adaconvert.io.source import CONFIG_NAME, read_json, resolve_source
+from adaconvert.io.source import read_json, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def check_vllm_compat(
         check_bucket(max_lora_rank)
     try:
         root = resolve_source(adapter_dir)
-        config = read_json(root / CONFIG_NAME)
+        config = read_json(root / ADAPTER_CONFIG_NAME)
         shapes = tensor_shapes(root)
     except AdaconvertError as exc:
         return [VllmProblem("files", str(exc))]
@@ -381,7 +382,7 @@ def bucket_for(adapter_dirs, *, minimum: int = 1) -> int:
     """
     need = minimum
     for d in adapter_dirs:
-        need = max(need, served_rank(read_json(Path(d) / CONFIG_NAME)), *tensor_ranks(d))
+        need = max(need, served_rank(read_json(Path(d) / ADAPTER_CONFIG_NAME)), *tensor_ranks(d))
     bucket = smallest_bucket(need)
     if bucket is None:
         raise RankLimitError(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from adaconvert.constants import RANK_HISTORY_NAME
 from adaconvert.readers import read_adapter
-from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.runtime import torch_threads
 from adaconvert.training.config import adalora_schedule, load_options
 from tests.peft_utils import peft_model, prompt_ids
@@ -32,7 +32,7 @@ def test_trainer_adalora_prunes_to_the_budget(trained, tiny_llama):
     assert sum(ranks.values()) == config["target_r"] * len(ranks)  # the total budget is exactly the target
     assert ranks == result.ranks
 
-    history = json.loads((out / RANK_HISTORY_FILE).read_text())
+    history = json.loads((out / RANK_HISTORY_NAME).read_text())
     assert history["target_budget"] == sum(ranks.values())
     assert history["update_and_allocate_calls"] == history["total_step"] == 30
     steps = [entry["step"] for entry in history["history"]]

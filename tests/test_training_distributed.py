@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaconvert.readers.adalora import RANK_HISTORY_FILE
-from adaconvert.readers.lora import LORA_DROP_FILE
+from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME
 from tests.peft_utils import peft_model, prompt_ids
 from tests.training_utils import write_jsonl
 
@@ -112,7 +111,7 @@ def test_adalora_budget_is_the_same_on_one_process_ddp_and_fsdp(runs):
     assert sum(ranks.values()) == history["target_budget"] and len(set(ranks.values())) > 1
     for mode in ("single", "ddp", "fsdp"):  # what was saved is what was trained
         assert _saved_pattern(runs[mode] / "adalora") == single["pattern"]
-        saved = json.loads((runs[mode] / "adalora" / RANK_HISTORY_FILE).read_text())
+        saved = json.loads((runs[mode] / "adalora" / RANK_HISTORY_NAME).read_text())
         assert saved["history"] == single["history"]["history"]
 
 
@@ -122,7 +121,7 @@ def test_lora_drop_scores_and_kept_modules_match_under_fsdp(runs):
     # scores agree to float32 precision of the pilot's weights, far below the gaps between modules
     assert fsdp["module_scores"] == pytest.approx(single["module_scores"], rel=1e-4)
     assert fsdp["kept_modules"] == single["kept_modules"] and fsdp["dropped_modules"] == single["dropped_modules"]
-    saved = json.loads((runs["fsdp"] / "lora-drop" / LORA_DROP_FILE).read_text())
+    saved = json.loads((runs["fsdp"] / "lora-drop" / LORA_DROP_NAME).read_text())
     assert saved["kept_modules"] == single["kept_modules"]
 
 

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 import adaconvert
+from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.demo.tiny import build_tiny_model
-from adaconvert.readers.lora import LORA_DROP_FILE
 from adaconvert.training import lora_drop
 from tests.peft_utils import load_base, peft_model, prompt_ids
 from tests.training_utils import quick_train, write_jsonl
@@ -116,7 +116,7 @@ def four_layers(tmp_path_factory):
 def test_drop_leaves_dropped_layers_without_adapter(four_layers, tmp_path):
     base, data = four_layers
     result = quick_train("lora-drop", base, data, tmp_path / "drop", policy="drop", keep_fraction=0.5)
-    record = json.loads((tmp_path / "drop" / LORA_DROP_FILE).read_text())
+    record = json.loads((tmp_path / "drop" / LORA_DROP_NAME).read_text())
     assert len(record["kept"]) == 2 and len(record["dropped"]) == 2 and record["shared"] == []
     assert record["normalized_importance"] == pytest.approx(result.lora_drop["normalized_importance"])
     top = sorted(record["normalized_importance"], key=record["normalized_importance"].get)[-2:]

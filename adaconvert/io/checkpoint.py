@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import MODEL_CONFIG_NAME, MODEL_INDEX_NAME, MODEL_WEIGHTS_NAME
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.safetensors_writer import SAFETENSORS_DTYPES, tensor_nbytes
 from adaconvert.io.source import describe_path, parse_json, read_json, resolve_source
 
 logger = logging.getLogger(__name__)
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 DTYPES_BY_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 # what a merge needs from a Hub repo besides the weights: configs, tokenizer files, chat templates, custom code
 _HUB_SIDE_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py", "*.md"]
@@ -89,8 +87,8 @@ def resolve_checkpoint(src: str | Path) -> Path:
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(repo_id, allow_patterns=_HUB_SIDE_FILES))
-        index = root / INDEX_NAME
-        weights = sorted(set(_weight_map(index).values())) if index.is_file() else [SINGLE_NAME]
+        index = root / MODEL_INDEX_NAME
+        weights = sorted(set(_weight_map(index).values())) if index.is_file() else [MODEL_WEIGHTS_NAME]
         return Path(snapshot_download(repo_id, allow_patterns=[*_HUB_SIDE_FILES, *weights]))
 
     return resolve_source(src, what="a model directory", fetch=fetch)
@@ -107,32 +105,34 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
             names a tensor its shard does not hold, or a tensor appears in two shards.
     """
     root = resolve_checkpoint(src)
-    config = read_json(root / CONFIG_NAME)
+    config = read_json(root / MODEL_CONFIG_NAME)
     if not isinstance(config.get("text_config", {}), dict | None):
-        raise InvalidConfigError("field 'text_config' must be an object", path=root / CONFIG_NAME)
-    index_path = root / INDEX_NAME
+        raise InvalidConfigError("field 'text_config' must be an object", path=root / MODEL_CONFIG_NAME)
+    index_path = root / MODEL_INDEX_NAME
     if os.path.lexists(index_path):
         weight_map = _weight_map(index_path)
         files = tuple(root / name for name in dict.fromkeys(sorted(weight_map.values())))
-    elif os.path.lexists(root / SINGLE_NAME):
-        weight_map, files = None, (root / SINGLE_NAME,)
+    elif os.path.lexists(root / MODEL_WEIGHTS_NAME):
+        weight_map, files = None, (root / MODEL_WEIGHTS_NAME,)
     else:
         found = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
         hint = f" (found {', '.join(found)}; convert them to safetensors first)" if found else ""
-        raise SourceNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME}{hint}", path=root)
+        raise SourceNotFoundError(f"no {MODEL_WEIGHTS_NAME} or {MODEL_INDEX_NAME}{hint}", path=root)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         if os.path.lexists(file) and not file.is_file():  # never opened: a FIFO would block
             raise CorruptCheckpointError(f"is {describe_path(file)}, not a weights file", path=file)
         if not file.is_file():
-            raise SourceNotFoundError(f"shard named in {INDEX_NAME} is missing", path=file)
+            raise SourceNotFoundError(f"shard named in {MODEL_INDEX_NAME} is missing", path=file)
         for name, info in read_header(file).items():
             if name in tensors:
                 raise CorruptCheckpointError(f"tensor {name!r} is also in {tensors[name].file.name}", path=file)
             tensors[name] = info
     for name, shard in (weight_map or {}).items():
         if name not in tensors or tensors[name].file.name != shard:
-            raise CorruptCheckpointError(f"{INDEX_NAME} puts {name!r} in {shard}, which does not hold it", path=root)
+            raise CorruptCheckpointError(
+                f"{MODEL_INDEX_NAME} puts {name!r} in {shard}, which does not hold it", path=root
+            )
     logger.debug("%s: %d tensors in %d file(s)", root, len(tensors), len(files))
     return Checkpoint(root=root, config=config, tensors=tensors, files=files)
 

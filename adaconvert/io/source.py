@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES, MODEL_CONFIG_NAME
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.location import is_hub_id
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "*.md"]
 
 
@@ -78,6 +77,27 @@ def read_json(path: Path, *, error: type[Exception] = InvalidConfigError) -> dic
     if not isinstance(data, dict):
         raise error("expected a JSON object", path=path)
     return data
+
+
+def read_model_config(base: str | Path) -> tuple[dict, Path]:
+    """``(config, path)``: the parsed ``config.json`` of a base model directory or Hub model id, and where it was
+    read. Only that file is needed: a Hub id downloads it alone (or finds it in the cache).
+
+    Raises:
+        SourceNotFoundError: no such directory, no config.json, or the Hub cannot provide it.
+        InvalidConfigError: the file is not a JSON object.
+    """
+
+    def fetch(repo_id: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, MODEL_CONFIG_NAME)).parent
+
+    root = resolve_source(base, what="a base model directory or Hub model id", fetch=fetch)
+    path = root / MODEL_CONFIG_NAME
+    if not path.is_file():
+        raise SourceNotFoundError(f"no {MODEL_CONFIG_NAME}: expected a base model directory", path=root)
+    return read_json(path), path
 
 
 def parse_json(raw: bytes | str, *, path: str | Path, error: type[Exception] = InvalidConfigError):
@@ -137,7 +157,7 @@ def open_adapter_dir(src: str | Path) -> AdapterFiles:
         InvalidConfigError: adapter_config.json cannot be parsed.
     """
     root = resolve_source(src)
-    config_path = root / CONFIG_NAME
+    config_path = root / ADAPTER_CONFIG_NAME
     config = read_json(config_path)
     return AdapterFiles(root, config, config_path, weights_file(root))
 
@@ -148,13 +168,13 @@ def weights_file(root: Path) -> Path:
     Raises:
         SourceNotFoundError: there is none.
     """
-    for name in WEIGHTS_NAMES:
+    for name in ADAPTER_WEIGHTS_NAMES:
         path = root / name
         if path.is_file():
             return path
         if os.path.lexists(path):  # never opened: a FIFO would block, a directory or a loop cannot be read
             raise CorruptCheckpointError(f"is {describe_path(path)}, not a weights file", path=path)
-    raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(WEIGHTS_NAMES)})", path=root)
+    raise SourceNotFoundError(f"no adapter weights (looked for {', '.join(ADAPTER_WEIGHTS_NAMES)})", path=root)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

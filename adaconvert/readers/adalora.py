@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.constants import RANK_HISTORY_NAME
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 from adaconvert.io.source import AdapterFiles, load_tensors, read_json
 from adaconvert.readers._common import (
@@ -25,7 +26,6 @@ from adaconvert.readers._common import (
 from adaconvert.scaling import adalora_scaling
 
 # Written by adaconvert.training beside the adapter: rank per module at each budget step.
-RANK_HISTORY_FILE = "rank_history.json"
 
 
 # every field of adapter_config.json this reader reads, typed; JSON null reads as the default
@@ -75,7 +75,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         B = folded(module, B.float(), E32 * scale, path=files.config_path, why=f"lora_E × scaling {scale:.3g}")
         deltas[module] = LowRankDelta(A=A.float(), B=B)
 
-    history_file = files.root / RANK_HISTORY_FILE
+    history_file = files.root / RANK_HISTORY_NAME
     provenance = {
         "source": str(files.root),
         "peft_type": "ADALORA",

@@ -4,6 +4,7 @@ directories with an importance file beside them."""
 from __future__ import annotations
 
 from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 from adaconvert.io.source import AdapterFiles, load_tensors, read_json
 from adaconvert.readers._common import (
@@ -26,7 +27,6 @@ from adaconvert.readers._common import (
 from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
 
 # Written by adaconvert.training's LoRA-Drop beside the adapter: layer importance, kept/shared/dropped layers.
-LORA_DROP_FILE = "lora_drop.json"
 
 # Inits that change the base weights when PEFT loads the adapter: ΔW alone does not describe the model.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -114,9 +114,9 @@ def read_lora(files: AdapterFiles) -> Adapter:
         "stored_ranks": {m: d.rank for m, d in deltas.items()},
     }
     source_kind = "lora"
-    if (files.root / LORA_DROP_FILE).is_file():
+    if (files.root / LORA_DROP_NAME).is_file():
         source_kind = "lora-drop"
-        provenance["lora_drop"] = read_json(files.root / LORA_DROP_FILE)
+        provenance["lora_drop"] = read_json(files.root / LORA_DROP_NAME)
     return Adapter(
         deltas=deltas,
         fan_in_fan_out=cfg["fan_in_fan_out"],

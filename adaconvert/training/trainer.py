@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME, TRAINING_SUMMARY_NAME
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.location import is_hub_id
-from adaconvert.readers.adalora import RANK_HISTORY_FILE
-from adaconvert.readers.lora import LORA_DROP_FILE
 from adaconvert.runtime import hf_progress
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
@@ -36,8 +35,6 @@ from adaconvert.training.phase import PhaseStats, run_phase
 from adaconvert.training.sharding import adapter_state_dict, on_main_then_all, rank, world_size
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "training_summary.json"
 
 
 @dataclass
@@ -398,10 +395,10 @@ def _write(result: TrainResult, opts: TrainOptions, state: dict) -> None:
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
         result.model.save_pretrained(str(tmp), state_dict=state)
         if result.rank_history is not None:
-            _dump(tmp / RANK_HISTORY_FILE, result.rank_history)
+            _dump(tmp / RANK_HISTORY_NAME, result.rank_history)
         if result.lora_drop is not None:
-            _dump(tmp / LORA_DROP_FILE, result.lora_drop)
-        _dump(tmp / SUMMARY_FILE, result.to_dict())
+            _dump(tmp / LORA_DROP_NAME, result.lora_drop)
+        _dump(tmp / TRAINING_SUMMARY_NAME, result.to_dict())
     logger.info("wrote %s", opts.output)
 
 

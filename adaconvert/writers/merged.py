@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import MODEL_CONFIG_NAME, MODEL_INDEX_NAME, MODEL_WEIGHTS_NAME
 from adaconvert.errors import InvalidConfigError
-from adaconvert.io.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from adaconvert.io.safetensors_writer import TensorSpec, build_header, tensor_nbytes
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
@@ -76,7 +76,7 @@ def plan_shards(layout: Sequence[TensorSpec], max_shard_size: int) -> list[Shard
     if current.layout or not shards:
         shards.append(current)
     for i, shard in enumerate(shards, 1):
-        shard.filename = SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shard.filename = MODEL_WEIGHTS_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
     return shards
 
 
@@ -173,7 +173,7 @@ def write_index(directory: Path, shards: Sequence[Shard]) -> None:
         "metadata": {"total_parameters": params, "total_size": sum(s.nbytes for s in shards)},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (directory / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def copy_side_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -> list[str]:
@@ -185,7 +185,7 @@ def copy_side_files(src: Path, dst: Path, *, dtype: torch.dtype | None = None) -
         name = path.name
         if not path.is_file() or name.startswith(".") or name.endswith((*_WEIGHT_SUFFIXES, ".index.json")):
             continue
-        if name == CONFIG_NAME and dtype is not None:
+        if name == MODEL_CONFIG_NAME and dtype is not None:
             config = json.loads(path.read_text(encoding="utf-8"))
             _set_dtype(config, str(dtype).removeprefix("torch."))
             (dst / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

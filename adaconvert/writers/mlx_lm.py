@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter
+from adaconvert.constants import ADAPTER_CONFIG_NAME, MLX_ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
 from adaconvert.transforms.pad import pad_delta, zero_delta
-
-MLX_WEIGHTS_NAME = "adapters.safetensors"
-MLX_CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -135,11 +133,11 @@ def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *,
     for name, key in names.items():
         fan_in, fan_out = plan.shapes[key]
         layout += [(f"{name}.lora_a", dtype, (fan_in, rank)), (f"{name}.lora_b", dtype, (rank, fan_out))]
-    with SafetensorsWriter(directory / MLX_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
+    with SafetensorsWriter(directory / MLX_ADAPTER_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
         for name, key in names.items():
             found = adapter.deltas.get(name)
             d = pad_delta(found, rank) if found is not None else zero_delta(*plan.shapes[key], rank)
             writer.write(f"{name}.lora_a", d.A.T.to(dtype).contiguous())
             writer.write(f"{name}.lora_b", d.B.T.to(dtype).contiguous())
     config = mlx_config_dict(plan, rank)
-    (directory / MLX_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

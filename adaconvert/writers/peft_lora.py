@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
 from adaconvert.readers._common import PEFT_PREFIX
 from adaconvert.transforms.pad import pad_delta, uniform_modules, zero_delta
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 LAYOUTS = ("compact", "uniform")
 
 
@@ -107,9 +106,9 @@ def write_peft_lora(
             (f"{PEFT_PREFIX}{name}.lora_A.weight", dtype, (r, fan_in)),
             (f"{PEFT_PREFIX}{name}.lora_B.weight", dtype, (fan_out, r)),
         ]
-    with SafetensorsWriter(directory / WEIGHTS_NAME, layout_specs, metadata={"format": "pt"}) as writer:
+    with SafetensorsWriter(directory / ADAPTER_WEIGHTS_NAME, layout_specs, metadata={"format": "pt"}) as writer:
         for name in config["target_modules"]:
             d = delta(name)
             writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", d.A.to(dtype))
             writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", d.B.to(dtype))
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
