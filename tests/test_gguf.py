@@ -32,6 +32,8 @@ from tests.gguf_utils import (
 )
 from tests.peft_utils import base_logits, peft_logits, train_peft
 
+pytestmark = pytest.mark.llama_cpp
+
 ARCHS = ("llama", "qwen2")
 # fixed token ids (no tokenizer involved, so llama.cpp and PEFT see the same input); no BOS is added by llama.cpp
 IDS = [2, 5, 9, 13, 4, 7, 21, 30, 11, 6, 8, 17]

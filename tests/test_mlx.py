@@ -19,6 +19,8 @@ from tests.conftest import adalora_config, lora_config
 from tests.needs import require
 from tests.peft_utils import base_logits, peft_logits, prompt_ids, train_peft
 
+pytestmark = pytest.mark.mlx
+
 # float32 on both sides, but mlx and torch order their sums differently (and CPUs differ: AVX2, AVX-512, NEON).
 # Measured max |Δlogit|: 2.0e-6 for the bases alone, 2.2e-6 with the adapters (9e-6 on another machine); 1e-4
 # leaves room for other CPUs and is four orders below the adapters' own effect on the logits (> 1)
