@@ -274,7 +274,7 @@ def inspect_cmd(adapter, *, as_json, plot, show_runtimes):
 
 
 @cli.command("push")
-@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--revision", "--branch", "revision", help="Branch to commit to (created if missing; default main).")
@@ -284,7 +284,7 @@ def inspect_cmd(adapter, *, as_json, plot, show_runtimes):
 @click.option("--force", is_flag=True, help="Push even if the vLLM check fails or the conversion report is missing.")
 @common_options()
 def push_cmd(adapter, repo_id, *, as_json, **options):
-    """Upload ADAPTER (a to-lora or merge output) to the Hub as REPO_ID, in one commit, with a fresh model card."""
+    """Upload ADAPTER (a to-lora, to-mlx or merge output directory, or a to-gguf file) to the Hub as REPO_ID."""
     from adaconvert.hub import push
 
     result = push(adapter, repo_id, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)

@@ -13,7 +13,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from adaconvert.card import _METHOD_NAMES, card_metadata, layout_summary, markdown_rank_table
+from adaconvert.card import _METHOD_NAMES, card_metadata, layout_summary, markdown_rank_table, snippet_id
 from adaconvert.convert import prepare_conversion
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.atomic import atomic_output_file, check_output
@@ -127,6 +127,7 @@ def gguf_card(report: ConversionReport, filename: str, *, base_model: str, arch:
         arch: the GGUF architecture (``general.architecture``), which the base GGUF must have.
     """
     ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}
+    shown = snippet_id(base_model) or "BASE_MODEL"  # a value that would break the card's code is not pasted in
     tags = ["lora", "gguf", "llama.cpp", report.source_kind, "adaconvert"]
     meta = card_metadata(base_model=base_model, library_name="gguf", tags=tags)
     return (
@@ -142,7 +143,7 @@ source with `adaconvert to-lora` or `to-mlx` for those).
 
 | | value |
 |---|---|
-| base model | {base_model} |
+| base model | {shown} |
 | modules | {len(ranks)} |
 | max rank | {report.max_rank} |
 | parameters | {report.params_after:,} (source: {report.params_before:,}) |
@@ -156,7 +157,7 @@ source with `adaconvert to-lora` or `to-mlx` for those).
 
 ## Use it
 
-The base model must be a GGUF of the same architecture made from `{base_model}` (e.g. by llama.cpp's
+The base model must be a GGUF of the same architecture made from `{shown}` (e.g. by llama.cpp's
 `convert_hf_to_gguf.py`); the adapter's tensor names and q/k row order are those that script gives the base.
 
 llama.cpp:

@@ -43,7 +43,7 @@ class PushResult:
     Attributes:
         repo_id: the target repo (with its namespace once the Hub resolved it).
         revision: the branch committed to.
-        kind: ``adapter`` or ``merged``.
+        kind: ``adapter``, ``merged`` or ``gguf``.
         files: (path in repo, size in bytes) for every file of the commit, README.md (the card) included.
         card: the README.md text uploaded.
         problems: what the pre-push checks found (only non-empty when ``force`` let it through).
@@ -84,7 +84,8 @@ def push(
     unless ``force``.
 
     Args:
-        adapter: local directory (``to-lora`` or ``merge`` output).
+        adapter: local directory (``to-lora``, ``to-mlx`` or ``merge`` output) or a ``to-gguf`` file (``NAME.gguf``:
+            uploaded with its ``NAME.report.json`` as ``conversion_report.json`` and ``NAME.README.md`` as the card).
         repo_id: ``namespace/name`` on the Hub; created if missing (existing repos are committed to).
         private: create the repo private (an existing repo keeps its visibility).
         revision: branch to commit to (created from main if missing); default ``main``.
@@ -107,11 +108,12 @@ def push(
         [('README.md', 2817), ('adapter_config.json', 1320), ...]
     """
     root = Path(adapter)
-    if not root.is_dir():
-        raise SourceNotFoundError("no such directory", path=root)
+    gguf = root.suffix == ".gguf" and root.is_file()
+    if not gguf and not root.is_dir():
+        raise SourceNotFoundError("no such directory (or .gguf file)", path=root)
     _check_repo_id(repo_id)
-    kind = _kind(root)
-    problems = _check(root, kind)
+    kind = "gguf" if gguf else _kind(root)
+    problems = _gguf_problems(root) if gguf else _check(root, kind)
     if problems and not force:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise InvalidConfigError(
@@ -120,8 +122,11 @@ def push(
     for problem in problems:
         logger.warning("pushing despite: %s", problem)
 
-    card = _card(root, kind, repo_id)
-    local = _local_files(root, skip={CARD_NAME} if card is not None else set())
+    if gguf:
+        card, local = _gguf_upload(root)
+    else:
+        card = _card(root, kind, repo_id)
+        local = _local_files(root, skip={CARD_NAME} if card is not None else set())
     files = sorted([(name, path.stat().st_size) for name, path in local.items()])
     if card is not None:
         files = sorted([*files, (CARD_NAME, len(card.encode("utf-8")))])
@@ -143,6 +148,33 @@ def push(
     )
     logger.info("pushed %d files to %s@%s", len(files), result.repo_id, result.revision)
     return result
+
+
+def _gguf_problems(path: Path) -> list[str]:
+    from adaconvert.gguf_export import side_files
+
+    report, _ = side_files(path)
+    return [] if report.is_file() else [f"no {report.name}: convert it with adaconvert to-gguf first"]
+
+
+def _gguf_upload(path: Path) -> tuple[str | None, dict[str, Path]]:
+    """(card, {path in repo: local path}) of a ``to-gguf`` output: ``NAME.gguf`` under its own name, its
+    ``NAME.report.json`` as the repo's conversion report and its ``NAME.README.md`` as the repo's card.
+
+    Raises:
+        InvalidConfigError: one of the files is a symlink that leads out of the GGUF's directory.
+    """
+    from adaconvert.gguf_export import side_files
+
+    report, card = side_files(path)
+    inside = path.parent.resolve()
+    for file in (path, report, card):
+        if file.exists() and not file.resolve().is_relative_to(inside):
+            raise InvalidConfigError(
+                f"refusing to push: {file.name} is a symlink to {file.resolve()}, outside its directory", path=file
+            )
+    local = {path.name: path} | ({CONVERSION_REPORT_NAME: report} if report.is_file() else {})
+    return (card.read_text(encoding="utf-8") if card.is_file() else None), local
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -591,3 +591,25 @@ def test_local_card_and_pushed_card_agree_on_the_pipeline_tag(lora_variants, tmp
 
     local = (tmp_path / "out" / "README.md").read_text()
     assert tag(local) == tag(_card(tmp_path / "out", "adapter", "me/x")) == "feature-extraction"
+
+
+def test_gguf_output_is_pushed_with_its_report_and_card(hub, adalora_llama, tiny_llama, tmp_path, capsys, caplog):
+    """`push NAME.gguf`: the GGUF under its own name (stored outside git), NAME.report.json as the repo's
+    conversion_report.json and NAME.README.md as its card; no vLLM check (llama.cpp reads it, not vLLM)."""
+    from adaconvert import to_gguf
+
+    gguf = tmp_path / "models" / "ada.gguf"
+    to_gguf(adalora_llama, gguf, base=tiny_llama)
+    code, _, err = run_cli(["push", str(gguf), REPO], capsys, caplog)
+    assert code == 0, err
+    received = hub.files(REPO)
+    assert set(received) == {"ada.gguf", "conversion_report.json", "README.md"}
+    assert received["ada.gguf"] == gguf.read_bytes()
+    assert received["conversion_report.json"] == (tmp_path / "models" / "ada.report.json").read_bytes()
+    assert received["README.md"] == (tmp_path / "models" / "ada.README.md").read_bytes()
+    assert "llama-server" in received["README.md"].decode()
+    assert "ada.gguf" in hub.lfs_files(REPO)
+
+    (tmp_path / "models" / "ada.report.json").unlink()
+    code, _, err = run_cli(["push", str(gguf), REPO], capsys, caplog)
+    assert code == 2 and "no ada.report.json: convert it with adaconvert to-gguf first" in err
