@@ -57,3 +57,14 @@ def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
         run_demo(tmp_path / "mine", vllm=False)
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / "mine" / OWNER_MARK).exists()
+
+
+def test_demo_overwrite_never_replaces_the_working_directory_or_home(tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "keep.py").write_text("keep me")
+    monkeypatch.chdir(work / "src")
+    for target in (work, work / "src", Path.home()):
+        with pytest.raises(OutputExistsError, match="holds the working directory"):
+            run_demo(target, vllm=False, overwrite=True)
+    assert (work / "src" / "keep.py").read_text() == "keep me"

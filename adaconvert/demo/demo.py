@@ -156,6 +156,14 @@ def _prepare(root: Path, *, overwrite: bool) -> Path:
     if root.exists():
         if not (root / OWNER_MARK).is_file() and not overwrite:
             raise OutputExistsError("exists and was not made by the demo; pass --overwrite to replace it", path=root)
+        where = root.resolve()
+        if (
+            where in (Path.home().resolve(), Path(where.anchor))
+            or where in Path.cwd().resolve().parents
+            or (where == Path.cwd().resolve())
+        ):
+            # --overwrite replaces the whole directory: never the home directory, a root or one holding the cwd
+            raise OutputExistsError("is the home directory, a root, or holds the working directory", path=root)
         shutil.rmtree(root) if root.is_dir() else root.unlink()
     root.mkdir(parents=True)
     (root / OWNER_MARK).write_text("made by `adaconvert demo`; it replaces this directory when run again\n")
