@@ -88,6 +88,18 @@ def quiet_third_party(enabled: bool):
             sys.modules["transformers"].logging.set_verbosity(before)
 
 
+def compression_options(fn):
+    """--max-rank, --energy, --tol: the rank compression every export verb offers (see ``prepare_conversion``)."""
+    options = [
+        click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD)."),
+        click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy."),
+        click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank."),
+    ]
+    for option in reversed(options):  # click lists options in decoration order, outermost first
+        fn = option(fn)
+    return fn
+
+
 def emit(result: dict, text: str, *, as_json: bool) -> None:
     """Results go to stdout: JSON with --json, else the human text."""
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
@@ -120,9 +132,7 @@ def cli():
 
 @cli.command("to-lora")
 @click.argument("paths", nargs=-1, required=True, metavar="SRC DST | SRC... --output-dir DIR")
-@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
-@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
-@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@compression_options
 @click.option("--vllm-max-lora-rank", type=int, help="vLLM bucket every module must fit (compresses if asked to).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
 @click.option(
@@ -185,9 +195,7 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     show_default=True,
     help="GGUF tensor type (q8_0 needs every rank and input width to be a multiple of 32).",
 )
-@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
-@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
-@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@compression_options
 @common_options(overwrite=True, one_torch_thread=True)
 def to_gguf_cmd(src, dst, *, as_json, **options):
     """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into a GGUF LoRA file DST for llama.cpp / Ollama.
@@ -215,9 +223,7 @@ def to_gguf_cmd(src, dst, *, as_json, **options):
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--base", help="Base model (directory or Hub id; only config.json is read) for its number of blocks.")
-@click.option("--max-rank", type=int, help="Cap every module's rank (best approximation by SVD).")
-@click.option("--energy", type=float, help="Keep singular values up to this fraction of each module's energy.")
-@click.option("--tol", type=float, help="Max relative Frobenius error per module; keep the smallest rank within it.")
+@compression_options
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
 @common_options(overwrite=True, one_torch_thread=True)
 def to_mlx_cmd(src, dst, *, as_json, **options):
