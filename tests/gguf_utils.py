@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from tests.needs import require
+from tests.needs import missing, require
 
 # llama.cpp against transformers, both float32 (f32 weights and KV cache, one thread): max |Δlogit| on logits of
 # magnitude ~3. The two sum in different orders (ggml's own kernels vs. torch's BLAS, AVX2 or AVX-512 depending on
@@ -160,9 +159,7 @@ def llama_cpp_converter(workdir: str | Path) -> Path:
 
     sdist = Path(os.environ.get("LLAMA_CPP_SDIST", Path(sys.prefix) / "src" / LLAMA_CPP_SDIST))
     if not sdist.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{sdist} is missing, but CI must compare with llama.cpp's converter (make installs it)")
-        pytest.skip(f"{sdist} is missing (make installs it)")
+        missing(f"{sdist} is missing (make installs it)", purpose="the comparison with llama.cpp's converter")
     root = f"{LLAMA_CPP_SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/"
     wanted = ("convert_lora_to_gguf.py", "conversion/", "gguf-py/gguf/")
     with tarfile.open(sdist) as tar:

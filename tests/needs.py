@@ -15,14 +15,19 @@ def in_ci() -> bool:
     return bool(os.environ.get("CI"))
 
 
+def missing(what: str, *, purpose: str) -> None:
+    """Something a test needs is not there: skip locally, fail in CI."""
+    if in_ci():
+        pytest.fail(f"{what}, but CI must run {purpose}")
+    pytest.skip(what)
+
+
 def require(module: str, *, purpose: str = "these tests") -> ModuleType:
     """Import ``module`` for a test; skip locally, fail in CI when it is missing."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        if in_ci():
-            pytest.fail(f"{module} is not installed ({exc}), but CI must run {purpose}")
-        pytest.skip(f"{module} is not installed")
+        missing(f"{module} is not installed ({exc})", purpose=purpose)
 
 
 def expect_installed(module: str, *, purpose: str) -> bool:

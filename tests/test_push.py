@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from adaconvert.cli import main
 from adaconvert.convert import to_lora
 from adaconvert.hub import push
 from tests.fake_hub import FakeHub
+from tests.needs import require
 from tests.synthetic import write_synthetic_adalora
 
 TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
@@ -437,10 +437,7 @@ def xet_hub(hub, monkeypatch) -> FakeHub:
     HF_HUB_DISABLE_XET is unset (``is_xet_available()``; no negotiation with the server)."""
     from huggingface_hub.utils._runtime import is_xet_available
 
-    if os.environ.get("CI"):
-        import hf_xet  # noqa: F401 - installed with huggingface_hub on every CI platform
-    else:
-        pytest.importorskip("hf_xet")
+    require("hf_xet", purpose="the Xet upload tests")  # installed with huggingface_hub on every CI platform
     assert is_xet_available()
     return hub
 

@@ -32,6 +32,7 @@ from adaconvert.serving import (
     serve,
 )
 from tests.adapter_edits import wrong_prefix
+from tests.needs import require
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +173,8 @@ def test_plan_serialises(tiny_llama, adapters, tmp_path):
 @pytest.fixture(scope="module")
 def server(tiny_llama, adapters, tmp_path_factory):
     """``adaconvert serve`` in a subprocess on loopback; yields (url, process, log path, vLLM's pids)."""
-    psutil = pytest.importorskip("psutil")
-    if os.environ.get("CI"):
-        import vllm  # noqa: F401 - must be installed in CI: the vLLM tests are never skipped there
-    else:
-        pytest.importorskip("vllm")
+    psutil = require("psutil", purpose="the server tests")
+    require("vllm", purpose="the vLLM tests")
     work = tmp_path_factory.mktemp("server")
     port = _free_port()
     argv = [sys.executable, "-m", "adaconvert.cli", "serve", str(tiny_llama)]
@@ -273,7 +271,7 @@ def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
 
 @pytest.mark.vllm
 def test_api_key_is_required_and_runtime_loading_is_off(server, tiny_llama, adapters):
-    psutil = pytest.importorskip("psutil")
+    psutil = require("psutil", purpose="the server tests")
     url, cli, work, spawned = server
     completion = {"model": "ada", "prompt": "hello", "max_tokens": 2, "temperature": 0.0}
     assert _status(f"{url}/v1/completions", completion, None) == 401
