@@ -186,6 +186,7 @@ def test_server_failure_gives_one_clear_line_and_no_partial_state(hub, adapter, 
     assert set(hub.files(REPO)) == set(before)
 
 
+@pytest.mark.slow  # waits for huggingface_hub's retry backoff (seconds between attempts)
 def test_transient_errors_are_retried_by_huggingface_hub(hub, adapter):
     hub.fail("/preupload/", "500", "reset")
     push(adapter, REPO, progress=False)
@@ -350,6 +351,7 @@ def lfs_requests(hub: FakeHub, kind: str) -> list:
     return [r for r in hub.requests if match(r)]
 
 
+@pytest.mark.slow  # waits for huggingface_hub's retry backoff (seconds between attempts)
 def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload(lfs_hub, adapter):
     hub = lfs_hub
     weights = (adapter / "adapter_model.safetensors").read_bytes()
@@ -400,6 +402,7 @@ def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, 
     assert tree(model) == before
 
 
+@pytest.mark.slow  # waits for huggingface_hub's retry backoff (seconds between attempts)
 def test_lfs_upload_failing_for_good_is_one_line_and_commits_nothing(lfs_hub, adapter, capsys, caplog):
     hub = lfs_hub
     before = tree(adapter)
@@ -446,6 +449,7 @@ def cas_requests(hub: FakeHub, route: str) -> list:
     return [r for r in hub.requests if r.path.startswith(f"/cas/v1/{route}")]
 
 
+@pytest.mark.slow  # waits for huggingface_hub's retry backoff (seconds between attempts)
 def test_adapter_weights_go_through_xet_and_survive_resets_and_500s(xet_hub, adapter, capsys, caplog):
     hub = xet_hub
     weights = (adapter / "adapter_model.safetensors").read_bytes()
