@@ -137,9 +137,23 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
 @cli.command("inspect")
 @click.argument("adapter")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a rank heatmap (layers × modules) PNG.")
+@click.option(
+    "--lora-drop-plan",
+    "drop_plan",
+    is_flag=True,
+    help="AdaLoRA: rank each layer by its share of the kept rank budget and print the `train lora-drop` command "
+    "that keeps the important ones (--plot: a bar chart of the shares instead).",
+)
+@click.option("--threshold", type=float, help="--lora-drop-plan: keep layers up to this cumulative share (0.9).")
+@click.option("--keep-fraction", type=float, help="--lora-drop-plan: keep this fraction of the layers instead.")
 @common_options(one_torch_thread=True)
-def inspect_cmd(adapter, *, as_json, plot):
+def inspect_cmd(adapter, *, as_json, plot, drop_plan, threshold, keep_fraction):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs."""
+    if drop_plan:
+        _print_lora_drop_plan(adapter, plot=plot, threshold=threshold, keep_fraction=keep_fraction, as_json=as_json)
+        return
+    if threshold is not None or keep_fraction is not None:
+        raise click.UsageError("--threshold and --keep-fraction go with --lora-drop-plan")
     from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
@@ -158,6 +172,30 @@ def inspect_cmd(adapter, *, as_json, plot):
     if plot:
         lines.append(f"heatmap: {plot}")
     emit(report.to_dict(), "\n".join(lines), as_json=as_json)
+
+
+def _print_lora_drop_plan(adapter, *, plot, as_json, **selection) -> None:
+    from adaconvert.inspection import lora_drop_plan
+
+    plan = lora_drop_plan(adapter, plot=plot, **selection)
+    width = max(len(u) for u in plan.importance)
+    lines = [f"{'layer':>{max(width, 5)}}  rank  share"]
+    for unit, share in plan.importance.items():
+        bar = "#" * round(40 * share)
+        mark = " kept" if unit in plan.kept else ""
+        lines.append(f"{unit:>{max(width, 5)}}  {plan.layer_ranks[unit]:>4}  {share:5.1%} {bar}{mark}")
+    rule = f"threshold {plan.threshold}" if plan.threshold is not None else f"keep fraction {plan.keep_fraction}"
+    lines += [
+        "",
+        f"importance: {plan.measure}; the budget is spread as if over {plan.effective_layers:.1f} of {plan.layers} "
+        "layers (effective layers, 1/Σ share²)",
+        f"keep {len(plan.kept)} of {plan.layers} layers ({rule}): {','.join(plan.kept)}, "
+        f"{plan.kept_share:.1%} of the budget",
+        plan.command,
+    ]
+    if plot:
+        lines.append(f"bar chart: {plot}")
+    emit(plan.to_dict(), "\n".join(lines), as_json=as_json)
 
 
 @cli.command("push")
@@ -308,10 +346,12 @@ def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
         )
     if result.lora_drop is not None:
         drop = result.lora_drop
+        pilot = "no pilot (--keep-layers), "
+        if drop["pilot"]:
+            pilot = f"{drop['pilot']['trainable_params']:,} in the pilot, "
         lines.append(
             f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
-            f"parameters {drop['pilot']['trainable_params']:,} in the pilot, {drop['main']['trainable_params']:,} "
-            "in the main run; details in lora_drop.json"
+            f"parameters {pilot}{drop['main']['trainable_params']:,} in the main run; details in lora_drop.json"
         )
     lines.append(f"next: adaconvert to-lora {result.output} {result.output}-lora")
     emit(result.to_dict(), "\n".join(lines), as_json=as_json)

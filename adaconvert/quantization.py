@@ -1,0 +1,94 @@
+"""bitsandbytes quantisation of a base model (QLoRA), in one place for training and for the QLoRA-faithful merge.
+
+A base loaded through ``BitsAndBytesConfig`` holds dequant(quant(W)), not W: an adapter trained on it learned a
+correction to those weights. :func:`requantized` computes exactly what the loaded layer holds, with bitsandbytes'
+own functions and the settings its layers use (transformers builds ``Linear4bit`` / ``Linear8bitLt`` from the
+config; bitsandbytes quantises the weight when it is placed on its device):
+
+- ``nf4`` / ``fp4``: blocks of 64 consecutive elements of the flattened weight (the ``Params4bit`` default; the
+  config cannot change it), one absmax scale per block. With double quantisation the scales are themselves
+  quantised, in blocks of 256, after subtracting their mean over the *whole tensor*: a tensor must be quantised
+  whole, or chunks would get other scales.
+- ``int8`` (LLM.int8()): the weight cast to float16, then one absmax scale per row; dequantised as
+  ``CB · SCB / 127`` in float32. Its forward pass also quantises the activations, which no merged float model
+  reproduces: the merge gets the weights right, not that rounding.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adaconvert.errors import InvalidConfigError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: the training options (and so the CLI) import this table
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+# what Params4bit uses when, as under transformers, no blocksize is given
+BLOCKSIZE_4BIT = 64
+
+
+def check_bitsandbytes(quantize: str, device: str = "cpu") -> None:
+    """Refuse ``quantize`` on a machine where bitsandbytes cannot run it: not installed, or its kernels fail on
+    ``device`` (one tiny quantise/dequantise round trip is tried there).
+
+    Raises:
+        InvalidConfigError: an unknown method, bitsandbytes missing, or no working kernel on ``device``.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise InvalidConfigError(f"quantisation must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise InvalidConfigError(
+            f"--quantize {quantize} needs bitsandbytes (pip install 'adaconvert[qlora]'): {first_line(exc)}"
+        ) from exc
+    import torch
+
+    try:
+        requantized(torch.ones(2, BLOCKSIZE_4BIT, device=device), quantize, double_quant=True)
+    except Exception as exc:  # whatever the native library raises: it cannot run here
+        raise InvalidConfigError(
+            f"bitsandbytes cannot run {quantize} on {device} here ({type(exc).__name__}: {first_line(exc)})"
+        ) from exc
+
+
+def bnb_config(quantize: str, *, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
+    """The ``transformers.BitsAndBytesConfig`` for ``quantize`` (``nf4``, ``fp4`` or ``int8``); 4-bit layers compute
+    in ``compute_dtype`` (default float32)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
+
+
+def requantized(weight: torch.Tensor, quantize: str, *, double_quant: bool = True) -> torch.Tensor:
+    """dequant(quant(``weight``)): the weights a layer loaded with :func:`bnb_config` holds, as a dense tensor.
+
+    Args:
+        weight: a whole (out, in) weight, in the dtype the model is loaded in (4-bit dequantises back to it).
+        quantize: ``nf4``, ``fp4`` or ``int8``.
+        double_quant: 4-bit only, as ``bnb_4bit_use_double_quant``.
+
+    Returns:
+        (out, in): ``weight``'s dtype for 4-bit, float32 for int8 (what bitsandbytes' dequantisation returns).
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    w = weight.detach().contiguous()
+    if quantize == "int8":
+        codes, scales, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+        return F.int8_vectorwise_dequant(codes, scales)
+    packed, state = F.quantize_4bit(
+        w, blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quantize, quant_storage=torch.uint8
+    )
+    return F.dequantize_4bit(packed, state)
