@@ -15,6 +15,7 @@ import sys
 import click
 
 from adaconvert import errors
+from adaconvert.quantization import FOUR_BIT, QUANTIZATIONS
 from adaconvert.training.config import FIELDS, METHODS, flag, option_help, option_kind
 
 logger = logging.getLogger("adaconvert")
@@ -235,7 +236,20 @@ def _name_value(items, what: str) -> list[tuple[str, str]]:
 @cli.command("validate")
 @click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL CONVERTED]")
 @click.option("--pair", "pairs", multiple=True, metavar="ORIG=CONV", help="Another original/converted pair (repeat).")
-@click.option("--merged", type=click.Path(file_okay=False), help="Also check a merged checkpoint of ORIGINAL.")
+@click.option(
+    "--merged",
+    type=click.Path(file_okay=False),
+    multiple=True,
+    help="Also check a merged checkpoint of ORIGINAL (repeat: e.g. the plain and the --requantize merge).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZATIONS),
+    help="ORIGINAL was trained on BASE quantised so (QLoRA): PEFT runs on that quantised base.",
+)
+@click.option(
+    "--double-quant/--no-double-quant", default=True, show_default=True, help="With a 4-bit --quantize: as trained."
+)
 @click.option("--vllm", is_flag=True, help="Also run the converted adapters in a real vLLM engine.")
 @click.option(
     "--vllm-static",
@@ -250,7 +264,7 @@ def _name_value(items, what: str) -> list[tuple[str, str]]:
 @click.option("--tolerance", multiple=True, metavar="NAME=VALUE", help="Override a tolerance, e.g. logit_abs=1e-2.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, help="Greedy tokens per prompt (--vllm).")
 @common_options()
-def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **options):
+def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, merged, **options):
     """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
 
     Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
@@ -286,6 +300,7 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **o
         *pair,
         pairs=_name_value(pairs, "ORIG=CONV"),
         tolerances=tolerances,
+        merged=merged or None,
         raise_on_failure=False,
         progress=logging.getLogger().isEnabledFor(logging.INFO),
         **options,
@@ -423,6 +438,18 @@ def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: base).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: one per CPU, at most 4).")
+@click.option(
+    "--requantize",
+    type=click.Choice(FOUR_BIT),
+    help="QLoRA-faithful merge for adapters trained on a quantised base: merge into dequant(quant(W)), the weights "
+    "the adapter was trained against (default: into W).",
+)
+@click.option(
+    "--double-quant/--no-double-quant",
+    default=True,
+    show_default=True,
+    help="With a 4-bit --requantize: training used double quantisation.",
+)
 @common_options(overwrite=True)
 def merge_cmd(base, adapters, dst, *, as_json, **options):
     """Fold ADAPTERs (AdaLoRA, LoRA, LoRA-Drop; `path:0.5` weights one) into BASE and write a full checkpoint at DST.
@@ -441,6 +468,9 @@ def merge_cmd(base, adapters, dst, *, as_json, **options):
         f"{report.bytes_written / 2**20:,.1f} MiB {report.dtype} in {report.shards} shard(s), "
         f"{report.seconds:.1f} s{rss}"
     )
+    if report.requantized:
+        q = report.requantized
+        text += f"\n{q['tensors']} quantised layers merged into their {q['method']} dequantisation"
     emit(report.to_dict(), text, as_json=as_json)
 
 

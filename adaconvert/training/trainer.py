@@ -24,7 +24,7 @@ import torch
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
-from adaconvert.quantization import bnb_config, check_bitsandbytes
+from adaconvert.quantization import bnb_config, check_bitsandbytes, exact_cpu_kernels
 from adaconvert.readers.adalora import RANK_HISTORY_FILE
 from adaconvert.readers.lora import LORA_DROP_FILE
 from adaconvert.runtime import hf_progress
@@ -284,6 +284,7 @@ def load_base_model(model: str, precision: str, *, quantization=None, gradient_c
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        exact_cpu_kernels(base)  # LoRA-Drop scores in eval mode: the same kernels as training
     return base
 
 

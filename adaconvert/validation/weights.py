@@ -136,8 +136,14 @@ def compare_merged(
     report: ValidationReport,
     *,
     tol: Tolerances,
+    subject: str = "merged",
+    requantize: str | None = None,
+    double_quant: bool = True,
 ) -> None:
     """Check that W_merged − W_base equals the original's ΔW on every adapted module and zero elsewhere.
+
+    For a QLoRA-faithful merge (``requantize``, as ``merge(requantize=...)`` took it), W_base of every quantised
+    layer is dequant(quant(W_base)).
 
     Streams both checkpoints one tensor at a time (safetensors, sharded or not). Rounding is allowed for: a module
     passes when ‖(W_merged − W_base) − ΔW‖ ≤ weight_rel·‖ΔW‖ + 2u·‖W_merged‖, u the unit roundoff of the merged
@@ -149,7 +155,9 @@ def compare_merged(
     """
     from safetensors import safe_open
 
-    subject = "merged"
+    from adaconvert.quantization import quantized_modules, requantized
+
+    requant = {f"{m}.weight": t for m, t in quantized_modules(base_dir).items()} if requantize else {}
     base_index, merged_index = checkpoint_index(base_dir), checkpoint_index(merged_dir)
     adapted = {f"{name}.weight": name for name in original.deltas}
     for key in sorted(k for k in base_index if k not in merged_index)[:5]:
@@ -168,8 +176,10 @@ def compare_merged(
 
         for key in sorted(set(base_index) & set(merged_index)):
             w_base, w_merged = tensor(base_index, key), tensor(merged_index, key)
+            if key in requant:
+                w_base = requantized(w_base, requantize, double_quant=double_quant, transposed=requant[key])
             module = adapted.get(key)
-            ratio = _merged_tensor_ratio(original, key, module, w_base, w_merged, report, tol=tol)
+            ratio = _merged_tensor_ratio(original, key, module, w_base, w_merged, report, tol=tol, subject=subject)
             if ratio is not None:
                 group = "other" if module is None else "adapted"
                 worst[group] = max(worst[group], (module or key, ratio), key=lambda t: t[1])
@@ -178,9 +188,8 @@ def compare_merged(
         report.checks.append(Check.measure(LEVEL, subject, metric, ratio, 1.0, detail=name))
 
 
-def _merged_tensor_ratio(original, key, module, w_base, w_merged, report, *, tol) -> float | None:
+def _merged_tensor_ratio(original, key, module, w_base, w_merged, report, *, tol, subject) -> float | None:
     """Error / allowance of one tensor of the merged checkpoint (a problem when above 1); None if incomparable."""
-    subject = "merged"
     if w_base.shape != w_merged.shape:
         report.fail(LEVEL, subject, f"tensor {key!r} is {list(w_merged.shape)}, base {list(w_base.shape)}")
         return None
