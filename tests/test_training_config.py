@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaconvert import errors
 from adaconvert.cli import cli, main
@@ -29,8 +30,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(recipe):
     options = load_options(config=recipe, output="runs/x")
-    assert options.method == recipe.stem
+    assert recipe.stem in (options.method, f"{options.method}-70b-fsdp")
     assert options.precision == "auto" and options.gradient_checkpointing
+    assert options.fsdp == recipe.stem.endswith("-fsdp")
     if options.method == "adalora":
         schedule = adalora_schedule(options, optimizer_steps(options, 9846))
         assert schedule.tinit + schedule.tfinal < schedule.total_step
@@ -165,6 +167,8 @@ ERROR_CASES = [
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "method: adalora\n"}, r"recipe is for method 'adalora'"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "steps: many\n"}, r"option 'steps' must be int, got 'many'"),
     (["lora", "--config", "{tmp}/none.yaml"], {}, r"none.yaml: no such recipe file"),
+    (["lora", "--fsdp"], {}, r"--fsdp needs a distributed launch of at least 2 processes"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "fsdp: true\n"}, r"--fsdp needs a distributed launch"),
 ]
 
 
@@ -215,3 +219,59 @@ def test_cli_train_json_is_the_only_stdout(tiny_llama, tmp_path, capsys):
     assert result["method"] == "lora" and result["main"]["optimizer_steps"] == 3 and result["written"]
     assert json.loads((out / "training_summary.json").read_text())["main"]["trainable_params"] > 0
     assert main([*args, "--steps", "3"]) == 4  # exists: refused without --overwrite
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [(None, "fp32"), ((6, 1), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"),
+     ((9, 0), "bf16"), ((10, 0), "bf16")],
+)  # fmt: skip
+def test_auto_precision_is_fp16_before_ampere(capability, expected):
+    """V100 (7.0) and T4 (7.5) report bf16 support (emulated, far slower than fp16): auto must pick fp16 there."""
+    from adaconvert.training.trainer import auto_precision
+
+    assert auto_precision(capability) == expected
+
+
+LAUNCH_ERRORS = [
+    # (method, options, environment, expected message)
+    ("adalora", {}, {"ACCELERATE_USE_DEEPSPEED": "true"}, r"AdaLoRA under DeepSpeed is not supported"),
+    ("lora", {"fsdp": True}, {"WORLD_SIZE": "1"}, r"--fsdp needs a distributed launch"),
+    ("lora", {"fsdp": True}, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, r"exclude each other"),
+    ("lora-drop", {"fsdp": True}, {"WORLD_SIZE": "2"}, r"cannot shard LoRA-Drop's shared LoRA .*; use --policy drop"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "env", "message"), LAUNCH_ERRORS, ids=[c[3][:30] for c in LAUNCH_ERRORS]
+)
+def test_launches_that_cannot_train_are_refused_before_any_work(method, options, env, message, monkeypatch):
+    from adaconvert.training.trainer import check_launch
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opts = load_options(method, model="m", data="d", output="o", **options)
+    with pytest.raises(errors.InvalidConfigError, match=message):
+        check_launch(opts)
+    # what the same launch can train passes
+    check_launch(load_options("lora", model="m", data="d", output="o"))
+    if "WORLD_SIZE" in env and env["WORLD_SIZE"] == "2" and "ACCELERATE_USE_DEEPSPEED" not in env:
+        check_launch(load_options("lora-drop", model="m", data="d", output="o", fsdp=True, policy="drop"))
+
+
+def test_a_world_that_the_data_cannot_feed_is_refused():
+    from adaconvert.training.trainer import check_world_fits
+
+    opts = load_options("lora", model="m", data="d.jsonl", output="o", batch_size=4)
+    check_world_fits(opts, 8, world=2)
+    check_world_fits(opts, 3, world=1)  # one process: a short last batch is fine
+    with pytest.raises(errors.InvalidConfigError, match=r"d.jsonl: 7 training examples cannot feed 2 processes"):
+        check_world_fits(opts, 7, world=2)
+
+
+def test_step_clock_waits_for_the_device_only_when_timing_is_asked():
+    from adaconvert.training.phase import StepClock
+
+    assert not StepClock().sync
+    assert StepClock(sync=True).sync == torch.cuda.is_available()
+    assert not load_options("lora", model="m", data="d", output="o").time_steps

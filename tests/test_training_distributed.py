@@ -32,6 +32,7 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from adaconvert.training import train
+from adaconvert.training.sharding import is_sharded
 base, data, out, mode = sys.argv[1:5]
 world = int(os.environ.get("WORLD_SIZE", "1"))
 common = dict(model=base, data=data, batch_size=8 // world, lr=2e-2, max_length=16, lora_dropout=0.0, quiet=True,
@@ -40,12 +41,13 @@ ada = train("adalora", output=out + "/adalora", steps=16, init_r=6, target_r=2, 
             **common)
 drop = train("lora-drop", output=out + "/lora-drop", steps=6, keep_fraction=0.5, pilot_fraction=0.5,
              granularity="module", policy="drop", **common)
-lora = train("lora", output=out + "/lora", steps=4, **common)
+lora = train("lora", output=out + "/lora", steps=4, gradient_checkpointing=True, **common)  # the 70B recipe's mix
 rank = int(os.environ.get("RANK", "0"))
 # (saving strips the adapter name from the pattern's keys in place on rank 0: compare without it)
 pattern = {k.removesuffix(".default"): v for k, v in ada.model.peft_config["default"].rank_pattern.items()}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"world_size": ada.world_size, "written": [r.written for r in (ada, drop, lora)], "pattern": pattern,
+               "sharded": [any(is_sharded(p) for p in r.model.parameters()) for r in (ada, drop, lora)],
                "history": ada.rank_history, "drop": drop.lora_drop}, f)
 """
 
@@ -92,6 +94,7 @@ def test_every_process_agrees_and_only_the_main_one_writes(runs):
     for mode in ("ddp", "fsdp"):
         r0, r1 = _record(runs[mode], 0), _record(runs[mode], 1)
         assert r0["world_size"] == r1["world_size"] == 2
+        assert r0["sharded"] == r1["sharded"] == [mode == "fsdp"] * 3  # FSDP really sharded, DDP did not
         assert r0["written"] == [True] * 3 and r1["written"] == [False] * 3
         assert r0["pattern"] == r1["pattern"] and len(r0["pattern"]) == 14
         assert r0["history"] == r1["history"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 import adaconvert
 from adaconvert.demo.tiny import build_tiny_model
@@ -178,3 +179,65 @@ def test_weight_l1_scoring_end_to_end(four_layers, tmp_path):
     assert kept_mass >= 0.6
     without_last = kept_mass - min(record["normalized_importance"][u] for u in record["kept"])
     assert without_last < 0.6  # minimal: dropping the weakest kept layer falls below T
+
+
+class LayerGrads(TrainerCallback):
+    """Per phase, whether each decoder layer's output required a gradient in the training forward passes."""
+
+    def __init__(self):
+        self.phases: list[dict[int, list[bool]]] = []
+        self.checkpointing: list[tuple[bool, bool]] = []  # (the model checkpoints, the Trainer was asked to)
+        self.handles: list = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        seen: dict[int, list[bool]] = {}
+        self.phases.append(seen)
+        self.checkpointing.append((model.get_base_model().is_gradient_checkpointing, args.gradient_checkpointing))
+
+        def record(index):
+            def hook(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                seen.setdefault(index, []).append(hidden.requires_grad)
+
+            return hook
+
+        for index, layer in enumerate(model.get_base_model().model.layers):
+            self.handles.append(layer.register_forward_hook(record(index)))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def test_drop_with_checkpointing_does_not_backpropagate_below_the_lowest_kept_layer(four_layers, tmp_path):
+    """The pilot checkpoints; the embedding output used to require a gradient (for reentrant checkpointing), so
+    the main run's backward pass went through every layer, also the dropped ones below the kept layers."""
+    base, data = four_layers
+    spy = LayerGrads()
+    result = quick_train(
+        "lora-drop", base, data, tmp_path / "drop", policy="drop", keep_fraction=0.25, gradient_checkpointing=True,
+        callbacks=[spy],
+    )  # fmt: skip
+    lowest = min(int(u) for u in result.lora_drop["kept"])
+    assert lowest > 0, "the test needs a dropped layer below the kept one"
+    main = spy.phases[1]
+    assert all(all(main[i]) for i in range(lowest, 4))  # the kept layer and those above it are backpropagated
+    assert not any(any(main[i]) for i in range(lowest)), "the backward pass went through dropped layers"
+    assert all(all(grads) for grads in spy.phases[0].values())  # the pilot trains every layer
+    # checkpointing is switched on through the model, not the TrainingArguments flag transformers 5 deprecates
+    assert spy.checkpointing == [(True, False), (True, False)]
+
+
+def test_output_importance_computes_no_full_vocabulary_logits(tiny_llama):
+    """The score needs the layers' outputs only: the head sees one position per sequence, not all of them."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_base(tiny_llama), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = prompt_ids(tiny_llama)
+    positions = []
+    head = model.get_base_model().lm_head
+    head.register_forward_hook(lambda _m, inputs, _out: positions.append(inputs[0].shape[1]))
+    scores = lora_drop.output_importance(model, [{"input_ids": ids}])
+    assert positions == [1] and ids.shape[1] > 1
+    assert len(scores) == 4

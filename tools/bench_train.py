@@ -4,10 +4,11 @@ Every method trains the same random llama (built from a config, nothing download
 through ``adaconvert.train``, each in a fresh subprocess so that its peak memory is its own. LoRA-Drop is timed on
 its main phase (the pilot is reported apart); it keeps half the layers (``keep_fraction 0.5``) under both
 policies, so the two are comparable. AdaLoRA starts at ``init_r 12`` and prunes to ``target_r 8``; LoRA and
-LoRA-Drop use rank 8.
+LoRA-Drop use rank 8. Every method runs with gradient checkpointing off and on (``--checkpointing``): ratios are
+to LoRA with the same setting.
 
     python tools/bench_train.py                      # CPU, small llama (~13M parameters)
-    python tools/bench_train.py --size tiny --steps 8 --threads 1
+    python tools/bench_train.py --size tiny --steps 8 --threads 1 --checkpointing on
     python tools/gpu_check.py                        # the same on a GPU, 336M parameters, bf16
 """
 
@@ -45,6 +46,7 @@ WORDS = ["the", "a", "model", "adapter", "rank", "layer", "budget", "token", "we
 @dataclass
 class Row:
     method: str
+    checkpointing: bool
     step_s: float  # fastest optimizer step (first step excluded): the least disturbed by other load, as timeit does
     median_s: float
     tokens_per_s: float
@@ -99,7 +101,9 @@ def write_data(path: Path, size: str, *, examples: int) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
 
 
-def run_method(name: str, base: str, data: str, out: str, size: str, steps: int, threads: int | None) -> Row:
+def run_method(
+    name: str, base: str, data: str, out: str, size: str, steps: int, threads: int | None, checkpointing: bool
+) -> Row:
     """Train one method (in a fresh process) and measure it."""
     import torch
 
@@ -112,13 +116,23 @@ def run_method(name: str, base: str, data: str, out: str, size: str, steps: int,
     s = SIZES[size]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    settings = dict(steps=steps, batch_size=s["batch"], max_length=s["seq"], lr=1e-4, quiet=True, logging_steps=10**6)
+    settings = dict(
+        steps=steps,
+        batch_size=s["batch"],
+        max_length=s["seq"],
+        lr=1e-4,
+        quiet=True,
+        logging_steps=10**6,
+        gradient_checkpointing=checkpointing,
+        time_steps=True,  # each step's own time, GPU work included
+    )
     if method == "adalora":  # a real budget schedule within few steps
         settings.update(tinit=max(1, steps // 10), tfinal=max(1, steps // 5), delta_t=1)
     result = train(method, model=base, data=data, output=out, **settings, **options)
     main, pilot = result.main, result.pilot
     return Row(
         method=name,
+        checkpointing=checkpointing,
         step_s=min(main.step_times[1:] or main.step_times),
         median_s=main.median_step_s,
         tokens_per_s=s["batch"] * s["seq"] / min(main.step_times[1:] or main.step_times),
@@ -132,8 +146,11 @@ def run_method(name: str, base: str, data: str, out: str, size: str, steps: int,
     )
 
 
-def run_all(size: str, steps: int, *, threads: int | None = None, methods=tuple(METHODS)) -> tuple[list[Row], dict]:
-    """Build the model and data once, then every method in its own subprocess. Returns (rows, setup info)."""
+def run_all(
+    size: str, steps: int, *, threads: int | None = None, methods=tuple(METHODS), checkpointing=(False, True)
+) -> tuple[list[Row], dict]:
+    """Build the model and data once, then every method (for each ``checkpointing`` setting) in its own
+    subprocess. Returns (rows, setup info)."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
@@ -148,7 +165,8 @@ def run_all(size: str, steps: int, *, threads: int | None = None, methods=tuple(
             **SIZES[size],
         }
         rows = []
-        for i, name in enumerate(methods):
+        runs = [(name, ckpt) for ckpt in checkpointing for name in methods]
+        for i, (name, ckpt) in enumerate(runs):
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 args = (
                     name,
@@ -158,21 +176,29 @@ def run_all(size: str, steps: int, *, threads: int | None = None, methods=tuple(
                     size,
                     steps,
                     threads,
+                    ckpt,
                 )
                 rows.append(pool.submit(run_method, *args).result())
     return rows, info
 
 
 def table(rows: list[Row], info: dict) -> str:
-    """A markdown table with ratios to LoRA (the first row)."""
-    ref = rows[0]
+    """A markdown table with ratios to LoRA (the first row with the same checkpointing setting)."""
+    refs = {}
+    for r in rows:
+        refs.setdefault(r.checkpointing, r)
     gpu = any(r.peak_gpu_mib is not None for r in rows)
-    head = "| method | step time (best) | vs LoRA | median | tokens/s | trainable params | vs LoRA | peak RSS |"
+    head = (
+        "| method | checkpointing | step time (best) | vs LoRA | median | tokens/s | trainable params | vs LoRA "
+        "| peak RSS |"
+    )
     head += " peak GPU mem |" if gpu else ""
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
+        ref = refs[r.checkpointing]
         line = (
-            f"| {r.method} | {r.step_s * 1e3:.1f} ms | {r.step_s / ref.step_s:.2f}× | {r.median_s * 1e3:.1f} ms | "
+            f"| {r.method} | {'on' if r.checkpointing else 'off'} | {r.step_s * 1e3:.1f} ms | "
+            f"{r.step_s / ref.step_s:.2f}× | {r.median_s * 1e3:.1f} ms | "
             f"{r.tokens_per_s:,.0f} | "
             f"{r.trainable:,} | {r.trainable / ref.trainable:.2f}× | {r.peak_rss_mib:,.0f} MiB |"
         )
@@ -186,7 +212,7 @@ def table(rows: list[Row], info: dict) -> str:
     for r in rows:
         if r.pilot_trainable:
             notes.append(
-                f"{r.method}: kept layers {r.kept}; "
+                f"{r.method}, checkpointing {'on' if r.checkpointing else 'off'}: kept layers {r.kept}; "
                 f"pilot trained {r.pilot_trainable:,} parameters in {r.pilot_s:.1f} s"
             )
     return "\n".join([*lines, "", *notes])
@@ -197,9 +223,13 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--checkpointing", choices=("off", "on", "both"), default="both", help="gradient checkpointing (default both)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
-    rows, info = run_all(args.size, args.steps, threads=args.threads)
+    checkpointing = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
+    rows, info = run_all(args.size, args.steps, threads=args.threads, checkpointing=checkpointing)
     if args.json:
         print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
     else:

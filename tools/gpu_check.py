@@ -1,25 +1,34 @@
 """GPU check: train LoRA, AdaLoRA and LoRA-Drop for a fixed number of steps on a 336M-parameter llama built from
-a config (no download), in bf16, and print step time, tokens/s and peak GPU memory per method in one table.
+a config (no download), in bf16, and print step time, tokens/s and peak GPU memory per method in one table; then,
+with 2 GPUs or more, the same AdaLoRA run under FSDP on all of them (``torchrun``), with step time, peak GPU memory
+per process and the final rank pattern, against the single-GPU AdaLoRA run's pattern.
 
-One command, a few minutes on one GPU:
+One command, a few minutes on one machine:
 
     python tools/gpu_check.py            # GPU: size "gpu" (24 layers, hidden 1024, 8 × 512 tokens), 30 steps
     python tools/gpu_check.py --size tiny --steps 8   # the same code on CPU, small (what CI-like machines run)
+    python tools/gpu_check.py --fsdp-only --size tiny --steps 8 --nproc 2   # only the FSDP path (gloo on CPU)
 
 Without a GPU it runs unchanged on CPU with the ``small`` size (fp32). Needs only torch, transformers, peft and
-adaconvert (no vLLM). The measurement itself is ``tools/bench_train.py``'s.
+adaconvert (no vLLM). The measurements are ``tools/bench_train.py``'s (step times with the GPU synchronised).
+It also prints the GPU's compute capability and what ``--precision auto`` picks on it (fp16 before Ampere).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import SIZES, run_all, table  # tools/ is not a package: imported by path
+from bench_train import SIZES, build_base, run_all, table, write_data  # tools/ is not a package: imported by path
 
 
 def environment() -> str:
@@ -29,26 +38,115 @@ def environment() -> str:
 
     from adaconvert.training.trainer import resolve_precision
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        device = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}, compute capability {major}.{minor}"
+    else:
+        device = "CPU"
     return (
-        f"device: {device} (precision {resolve_precision('auto')}); "
+        f"device: {device} (precision auto: {resolve_precision('auto')}); "
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
+
+
+ADALORA = {"init_r": 12, "target_r": 8}
+
+
+def adalora_settings(size: str, steps: int) -> dict:
+    """The AdaLoRA run of both paths: a real budget schedule within few steps, step times synchronised."""
+    s = SIZES[size]
+    return dict(
+        steps=steps, batch_size=s["batch"], max_length=s["seq"], lr=1e-4, quiet=True, logging_steps=10**6,
+        tinit=max(1, steps // 10), tfinal=max(1, steps // 5), delta_t=1, time_steps=True, **ADALORA,
+    )  # fmt: skip
+
+
+def fsdp_worker(base: str, data: str, out: str, size: str, steps: int) -> None:
+    """One process of the FSDP run (under torchrun): AdaLoRA with --fsdp; writes its numbers to out/rank<N>.json."""
+    import torch
+
+    from adaconvert.training import train
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.reset_peak_memory_stats()
+    result = train(
+        "adalora", model=base, data=data, output=f"{out}/adapter", fsdp=True, **adalora_settings(size, steps)
+    )
+    record = {
+        "rank": int(os.environ["RANK"]),
+        "median_step_s": result.main.median_step_s,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "ranks": result.ranks,
+        "target_budget": result.rank_history["target_budget"],
+    }
+    Path(out, f"rank{record['rank']}.json").write_text(json.dumps(record))
+
+
+def fsdp_check(size: str, steps: int, nproc: int) -> str:
+    """The FSDP run on ``nproc`` processes and the same AdaLoRA run on one, compared; a markdown report."""
+    from adaconvert.training import train
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-fsdp-") as tmp:
+        root = Path(tmp)
+        build_base(root / "base", size)
+        # every process gets its own micro-batches: the data must cover nproc × batch
+        write_data(root / "data.jsonl", size, examples=max(64, 4 * nproc * SIZES[size]["batch"]))
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), __file__, "--fsdp-worker",
+               str(root / "base"), str(root / "data.jsonl"), str(root), size, str(steps)]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - started
+        records = [json.loads((root / f"rank{r}.json").read_text()) for r in range(nproc)]
+        # the same run on one process, with nproc × the batch: the same examples per optimizer step
+        single = adalora_settings(size, steps)
+        single["batch_size"] *= nproc
+        one = train("adalora", model=str(root / "base"), data=str(root / "data.jsonl"), output=str(root / "one"),
+                    **single)  # fmt: skip
+    lines = [
+        f"### FSDP: AdaLoRA on {nproc} processes ({size} model, {steps} steps, batch {SIZES[size]['batch']} × "
+        f"{SIZES[size]['seq']} tokens per process; launch and run {wall:.0f} s)",
+        "",
+        "| process | median step | peak GPU mem | total rank | budget |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        gpu = f"{r['peak_gpu_mib']:,.0f} MiB" if r["peak_gpu_mib"] is not None else "n/a (CPU)"
+        lines.append(
+            f"| {r['rank']} | {r['median_step_s'] * 1e3:.1f} ms | {gpu} | {sum(r['ranks'].values())} | "
+            f"{r['target_budget']} |"
+        )
+    same = all(r["ranks"] == one.ranks for r in records)
+    lines += ["", f"rank pattern: {records[0]['ranks']}", f"same rank pattern as on one process: {same}"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     import torch
 
+    if argv is None and sys.argv[1:2] == ["--fsdp-worker"]:
+        base, data, out, size, steps = sys.argv[2:7]
+        fsdp_worker(base, data, out, size, int(steps))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), help="default: gpu on a GPU, small on CPU")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method (default 30)")
+    parser.add_argument("--nproc", type=int, help="FSDP processes (default: every GPU; FSDP needs 2 or more)")
+    parser.add_argument("--fsdp-only", action="store_true", help="only the FSDP path")
     args = parser.parse_args(argv)
     size = args.size or ("gpu" if torch.cuda.is_available() else "small")
+    nproc = args.nproc or torch.cuda.device_count()
     print(environment(), flush=True)
     started = time.perf_counter()
-    rows, info = run_all(size, args.steps)
-    print(table(rows, info))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s (model build {info['setup_s']:.0f} s)")
+    if not args.fsdp_only:
+        rows, info = run_all(size, args.steps)
+        print(table(rows, info), flush=True)
+    if nproc >= 2:
+        print("\n" + fsdp_check(size, args.steps, nproc))
+    else:
+        print("\nFSDP path: needs 2 or more processes (one GPU each); this machine has fewer GPUs (--nproc N on CPU)")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -7,14 +7,15 @@ Three things the plain Trainer gets wrong for us are set right here, in :class:`
   Trainer (for models that take ``num_items_in_batch``) no longer divides the loss by the accumulation steps and
   multiplies it by the world size: the effective weight was ``orth_reg_weight × grad_accum × world``. Under FSDP
   PEFT's penalty even fails (it multiplies the sharded ``lora_A`` / ``lora_B`` outside the layers' forward). The
-  penalty is added here instead, once per optimizer step, on full tensors.
+  model is called without labels instead (so PEFT adds nothing), its own loss function computes the causal-LM
+  loss, and the penalty is added here, once per optimizer step, on whole tensors.
 - FSDP on CPU. accelerate 1.15 maps a CPU ``torchrun`` to ``MULTI_CPU`` and drops the Trainer's FSDP plugin
   without a word: ``fsdp`` trains as DDP. The state is set to FSDP with that same plugin, so that accelerate's
   own FSDP2 path (``fully_shard`` over the gloo group) runs; on GPUs accelerate does this itself.
-- Gradient checkpointing is enabled on the model (non-reentrant), not through ``TrainingArguments`` (which
-  transformers 5 deprecates), and without making the embedding output require a gradient: non-reentrant
-  checkpointing does not need it, and with it the backward pass runs through every layer, also those without an
-  adapter (LoRA-Drop ``drop``).
+- Gradient checkpointing is enabled on the model (non-reentrant), not through ``TrainingArguments`` (whose
+  ``gradient_checkpointing`` later transformers 5 releases deprecate), and without making the embedding output
+  require a gradient: non-reentrant checkpointing does not need it, and with it the backward pass runs through
+  every layer, also those without an adapter (LoRA-Drop ``drop``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import Trainer, TrainerCallback
 
+from adaconvert.training.adalora import adalora_peft_config, orthogonality_penalty
 from adaconvert.training.config import TrainOptions, optimizer_steps
 from adaconvert.training.data import CausalCollator
 from adaconvert.training.sharding import world_size
@@ -173,8 +175,6 @@ class PhaseTrainer(Trainer):
     kept on CPU processes (see the module docstring)."""
 
     def __init__(self, *args, model=None, **kwargs):
-        from adaconvert.training.adalora import adalora_peft_config
-
         if adalora_peft_config(model) is not None:
             # the model is called without labels, so PEFT's AdaLoraModel adds no penalty of its own: the
             # causal-LM loss is the model's own loss function, the penalty is added in compute_loss
@@ -195,12 +195,13 @@ class PhaseTrainer(Trainer):
     def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None):
         base = self.accelerator.unwrap_model(self.model).get_base_model()
         return base.loss_function(
-            outputs.logits, labels, vocab_size=base.config.vocab_size, num_items_in_batch=num_items_in_batch
+            outputs.logits,
+            labels,
+            vocab_size=base.config.get_text_config().vocab_size,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from adaconvert.training.adalora import adalora_peft_config, orthogonality_penalty
-
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         config = adalora_peft_config(self.model)
         if config is None or config.orth_reg_weight == 0:

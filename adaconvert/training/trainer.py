@@ -374,6 +374,9 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
         base = load()
     else:
         base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
+        # PEFT hooks the embedding of a base that checkpoints so that its output requires a gradient, a hook the
+        # main phase could not see to remove; that phase switches checkpointing on again without it
+        base.gradient_checkpointing_disable()
     _set_seed(opts.seed)
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
