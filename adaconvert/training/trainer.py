@@ -113,7 +113,6 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
             opts.model,
             precision,
             quantization=quantization_config(opts, precision),
-            gradient_checkpointing=opts.gradient_checkpointing,
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
         result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
@@ -261,12 +260,13 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_base_model(model: str, precision: str, *, quantization=None, gradient_checkpointing: bool = False):
+def load_base_model(model: str, precision: str, *, quantization=None):
     """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32.
 
     With ``quantization`` (a ``BitsAndBytesConfig``) its linear layers are quantised by bitsandbytes while loading,
     on this process's device, and the model is prepared for k-bit training as PEFT documents it
-    (``prepare_model_for_kbit_training``: the other weights in float32, input gradients for checkpointing).
+    (``prepare_model_for_kbit_training``: the other weights in float32). Gradient checkpointing is left to the
+    training phase, which enables it its own way for quantised and plain bases alike.
     """
     from transformers import AutoModelForCausalLM
 
@@ -283,7 +283,7 @@ def load_base_model(model: str, precision: str, *, quantization=None, gradient_c
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         exact_cpu_kernels(base)  # LoRA-Drop scores in eval mode: the same kernels as training
     return base
 
