@@ -137,9 +137,3 @@ def test_keep_layers_bad_input(skewed_adalora, tmp_path, options, message, capsy
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err)
     assert not out.exists()
-
-
-def test_keep_layers_only_for_lora_drop(skewed_adalora, tmp_path):
-    root, _ = skewed_adalora
-    with pytest.raises(adaconvert.AdaconvertError, match="--keep-layers is a lora-drop option"):
-        quick_train("lora", root / "base", root / "data.jsonl", tmp_path / "x", keep_layers=["1"])
