@@ -415,7 +415,7 @@ def plan_tasks(
 @dataclass(frozen=True)
 class RequantSpec:
     """The QLoRA-faithful merge: ``tensors`` (name → stored transposed, as Conv1D) become dequant(quant(W)) by
-    ``method`` (``nf4``, ``fp4``, ``int8``) before the updates are added."""
+    ``method`` (``nf4`` or ``fp4``) before the updates are added."""
 
     method: str
     double_quant: bool

@@ -17,6 +17,7 @@ from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
 from adaconvert.inspection import lora_drop_plan
 from adaconvert.readers.lora import LORA_DROP_FILE
+from tests.peft_utils import TARGETS
 from tests.training_utils import quick_train, write_jsonl
 
 LEARNING = {1, 3}  # the blocks whose adapters get a learning signal; 0 and 2 get none
@@ -137,3 +138,15 @@ def test_keep_layers_bad_input(skewed_adalora, tmp_path, options, message, capsy
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err)
     assert not out.exists()
+
+
+def test_plan_of_an_adalora_trained_elsewhere(adalora_llama, tiny_llama):
+    """No training_summary.json (PEFT's own loop): the base comes from the adapter config, the data is a
+    placeholder, the targets are the adapter's module kinds."""
+    plan = lora_drop_plan(adalora_llama, keep_fraction=0.5)
+    words = shlex.split(plan.command)
+    assert words[words.index("--model") + 1] == str(tiny_llama)
+    assert words[words.index("--data") + 1] == "DATA"
+    assert set(words[words.index("--target-modules") + 1].split(",")) == set(TARGETS["llama"])
+    assert len(plan.kept) == 1 and plan.layers == 2  # ceil(0.5 × 2)
+    assert sum(plan.layer_ranks.values()) == sum(adaconvert.inspect(adalora_llama).ranks.values())

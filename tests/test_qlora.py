@@ -177,7 +177,8 @@ def test_dynamic_methods_on_a_4bit_base(bases, tmp_path, method):
     data = write_jsonl(tmp_path / "data.jsonl")
     options = {"quantize": "nf4"}
     if method == "lora-drop":
-        options.update(granularity="module", keep_fraction=0.4, pilot_fraction=0.25)
+        # with checkpointing: the phase's non-reentrant checkpointing on a k-bit-prepared base
+        options.update(granularity="module", keep_fraction=0.4, pilot_fraction=0.25, gradient_checkpointing=True)
     result = quick_train(method, bases / "f32", data, tmp_path / "adapter", **options)
     if method == "adalora":  # the budget really ran on 4-bit layers: ranks differ and sum to the budget
         ranks = result.ranks

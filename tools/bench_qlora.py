@@ -36,24 +36,35 @@ class Row:
     method: str
     quantize: str | None
     base_mib: float
+    linear_mib: float  # the part of base_mib in the layers 4-bit quantises (every linear layer but the head)
     step_s: float  # fastest optimizer step after the first
     median_s: float
     peak_rss_mib: float
     loss: float
 
 
-def base_bytes(model) -> int:
-    """Bytes of the base's parameters and buffers (4-bit: packed codes plus their quantisation state), no adapters."""
-    total = 0
+def base_bytes(model) -> tuple[int, int]:
+    """(all, linear): bytes of the base's parameters and buffers (4-bit: packed codes plus their quantisation
+    state), adapters excluded, and the part of them in linear layers other than the head."""
+    import torch
+
+    linear_weights = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name and not name.endswith("lm_head")
+    }
+    total = linear = 0
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if "lora_" in name:
             continue
-        total += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
         state = getattr(tensor, "quant_state", None)
         while state is not None:  # double quantisation nests a second state for the block scales
-            total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
+            size += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
             state = getattr(state, "state2", None)
-    return total
+        total += size
+        linear += size if name in linear_weights else 0
+    return total, linear
 
 
 def run_one(name: str, quantize: str | None, base: str, data: str, out: str, size: str, steps: int, threads) -> Row:
@@ -72,10 +83,12 @@ def run_one(name: str, quantize: str | None, base: str, data: str, out: str, siz
         settings.update(tinit=max(1, steps // 10), tfinal=max(1, steps // 5), delta_t=1)
     result = train(method, model=base, data=data, output=out, **settings, **options)
     main = result.main
+    total, linear = base_bytes(result.model)
     return Row(
         method=name,
         quantize=quantize,
-        base_mib=base_bytes(result.model) / 2**20,
+        base_mib=total / 2**20,
+        linear_mib=linear / 2**20,
         step_s=min(main.step_times[1:] or main.step_times),
         median_s=main.median_step_s,
         peak_rss_mib=peak_rss_bytes() / 2**20,
@@ -100,12 +113,16 @@ def run_all(size: str, steps: int, threads: int | None) -> tuple[list[Row], dict
 def table(rows: list[Row], info: dict) -> str:
     """Markdown: each NF4 row with its ratios to the same method on the float32 base."""
     ref = {r.method: r for r in rows if r.quantize is None}
-    head = "| method | base | base weights | vs fp32 | step time (best) | vs fp32 | median | peak RSS | vs fp32 |"
+    head = (
+        "| method | base | base weights | vs fp32 | of which linear layers | vs fp32 | step time (best) | vs fp32 "
+        "| median | peak RSS | vs fp32 |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         f = ref[r.method]
         lines.append(
             f"| {r.method} | {r.quantize or 'float32'} | {r.base_mib:,.1f} MiB | {r.base_mib / f.base_mib:.2f}× | "
+            f"{r.linear_mib:,.1f} MiB | {r.linear_mib / f.linear_mib:.2f}× | "
             f"{r.step_s * 1e3:.1f} ms | {r.step_s / f.step_s:.2f}× | {r.median_s * 1e3:.1f} ms | "
             f"{r.peak_rss_mib:,.0f} MiB | {r.peak_rss_mib / f.peak_rss_mib:.2f}× |"
         )

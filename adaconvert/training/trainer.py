@@ -274,7 +274,8 @@ def load_base_model(model: str, precision: str, *, quantization=None):
     _check_model_exists(model)
     kwargs = {}
     if quantization is not None:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        # this process's GPU (torchrun / accelerate set LOCAL_RANK): bitsandbytes quantises where the weights land
+        device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
         kwargs = {"quantization_config": quantization, "device_map": {"": device}}
     try:
         base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
