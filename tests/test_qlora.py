@@ -104,7 +104,8 @@ def qlora(bases, tmp_path_factory):
     merging.BLOCK_BYTES = 1024
     try:
         adaconvert.merge(bases / "f32", root / "lora", root / "plain", threads=2)
-        adaconvert.merge(bases / "f32", root / "lora", root / "requantized", requantize="nf4", threads=2)
+        argv = ["merge", str(bases / "f32"), str(root / "lora"), str(root / "requantized"), "--requantize", "nf4"]
+        assert main([*argv, "--threads", "2", "--quiet"]) == 0
     finally:
         merging.BLOCK_BYTES = block_bytes
     return root, result

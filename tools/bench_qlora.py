@@ -4,8 +4,9 @@ same method on the float32 base, in one run.
 The model and data are bench_train.py's (a random llama built from a config, nothing downloaded). Every run trains
 through ``adaconvert.train`` in a fresh subprocess, so that its peak RSS is its own. "Base weights" is the memory
 the loaded base holds once prepared for training: its parameters and buffers (NF4: packed 4-bit codes, block scales
-and the float32 embeddings and head), adapters excluded. On CPU, bitsandbytes dequantises every 4-bit weight in
-each forward and backward pass, so a step costs more than on the float32 base; what 4-bit buys is memory.
+and the float32 embeddings and head), adapters excluded; the linear layers, the part 4-bit quantises, are shown
+apart. On CPU bitsandbytes dequantises every 4-bit weight in each forward and backward pass; the peak RSS of a
+process is mostly the interpreter, torch and the activations, which quantisation does not touch.
 
     python tools/bench_qlora.py                      # small llama (~13M parameters), 10 steps per run
     python tools/bench_qlora.py --size tiny --steps 6 --threads 1
