@@ -334,7 +334,7 @@ def _train_options(fn):
 @_train_options
 @common_options(overwrite=True)
 def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
-    """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP via torchrun.
+    """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP or --fsdp via torchrun.
 
     Example: adaconvert train adalora --model Qwen/Qwen2.5-0.5B --data data.jsonl --output runs/ada --steps 500
     """

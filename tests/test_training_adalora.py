@@ -226,6 +226,7 @@ def test_ranknum_stays_frozen_with_a_bf16_base(tiny_llama, data, tmp_path):
 def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
     """fp16: GradScaler skips optimizer.step() on inf/NaN gradients. The budget must not count that step, and the
     importance scores must never read those gradients. A real GradScaler (CPU) behind accelerate's optimizer."""
+    from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
     from adaconvert.training.adalora import AdaLoraCallback, adalora_config
@@ -238,6 +239,7 @@ def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
     budget = AdaLoraCallback(model, opts)
     batch = training_batch(tiny_llama)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    Accelerator(cpu=True)  # the state accelerate's optimizer reads (the Trainer makes one the same way)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     optimizer = AcceleratedOptimizer(
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), scaler=scaler
@@ -252,7 +254,8 @@ def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
         assert optimizer.step_was_skipped == (step == skipped_at)
         budget.on_optimizer_step(None, type("State", (), {"global_step": step})(), None, optimizer=optimizer)
         optimizer.zero_grad()
-    assert (budget.calls, budget.skipped) == (7, 1)
     allocator = model.base_model.rankallocator
     assert allocator.exp_avg_ipt and all(bool(torch.isfinite(t).all()) for t in allocator.exp_avg_ipt.values())
     assert all(bool(torch.isfinite(t).all()) for t in allocator.exp_avg_unc.values())
+    assert budget.calls == 7  # the budget's step index counts real optimizer steps only
+    assert budget.history_record()["skipped_steps"] == 1

@@ -261,6 +261,15 @@ def test_launches_that_cannot_train_are_refused_before_any_work(method, options,
         check_launch(load_options("lora-drop", model="m", data="d", output="o", fsdp=True, policy="drop"))
 
 
+def test_accelerate_launch_with_fsdp_is_an_fsdp_run(tiny_llama, tmp_path, monkeypatch, capsys):
+    """``accelerate launch --use_fsdp`` without --fsdp gets the same checks (here: a single process)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    args = ["train", "lora", "--model", str(tiny_llama), "--data", str(data), "--output", str(tmp_path / "o")]
+    assert main([*args, "--quiet"]) == 2
+    assert "--fsdp needs a distributed launch" in capsys.readouterr().err
+
+
 def test_a_world_that_the_data_cannot_feed_is_refused():
     from adaconvert.training.trainer import check_world_fits
 

@@ -155,7 +155,8 @@ def test_fsdp_adalora_converts_and_validates(runs, tiny_llama, tmp_path):
 
 
 def test_a_refusal_on_the_main_process_stops_every_process(tiny_llama, tmp_path):
-    """The output exists: rank 0 refuses, and rank 1 must stop too, at once, instead of waiting in a collective."""
+    """The output exists: rank 0 refuses, and rank 1 must refuse too, with the same line. (Only rank 0 checked:
+    torchrun's agent then killed rank 1; other launchers left it waiting in a collective until the timeout.)"""
     (tmp_path / "out").mkdir()
     data = write_jsonl(tmp_path / "d.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

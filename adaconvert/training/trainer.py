@@ -17,7 +17,7 @@ import math
 import os
 import random
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -93,6 +93,8 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         True
     """
     opts = load_options(method, config=config, **options)
+    if accelerate_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`: the same as --fsdp
+        opts = replace(opts, fsdp=True)
     check_launch(opts)
     check_base(opts)
     on_main_then_all(lambda: check_output(opts.output, overwrite=opts.overwrite), cuda=torch.cuda.is_available())
@@ -124,9 +126,10 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     return result
 
 
-def deepspeed_launch() -> bool:
-    """Whether accelerate was told to run DeepSpeed (``accelerate launch --use_deepspeed`` or its config)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+def accelerate_flag(name: str) -> bool:
+    """Whether ``accelerate launch`` set ``name`` (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``: from its
+    flags or its config file)."""
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def check_launch(opts: TrainOptions) -> None:
@@ -136,7 +139,7 @@ def check_launch(opts: TrainOptions) -> None:
         InvalidConfigError: ``fsdp`` without a distributed launch or with DeepSpeed, FSDP with LoRA-Drop's shared
             LoRA, or AdaLoRA under DeepSpeed.
     """
-    if opts.method == "adalora" and deepspeed_launch():
+    if opts.method == "adalora" and accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError(
             "AdaLoRA under DeepSpeed is not supported: DeepSpeed steps and clears the gradients inside backward, "
             "so the rank budget would score zeros; launch with DDP (torchrun) or --fsdp"
@@ -148,7 +151,7 @@ def check_launch(opts: TrainOptions) -> None:
             "--fsdp needs a distributed launch of at least 2 processes (torchrun --nproc_per_node N -m adaconvert.cli "
             "train ..., or accelerate launch); this is a single process"
         )
-    if deepspeed_launch():
+    if accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError("--fsdp and DeepSpeed exclude each other; drop one")
     if opts.method == "lora-drop" and opts.policy == "share":
         raise InvalidConfigError(
@@ -337,7 +340,8 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     world = world_size()
     schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
     model = _peft(base, adalora_config(opts, schedule, _targets(opts)))
-    freeze_ranknum(model)
+    if thawed := freeze_ranknum(model):
+        logger.debug("froze %d ranknum parameters that PEFT's dtype cast had made trainable", thawed)
     budget = AdaLoraCallback(model, opts)
     stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
     history = budget.history_record()
