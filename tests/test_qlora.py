@@ -211,7 +211,7 @@ def test_int8_base(bases, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--quantize", "nf4", "--fsdp"], "--quantize and --fsdp cannot be combined"),
+        (["--quantize", "nf4", "--fsdp"], "--quantize nf4 and FSDP cannot be combined"),
         (["--quantize", "q3"], "Invalid value for '--quantize'"),
     ],
 )
@@ -235,3 +235,10 @@ def test_quantize_without_bitsandbytes_is_one_line_before_any_model(tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"--quantize nf4 needs bitsandbytes \(pip install", err)
     assert not out.exists()
+
+
+def test_quantize_under_accelerate_fsdp_is_refused(bases, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --use_fsdp` counts as --fsdp
+    with pytest.raises(adaconvert.AdaconvertError, match="--quantize nf4 and FSDP cannot be combined"):
+        quick_train("lora", bases / "f32", tmp_path / "d.jsonl", tmp_path / "out", quantize="nf4")
+    assert not (tmp_path / "out").exists()

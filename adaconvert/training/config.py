@@ -326,8 +326,6 @@ def check_options(o: TrainOptions) -> None:
             need(o.granularity == "layer", "--keep-layers names transformer blocks: it needs --granularity layer")
             bad = [k for k in o.keep_layers if not k.isdigit()]
             need(not bad, f"--keep-layers takes block indices (0,3,...), got {', '.join(bad)}")
-    if o.quantize is not None:
-        need(not o.fsdp, "--quantize and --fsdp cannot be combined here: FSDP would shard the quantised weights")
     if problems:
         raise InvalidConfigError("; ".join(problems))
 

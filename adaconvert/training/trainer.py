@@ -136,8 +136,8 @@ def check_launch(opts: TrainOptions) -> None:
     """Refuse, before any work, what this launch cannot train.
 
     Raises:
-        InvalidConfigError: ``fsdp`` without a distributed launch or with DeepSpeed, FSDP with LoRA-Drop's shared
-            LoRA, or AdaLoRA under DeepSpeed.
+        InvalidConfigError: ``fsdp`` without a distributed launch, with DeepSpeed or with ``quantize``, FSDP with
+            LoRA-Drop's shared LoRA, or AdaLoRA under DeepSpeed.
     """
     if opts.method == "adalora" and accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError(
@@ -146,6 +146,11 @@ def check_launch(opts: TrainOptions) -> None:
         )
     if not opts.fsdp:
         return
+    if opts.quantize is not None:
+        raise InvalidConfigError(
+            f"--quantize {opts.quantize} and FSDP cannot be combined here: FSDP would shard the quantised weights; "
+            "train on one GPU (QLoRA) or with DDP"
+        )
     if world_size() < 2:
         raise InvalidConfigError(
             "--fsdp needs a distributed launch of at least 2 processes (torchrun --nproc_per_node N -m adaconvert.cli "
