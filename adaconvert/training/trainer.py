@@ -374,7 +374,7 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
         kept, pilot_stats = _pilot_selection(pilot, dataset, tokenizer, opts, record, precision, callbacks)
     rest = [u for u in units if u not in set(kept)]
     drop_plan = lora_drop.plan(modules, kept, policy=opts.policy, granularity=opts.granularity)
-    if not drop_plan.kept_modules:
+    if not drop_plan.kept_modules:  # only a given selection can miss every target module
         raise InvalidConfigError(f"--keep-layers {','.join(opts.keep_layers)} holds none of the target modules")
     logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(units), opts.policy)
 

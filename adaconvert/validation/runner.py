@@ -243,6 +243,8 @@ def _merged_subjects(merged_dirs, quantize, double_quant) -> dict[str, tuple[Pat
         requant = _requant_key(done["method"], done["double_quant"]) if done else None
         held = requant == (_requant_key(quantize, double_quant) if quantize is not None else None)
         subject = "merged" if len(merged_dirs) == 1 else f"merged:{directory.name}"
+        if subject in found:  # two directories of the same name
+            subject = f"{subject}#{len(found) + 1}"
         found[subject] = (directory, requant, held)
     return found
 
