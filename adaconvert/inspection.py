@@ -114,7 +114,8 @@ class LoraDropPlan:
     """Which layers LoRA-Drop should keep, read off an AdaLoRA rank allocation.
 
     A layer's importance is its **share of the kept rank budget**: the ranks AdaLoRA left to its modules, summed,
-    over the total rank left to all modules (fully pruned modules count 0). The rank budget is what AdaLoRA itself
+    over the total rank left to the modules of all blocks (fully pruned modules count 0; modules outside the
+    blocks, such as an adapted head, are left out). The rank budget is what AdaLoRA itself
     decided from its sensitivity scores; ‖ΔW‖ would instead measure how far training moved the factors, which
     depends on the learning rate, the initialisation and ``lora_alpha`` as much as on what the layer needs, and a
     layer can be given rank and still hold a small ΔW. The rank share is also what a LoRA-Drop run spends.
@@ -186,7 +187,8 @@ def lora_drop_plan(
         )
     kept_ranks = strip_empty(source).ranks
     ranks = {name: kept_ranks.get(name, 0) for name in source.deltas}
-    per_layer = {unit: int(r) for unit, r in unit_scores(ranks, "layer").items()}
+    # modules outside the numbered blocks (an adapted head) are no layer that --keep-layers can name
+    per_layer = {unit: int(r) for unit, r in unit_scores(ranks, "layer").items() if unit.isdigit()}
     total = sum(per_layer.values())
     if total == 0:
         raise InvalidConfigError("AdaLoRA pruned every module to rank 0: no allocation to plan from", path=src)
