@@ -23,6 +23,7 @@ _LAZY = {
     "Adapter": "adaconvert.adapter",
     "LowRankDelta": "adaconvert.adapter",
     "inspect": "adaconvert.inspection",
+    "lora_drop_plan": "adaconvert.inspection",
     "merge": "adaconvert.merging",
     "push": "adaconvert.hub",
     "read_adapter": "adaconvert.readers",

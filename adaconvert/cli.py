@@ -17,6 +17,7 @@ import warnings
 import click
 
 from adaconvert import errors
+from adaconvert.quantization import FOUR_BIT, QUANTIZATIONS
 from adaconvert.training.config import FIELDS, METHODS, flag, option_help, option_kind
 
 logger = logging.getLogger("adaconvert")
@@ -248,13 +249,28 @@ def to_mlx_cmd(src, dst, *, as_json, **options):
 @click.option(
     "--runtimes", "show_runtimes", is_flag=True, help="Say in which runtimes it is exact, wrong-scale or refused."
 )
+@click.option(
+    "--lora-drop-plan",
+    "drop_plan",
+    is_flag=True,
+    help="AdaLoRA: rank each layer by its share of the kept rank budget and print the `train lora-drop` command "
+    "that keeps the important ones (--plot: a bar chart of the shares instead).",
+)
+@click.option("--threshold", type=float, help="--lora-drop-plan: keep layers up to this cumulative share (0.9).")
+@click.option("--keep-fraction", type=float, help="--lora-drop-plan: keep this fraction of the layers instead.")
 @common_options(one_torch_thread=True)
-def inspect_cmd(adapter, *, as_json, plot, show_runtimes):
+def inspect_cmd(adapter, *, as_json, plot, show_runtimes, drop_plan, threshold, keep_fraction):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs.
 
     --runtimes adds the portability check: per runtime (PEFT, vLLM, llama.cpp/Ollama, SGLang, LoRAX/TGI, mlx-lm),
     exact, wrong-scale (which modules, by which factor) or refused (why), from the config and tensor shapes alone.
+    --lora-drop-plan turns an AdaLoRA allocation into the LoRA-Drop layers to keep.
     """
+    if drop_plan:
+        _print_lora_drop_plan(adapter, plot=plot, threshold=threshold, keep_fraction=keep_fraction, as_json=as_json)
+        return
+    if threshold is not None or keep_fraction is not None:
+        raise click.UsageError("--threshold and --keep-fraction go with --lora-drop-plan")
     from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
@@ -277,6 +293,30 @@ def inspect_cmd(adapter, *, as_json, plot, show_runtimes):
 
         lines += ["", "runtimes:", *(f"  {line}" for line in runtimes_table(report.runtimes))]
     emit(report.to_dict(), "\n".join(lines), as_json=as_json)
+
+
+def _print_lora_drop_plan(adapter, *, plot, as_json, **selection) -> None:
+    from adaconvert.inspection import lora_drop_plan
+
+    plan = lora_drop_plan(adapter, plot=plot, **selection)
+    width = max(len(u) for u in plan.importance)
+    lines = [f"{'layer':>{max(width, 5)}}  rank  share"]
+    for unit, share in plan.importance.items():
+        bar = "#" * round(40 * share)
+        mark = " kept" if unit in plan.kept else ""
+        lines.append(f"{unit:>{max(width, 5)}}  {plan.layer_ranks[unit]:>4}  {share:5.1%} {bar}{mark}")
+    rule = f"threshold {plan.threshold}" if plan.threshold is not None else f"keep fraction {plan.keep_fraction}"
+    lines += [
+        "",
+        f"importance: {plan.measure}; the budget is spread as if over {plan.effective_layers:.1f} of {plan.layers} "
+        "layers (effective layers, 1/Σ share²)",
+        f"keep {len(plan.kept)} of {plan.layers} layers ({rule}): {','.join(plan.kept)}, "
+        f"{plan.kept_share:.1%} of the budget",
+        plan.command,
+    ]
+    if plot:
+        lines.append(f"bar chart: {plot}")
+    emit(plan.to_dict(), "\n".join(lines), as_json=as_json)
 
 
 @cli.command("push")
@@ -316,7 +356,20 @@ def _name_value(items, what: str) -> list[tuple[str, str]]:
 @cli.command("validate")
 @click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL CONVERTED]")
 @click.option("--pair", "pairs", multiple=True, metavar="ORIG=CONV", help="Another original/converted pair (repeat).")
-@click.option("--merged", type=click.Path(file_okay=False), help="Also check a merged checkpoint of ORIGINAL.")
+@click.option(
+    "--merged",
+    type=click.Path(file_okay=False),
+    multiple=True,
+    help="Also check a merged checkpoint of ORIGINAL (repeat: e.g. the plain and the --requantize merge).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZATIONS),
+    help="ORIGINAL was trained on BASE quantised so (QLoRA): PEFT runs on that quantised base.",
+)
+@click.option(
+    "--double-quant/--no-double-quant", default=True, show_default=True, help="With a 4-bit --quantize: as trained."
+)
 @click.option("--vllm", is_flag=True, help="Also run the converted adapters in a real vLLM engine.")
 @click.option(
     "--vllm-static",
@@ -331,7 +384,7 @@ def _name_value(items, what: str) -> list[tuple[str, str]]:
 @click.option("--tolerance", multiple=True, metavar="NAME=VALUE", help="Override a tolerance, e.g. logit_abs=1e-2.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, help="Greedy tokens per prompt (--vllm).")
 @common_options()
-def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **options):
+def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, merged, **options):
     """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
 
     Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
@@ -367,6 +420,7 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, **o
         *pair,
         pairs=_name_value(pairs, "ORIG=CONV"),
         tolerances=tolerances,
+        merged=merged or None,
         raise_on_failure=False,
         progress=logging.getLogger().isEnabledFor(logging.INFO),
         **options,
@@ -427,10 +481,12 @@ def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
         )
     if result.lora_drop is not None:
         drop = result.lora_drop
+        pilot = "no pilot (--keep-layers), "
+        if drop["pilot"]:
+            pilot = f"{drop['pilot']['trainable_params']:,} in the pilot, "
         lines.append(
             f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
-            f"parameters {drop['pilot']['trainable_params']:,} in the pilot, {drop['main']['trainable_params']:,} "
-            "in the main run; details in lora_drop.json"
+            f"parameters {pilot}{drop['main']['trainable_params']:,} in the main run; details in lora_drop.json"
         )
     lines.append(f"next: adaconvert to-lora {result.output} {result.output}-lora")
     emit(result.to_dict(), "\n".join(lines), as_json=as_json)
@@ -511,6 +567,18 @@ def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: base).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: one per CPU, at most 4).")
+@click.option(
+    "--requantize",
+    type=click.Choice(FOUR_BIT),
+    help="QLoRA-faithful merge for adapters trained on a quantised base: merge into dequant(quant(W)), the weights "
+    "the adapter was trained against (default: into W).",
+)
+@click.option(
+    "--double-quant/--no-double-quant",
+    default=True,
+    show_default=True,
+    help="With a 4-bit --requantize: training used double quantisation.",
+)
 @common_options(overwrite=True)
 def merge_cmd(base, adapters, dst, *, as_json, **options):
     """Fold ADAPTERs (AdaLoRA, LoRA, LoRA-Drop; `path:0.5` weights one) into BASE and write a full checkpoint at DST.
@@ -529,6 +597,9 @@ def merge_cmd(base, adapters, dst, *, as_json, **options):
         f"{report.bytes_written / 2**20:,.1f} MiB {report.dtype} in {report.shards} shard(s), "
         f"{report.seconds:.1f} s{rss}"
     )
+    if report.requantized:
+        q = report.requantized
+        text += f"\n{q['tensors']} quantised layers merged into their {q['method']} dequantisation"
     emit(report.to_dict(), text, as_json=as_json)
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from adaconvert.errors import (
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, open_checkpoint
 from adaconvert.io.parallel import imap_unordered
+from adaconvert.quantization import FOUR_BIT, check_bitsandbytes, quantized_modules, requantized
 from adaconvert.readers import read_adapter
 from adaconvert.runtime import paused_gc, peak_rss_bytes, torch_threads, usable_cpus
 from adaconvert.transforms import strip_empty
@@ -104,6 +106,7 @@ class MergeReport:
     seconds: float
     peak_rss_bytes: int | None
     files_copied: list[str] = field(default_factory=list)
+    requantized: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +148,8 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     threads: int | None = None,
+    requantize: str | None = None,
+    double_quant: bool = True,
 ) -> MergeReport:
     """Merge adapters into a base model and write a complete checkpoint that transformers and vLLM load.
 
@@ -164,6 +169,11 @@ def merge(
         progress: show a progress bar over bytes on stderr.
         threads: worker threads (default: one per usable CPU, at most ``MAX_DEFAULT_THREADS``). Each uses one torch
             thread; the output is the same bits whatever the count.
+        requantize: ``nf4`` or ``fp4``: the QLoRA-faithful merge, for adapters trained on a base loaded
+            in that bitsandbytes quantisation. Every layer that quantisation covers becomes dequant(quant(W)) (in the
+            base's dtype; :func:`adaconvert.quantization.requantized`, whole tensors) before ΔW is added, adapted or
+            not, so the merged model computes what the adapter was trained against.
+        double_quant: with a 4-bit ``requantize``, whether training used double quantisation (QLoRA's default).
 
     Returns:
         A :class:`MergeReport`.
@@ -192,6 +202,13 @@ def merge(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidConfigError(f"threads must be a positive integer, got {threads!r}")
     override = _parse_dtype(dtype)
+    if requantize is not None:
+        if requantize not in FOUR_BIT:
+            raise InvalidConfigError(
+                f"--requantize must be one of {', '.join(FOUR_BIT)}, got {requantize!r}; an int8 (LLM.int8()) base "
+                "also quantises activations, which no merged model reproduces: merge without --requantize"
+            )
+        check_bitsandbytes(requantize)
 
     checkpoint = open_checkpoint(base)
     loaded = [(spec, strip_empty(read_adapter(spec.source))) for spec in specs]
@@ -199,11 +216,20 @@ def merge(
         if not adapter.deltas:
             logger.warning("%s has no non-zero update: it changes nothing", spec.source)
     updates = plan_updates(checkpoint, loaded)
+    requantized_names = _requantized_tensors(checkpoint, requantize) if requantize else {}
     layout = [(name, _output_dtype(info.dtype, override), info.shape) for name, info in checkpoint.tensors.items()]
     shards = plan_shards(layout, shard_bytes)
 
     with atomic_output_dir(dst, overwrite=overwrite, inputs=inputs) as tmp:
-        write_merged(tmp, checkpoint, shards, updates, progress=progress, threads=threads)
+        write_merged(
+            tmp,
+            checkpoint,
+            shards,
+            updates,
+            progress=progress,
+            threads=threads,
+            requant=RequantSpec(requantize, double_quant, requantized_names) if requantize else None,
+        )
         copied = copy_side_files(checkpoint.root, tmp, dtype=override)
         report = MergeReport(
             base=str(base),
@@ -216,6 +242,9 @@ def merge(
             shards=len(shards),
             tensors=len(layout),
             tensors_touched=len(updates),
+            requantized=None
+            if requantize is None
+            else {"method": requantize, "double_quant": double_quant, "tensors": len(requantized_names)},
             bytes_written=sum(s.nbytes for s in shards),
             seconds=round(time.perf_counter() - started, 3),
             peak_rss_bytes=peak_rss_bytes(),
@@ -249,8 +278,10 @@ def write_merged(
     *,
     progress: bool,
     threads: int | None = None,
+    requant: RequantSpec | None = None,
 ) -> None:
-    """Write every tensor of ``checkpoint``, with ``updates`` added, into ``shards`` in ``directory``.
+    """Write every tensor of ``checkpoint``, with ``updates`` added, into ``shards`` in ``directory``; the tensors
+    ``requant`` names are requantised first (whole, :class:`WholeTensor`).
 
     The output is cut into tasks of rows (:func:`plan_tasks`) that ``threads`` workers read and compute ahead, in
     file order; this thread writes each one at its fixed place in the output. One writer, because a filesystem
@@ -260,8 +291,8 @@ def write_merged(
     """
     from tqdm.auto import tqdm
 
-    tasks = plan_tasks(checkpoint, shards, updates)
-    computed = [t for t in tasks if t.updates or t.out_dtype != t.info.dtype]
+    tasks = plan_tasks(checkpoint, shards, updates, requant)
+    computed = [t for t in tasks if t.updates or t.requant or t.out_dtype != t.info.dtype]
     sizes = {
         "in_bytes": max((t.numel * t.info.dtype.itemsize for t in computed), default=0),
         "out_bytes": max((t.nbytes for t in tasks), default=0),
@@ -362,13 +393,15 @@ def match_tensor(module: str, names) -> list[str]:
 
 @dataclass(frozen=True)
 class RowBlock:
-    """Rows [start, stop) of a base tensor to compute: read, add ``updates``, cast to ``out_dtype``, write."""
+    """Rows [start, stop) of a base tensor to compute: read (or take from ``requant``), add ``updates``, cast to
+    ``out_dtype``, write."""
 
     info: TensorInfo
     out_dtype: torch.dtype
     updates: tuple[Update, ...]
     start: int
     stop: int
+    requant: WholeTensor | None = None
 
     @property
     def numel(self) -> int:
@@ -385,14 +418,82 @@ class RowBlock:
         return self.start * _row_numel(self.info) * self.out_dtype.itemsize
 
 
-def plan_tasks(checkpoint: Checkpoint, shards: Sequence[Shard], updates: dict[str, list[Update]]) -> list[RowBlock]:
-    """The whole output as row blocks (:func:`row_blocks`), in file order."""
-    return [
-        RowBlock(checkpoint.tensors[name], out_dtype, tuple(updates.get(name, ())), start, stop)
-        for shard in shards
-        for name, out_dtype, _ in shard.layout
-        for start, stop in row_blocks(checkpoint.tensors[name])
-    ]
+def plan_tasks(
+    checkpoint: Checkpoint,
+    shards: Sequence[Shard],
+    updates: dict[str, list[Update]],
+    requant: RequantSpec | None = None,
+) -> list[RowBlock]:
+    """The whole output as row blocks (:func:`row_blocks`), in file order; blocks of a requantised tensor share
+    one :class:`WholeTensor`."""
+    tasks = []
+    for shard in shards:
+        for name, out_dtype, _ in shard.layout:
+            info = checkpoint.tensors[name]
+            blocks = row_blocks(info)
+            whole = None
+            if requant is not None and name in requant.tensors:
+                whole = WholeTensor(info, requant.method, requant.double_quant, requant.tensors[name], len(blocks))
+            tasks += [RowBlock(info, out_dtype, tuple(updates.get(name, ())), a, b, whole) for a, b in blocks]
+    return tasks
+
+
+@dataclass(frozen=True)
+class RequantSpec:
+    """The QLoRA-faithful merge: ``tensors`` (name → stored transposed, as Conv1D) become dequant(quant(W)) by
+    ``method`` (``nf4`` or ``fp4``) before the updates are added."""
+
+    method: str
+    double_quant: bool
+    tensors: dict[str, bool]
+
+
+class WholeTensor:
+    """dequant(quant(W)) of one base tensor, computed once from the whole tensor and handed out in row blocks.
+
+    Whole, because 4-bit blocks run along the flattened weight and double quantisation subtracts the mean of all
+    the tensor's block scales: a chunk quantised alone would get other scales. The first block asked for reads and
+    requantises the tensor (the others wait on the lock); the value is dropped once its last block is handed out,
+    so only the tensors whose blocks are in flight are held, a few at a time.
+    """
+
+    def __init__(self, info: TensorInfo, method: str, double_quant: bool, transposed: bool, blocks: int):
+        self.info, self.method, self.double_quant, self.transposed = info, method, double_quant, transposed
+        self._left = blocks
+        self._value: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def rows(self, reader: TensorReader, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dequant(quant(W)), in the dtype :func:`requantized` returns."""
+        with self._lock:
+            if self._value is None:
+                info = self.info
+                raw = reader.read_into(info, 0, info.nbytes, torch.empty(info.nbytes, dtype=torch.uint8))
+                weight = raw.view(info.dtype).view(info.shape)
+                self._value = requantized(
+                    weight, self.method, double_quant=self.double_quant, transposed=self.transposed
+                )
+            value = self._value
+            self._left -= 1
+            if self._left == 0:
+                self._value = None
+        return value[start:stop]
+
+
+def _requantized_tensors(checkpoint: Checkpoint, method: str) -> dict[str, bool]:
+    """{base tensor: stored transposed} for every layer loading the base quantised by ``method`` converts.
+
+    Raises:
+        MissingTensorError: a quantised layer has no (or no single) weight tensor in the checkpoint.
+    """
+    found = {}
+    for module, transposed in quantized_modules(checkpoint.config).items():
+        candidates = match_tensor(module, checkpoint.tensors)
+        if len(candidates) != 1:
+            raise MissingTensorError(f"no single weight tensor for layer {module}", path=checkpoint.root)
+        found[candidates[0]] = transposed
+    logger.info("%d tensors requantised by %s before merging", len(found), method)
+    return found
 
 
 class BlockMerger:
@@ -423,12 +524,15 @@ class BlockMerger:
         info, out_dtype, numel = task.info, task.out_dtype, task.numel
         out = self._ring[self._turn % len(self._ring)][: task.nbytes]
         self._turn += 1
-        if not task.updates and out_dtype == info.dtype:  # copied as it is
+        if not task.updates and not task.requant and out_dtype == info.dtype:  # copied as it is
             return memoryview(self.reader.read_into(info, task.start * info.row_nbytes, task.nbytes, out).numpy())
         shape = (task.stop - task.start, *info.shape[1:]) if info.shape else ()
-        raw = self.reader.read_into(info, task.start * info.row_nbytes, numel * info.dtype.itemsize, self._raw)
         work = self._work[:numel].view(shape)
-        work.copy_(raw.view(info.dtype).view(shape))
+        if task.requant is not None:
+            work.copy_(task.requant.rows(self.reader, task.start, task.stop))
+        else:
+            raw = self.reader.read_into(info, task.start * info.row_nbytes, numel * info.dtype.itemsize, self._raw)
+            work.copy_(raw.view(info.dtype).view(shape))
         for update in task.updates:
             update.add_rows_(work, task.start, task.stop)
         if out_dtype.is_floating_point:

@@ -30,9 +30,10 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(recipe):
     options = load_options(config=recipe, output="runs/x")
-    assert recipe.stem in (options.method, f"{options.method}-70b-fsdp")
+    assert recipe.stem in (options.method, f"{options.method}-70b-fsdp", f"{options.method}-qlora")
     assert options.precision == "auto" and options.gradient_checkpointing
     assert options.fsdp == recipe.stem.endswith("-fsdp")
+    assert (options.quantize == "nf4") == recipe.stem.endswith("-qlora")
     if options.method == "adalora":
         schedule = adalora_schedule(options, optimizer_steps(options, 9846))
         assert schedule.tinit + schedule.tfinal < schedule.total_step

@@ -8,6 +8,7 @@ Each method runs in its own process, measured for wall time and peak RSS (``wait
 
     python tools/bench_merge.py                      # 2 and 8 layers (about 1.4 and 4 GB), ~10 min
     python tools/bench_merge.py --layers 1 2 --no-peft
+    python tools/bench_merge.py --layers 2 --no-peft --requantize nf4   # also the QLoRA-faithful merge
 
 PEFT holds the whole model in memory (plus its copy while saving): 8 layers need about 9 GB of RAM.
 """
@@ -83,7 +84,7 @@ def layout(directory: Path) -> dict:
     return {n: (t.dtype, t.shape) for n, t in open_checkpoint(directory).tensors.items()}
 
 
-def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int) -> list[dict]:
+def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int, requantize: str | None = None) -> list[dict]:
     """Every method on one base size. The methods take turns (cp, dd, ours, cp, dd, ours...) so that a change in
     the machine's load hits all of them alike, and every output is deleted before the next run: a run must not
     pay for evicting the previous run's pages from the page cache."""
@@ -102,6 +103,8 @@ def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int) -> lis
         "dd bs=16M": ["sh", "-c", DD, "dd", str(base), str(out)],
         "adaconvert merge": [sys.executable, "-m", "adaconvert.cli", "merge", str(base), str(adapter), str(out), "-q"],
     }
+    if requantize:  # every linear layer quantised and dequantised whole by bitsandbytes before the update
+        methods[f"merge --requantize {requantize}"] = [*methods["adaconvert merge"], "--requantize", requantize]
     walls: dict[str, list[float]] = {name: [] for name in methods}
     peaks: dict[str, list[int]] = {name: [] for name in methods}
     inside, ours = [], {}
@@ -184,6 +187,7 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="Skip PEFT (it needs RAM for the whole model).")
     parser.add_argument("--dir", type=Path, help="Work directory (kept; bases are reused). Default: a temp dir.")
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON here.")
+    parser.add_argument("--requantize", choices=("nf4", "fp4"), help="Also time merge --requantize (bitsandbytes).")
     args = parser.parse_args()
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
@@ -192,7 +196,9 @@ def main() -> None:
         rows = [
             row
             for n in args.layers
-            for row in run(n, work, peft=not args.no_peft, init_r=args.init_r, repeat=args.repeat)
+            for row in run(
+                n, work, peft=not args.no_peft, init_r=args.init_r, repeat=args.repeat, requantize=args.requantize
+            )
         ]
     finally:
         if args.dir is None:

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
+from adaconvert.quantization import QUANTIZATIONS
 
 METHODS = ("lora", "adalora", "lora-drop")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 IMPORTANCES = ("output", "weight-l1")
 POLICIES = ("share", "drop")
 GRANULARITIES = ("layer", "module")
+QUANT_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_THRESHOLD = 0.9  # LoRA-Drop's cumulative importance kept when neither threshold nor keep_fraction is given
 
 
@@ -90,6 +92,24 @@ class TrainOptions:
         "layer", "LoRA-Drop selection unit: transformer block or single module.", choices=GRANULARITIES
     )
     importance_samples: int = option(256, "LoRA-Drop: pilot examples scored.")
+    keep_layers: list[str] | None = option(  # noqa: RUF009 (as target_modules)
+        None,
+        "LoRA-Drop: comma-separated block indices that get their own LoRA (as `inspect --lora-drop-plan` prints); "
+        "skips the pilot run.",
+    )
+    quantize: str | None = option(
+        None,
+        "Load the base quantised by bitsandbytes (QLoRA): nf4 or fp4 4-bit blocks, or int8 (LLM.int8()); adapters "
+        "stay float32.",
+        choices=QUANTIZATIONS,
+    )
+    double_quant: bool = option(True, "4-bit: quantise the block scales too (QLoRA's double quantisation).")
+    quant_compute_dtype: str = option(
+        "auto",
+        "4-bit: dtype the dequantised weights are computed in (auto: bfloat16 with --precision bf16, float16 with "
+        "fp16, else float32).",
+        choices=QUANT_COMPUTE_DTYPES,
+    )
     precision: str = option(
         "auto",
         "auto: bf16 on GPUs that compute it natively (Ampere+), fp16 on older GPUs, fp32 on CPU.",
@@ -230,8 +250,9 @@ def _coerce(name: str, value, path):
     elif list in kinds:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-            return list(value)
+        # a YAML list of block indices reads as ints
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int)) for v in value):
+            return [str(v) for v in value]
     wanted = "/".join(k.__name__ for k in kinds if k is not type(None))
     raise InvalidConfigError(f"option {name!r} must be {wanted}, got {value!r}", path=path)
 
@@ -261,7 +282,7 @@ def check_options(o: TrainOptions) -> None:
         allowed = f.metadata["choices"]
         value = getattr(o, f.name)
         need(
-            allowed is None or value in allowed,
+            allowed is None or value is None or value in allowed,
             f"{flag(f.name)} must be one of {', '.join(allowed or ())}, got {value!r}",
         )
     need(o.max_length >= 2, f"--max-length must be at least 2, got {o.max_length}")
@@ -297,6 +318,14 @@ def check_options(o: TrainOptions) -> None:
             f"--keep-fraction must be in (0, 1], got {o.keep_fraction}",
         )
         need(o.importance_samples >= 1, f"--importance-samples must be at least 1, got {o.importance_samples}")
+        if o.keep_layers is not None:
+            need(
+                o.threshold is None and o.keep_fraction is None,
+                "--keep-layers names the kept layers itself: drop --threshold / --keep-fraction",
+            )
+            need(o.granularity == "layer", "--keep-layers names transformer blocks: it needs --granularity layer")
+            bad = [k for k in o.keep_layers if not k.isdigit()]
+            need(not bad, f"--keep-layers takes block indices (0,3,...), got {', '.join(bad)}")
     if problems:
         raise InvalidConfigError("; ".join(problems))
 

@@ -26,6 +26,7 @@ from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME, TRAINING_SUM
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.location import is_hub_id
+from adaconvert.quantization import bnb_config, check_bitsandbytes, exact_cpu_kernels
 from adaconvert.runtime import hf_progress
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
@@ -93,6 +94,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     if accelerate_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`: the same as --fsdp
         opts = replace(opts, fsdp=True)
     check_launch(opts)
+    check_base(opts)
     on_main_then_all(
         lambda: check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config]),
         cuda=torch.cuda.is_available(),
@@ -109,7 +111,12 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         check_world_fits(opts, len(dataset), world_size())
         if opts.method == "adalora":
             adalora_schedule(opts, optimizer_steps(opts, len(dataset), world_size()))
-        load = functools.partial(load_base_model, opts.model, precision)
+        load = functools.partial(
+            load_base_model,
+            opts.model,
+            precision,
+            quantization=quantization_config(opts, precision),
+        )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
         result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
     result.options = opts.to_dict()
@@ -130,8 +137,8 @@ def check_launch(opts: TrainOptions) -> None:
     """Refuse, before any work, what this launch cannot train.
 
     Raises:
-        InvalidConfigError: ``fsdp`` without a distributed launch or with DeepSpeed, FSDP with LoRA-Drop's shared
-            LoRA, or AdaLoRA under DeepSpeed.
+        InvalidConfigError: ``fsdp`` without a distributed launch, with DeepSpeed or with ``quantize``, FSDP with
+            LoRA-Drop's shared LoRA, or AdaLoRA under DeepSpeed.
     """
     if opts.method == "adalora" and accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError(
@@ -140,6 +147,11 @@ def check_launch(opts: TrainOptions) -> None:
         )
     if not opts.fsdp:
         return
+    if opts.quantize is not None:
+        raise InvalidConfigError(
+            f"--quantize {opts.quantize} and FSDP cannot be combined here: FSDP would shard the quantised weights; "
+            "train on one GPU (QLoRA) or with DDP"
+        )
     if world_size() < 2:
         raise InvalidConfigError(
             "--fsdp needs a distributed launch of at least 2 processes (torchrun --nproc_per_node N -m adaconvert.cli "
@@ -152,6 +164,41 @@ def check_launch(opts: TrainOptions) -> None:
             "--fsdp cannot shard LoRA-Drop's shared LoRA (one set of weights used by several layers, each layer a "
             "separate FSDP unit); use --policy drop, or DDP"
         )
+
+
+def check_base(opts: TrainOptions) -> None:
+    """Refuse, before any model is loaded, a ``quantize`` that bitsandbytes cannot run on this machine's device and
+    ``keep_layers`` naming blocks the base lacks (read from its config alone).
+
+    Raises:
+        InvalidConfigError: one line naming the problem.
+        SourceNotFoundError: the base has no readable config (``keep_layers`` only).
+    """
+    if opts.quantize is not None:
+        check_bitsandbytes(opts.quantize, "cuda" if torch.cuda.is_available() else "cpu")
+    if opts.keep_layers is not None:
+        from adaconvert.base_modules import load_base_config
+
+        _check_model_exists(opts.model)
+        config = load_base_config(opts.model)
+        layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+        missing = [k for k in opts.keep_layers if layers is not None and int(k) >= layers]
+        if missing:
+            raise InvalidConfigError(
+                f"--keep-layers names block(s) {', '.join(missing)} but the model has {layers} (0-{layers - 1})",
+                path=opts.model,
+            )
+
+
+def quantization_config(opts: TrainOptions, precision: str):
+    """The ``BitsAndBytesConfig`` of ``opts.quantize`` (None without it); 4-bit layers compute in
+    ``quant_compute_dtype``, whose ``auto`` follows the training precision."""
+    if opts.quantize is None:
+        return None
+    compute = opts.quant_compute_dtype
+    if compute == "auto":
+        compute = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    return bnb_config(opts.quantize, double_quant=opts.double_quant, compute_dtype=getattr(torch, compute))
 
 
 def check_world_fits(opts: TrainOptions, num_examples: int, world: int) -> None:
@@ -221,16 +268,33 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_base_model(model: str, precision: str):
-    """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32."""
+def load_base_model(model: str, precision: str, *, quantization=None):
+    """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32.
+
+    With ``quantization`` (a ``BitsAndBytesConfig``) its linear layers are quantised by bitsandbytes while loading,
+    on this process's device, and the model is prepared for k-bit training as PEFT documents it
+    (``prepare_model_for_kbit_training``: the other weights in float32). Gradient checkpointing is left to the
+    training phase, which enables it its own way for quantised and plain bases alike.
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     _check_model_exists(model)
+    kwargs = {}
+    if quantization is not None:
+        # this process's GPU (torchrun / accelerate set LOCAL_RANK): bitsandbytes quantises where the weights land
+        device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+        kwargs = {"quantization_config": quantization, "device_map": {"": device}}
     try:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise SourceNotFoundError(f"cannot load the model ({first_line(exc)})", path=model) from exc
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        exact_cpu_kernels(base)  # LoRA-Drop scores in eval mode: the same kernels as training
+    return base
 
 
 def _set_seed(seed: int) -> None:
@@ -295,28 +359,24 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
 
 def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
-    unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again)."""
-    n_pilot = max(1, math.ceil(opts.pilot_fraction * len(dataset)))
-    order = list(range(len(dataset)))
-    random.Random(opts.seed).shuffle(order)
-    pilot_data = TokenizedDataset([dataset.examples[i] for i in order[:n_pilot]])
-    pilot_steps = max(1, math.ceil(opts.pilot_fraction * opts.steps)) if opts.steps is not None else None
-
+    unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again).
+    With ``keep_layers`` the selection is given: no pilot, straight to the main run."""
     base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
-    pilot_stats, world = run_phase(
-        pilot, pilot_data, tokenizer, opts, precision=precision, callbacks=callbacks, steps=pilot_steps, desc="pilot"
-    )
-    module_scores = _importance(pilot, pilot_data, tokenizer, opts)
-    module_scores = _same_on_every_process(module_scores)
-    scores = lora_drop.unit_scores(module_scores, opts.granularity)
-    importance = lora_drop.normalise(scores)
-    threshold = opts.threshold if opts.keep_fraction is None else None
-    if threshold is None and opts.keep_fraction is None:
-        threshold = DEFAULT_THRESHOLD
-    kept, rest = lora_drop.select_units(importance, threshold=threshold, keep_fraction=opts.keep_fraction)
-    drop_plan = lora_drop.plan(list(module_scores), kept, policy=opts.policy, granularity=opts.granularity)
-    logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(importance), opts.policy)
+    modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
+    units = list(lora_drop.unit_scores(dict.fromkeys(modules, 0.0), opts.granularity))
+    record: dict = {"method": "lora-drop", "granularity": opts.granularity, "policy": opts.policy}
+    pilot_stats = None
+    if opts.keep_layers is not None:
+        kept = [u for u in units if u in set(opts.keep_layers)]
+        record.update(importance="given (--keep-layers)", pilot=None)
+    else:
+        kept, pilot_stats = _pilot_selection(pilot, dataset, tokenizer, opts, record, precision, callbacks)
+    rest = [u for u in units if u not in set(kept)]
+    drop_plan = lora_drop.plan(modules, kept, policy=opts.policy, granularity=opts.granularity)
+    if not drop_plan.kept_modules:  # only a given selection can miss every target module
+        raise InvalidConfigError(f"--keep-layers {','.join(opts.keep_layers)} holds none of the target modules")
+    logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(units), opts.policy)
 
     if opts.fsdp:
         del pilot, base
@@ -331,32 +391,55 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
     stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
-    record = {
-        "method": "lora-drop",
-        "importance": opts.importance,
-        "granularity": opts.granularity,
-        "policy": opts.policy,
-        "threshold": threshold,
-        "keep_fraction": opts.keep_fraction,
-        "scores": scores,
-        "normalized_importance": importance,
-        "module_scores": module_scores,
-        "kept": kept,
-        "shared": rest if opts.policy == "share" else [],
-        "dropped": rest if opts.policy == "drop" else [],
-        "kept_modules": drop_plan.kept_modules,
-        "shared_groups": drop_plan.shared_groups,
-        "dropped_modules": drop_plan.dropped_modules,
-        "pilot": {
+    record.update(
+        kept=kept,
+        shared=rest if opts.policy == "share" else [],
+        dropped=rest if opts.policy == "drop" else [],
+        kept_modules=drop_plan.kept_modules,
+        shared_groups=drop_plan.shared_groups,
+        dropped_modules=drop_plan.dropped_modules,
+        main={"trainable_params": stats.trainable_params},
+    )
+    return TrainResult(
+        "lora-drop", opts.output, False, world, total, stats, pilot=pilot_stats, lora_drop=record, model=model
+    )
+
+
+def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, callbacks):
+    """Train ``pilot`` on a fraction of the data and steps, score its modules and select the units to keep.
+
+    Returns:
+        (kept units in model order, the pilot's PhaseStats); ``record`` gets the scores and the selection rule.
+    """
+    n_pilot = max(1, math.ceil(opts.pilot_fraction * len(dataset)))
+    order = list(range(len(dataset)))
+    random.Random(opts.seed).shuffle(order)
+    pilot_data = TokenizedDataset([dataset.examples[i] for i in order[:n_pilot]])
+    pilot_steps = max(1, math.ceil(opts.pilot_fraction * opts.steps)) if opts.steps is not None else None
+    pilot_stats, _ = run_phase(
+        pilot, pilot_data, tokenizer, opts, precision=precision, callbacks=callbacks, steps=pilot_steps, desc="pilot"
+    )
+    module_scores = _same_on_every_process(_importance(pilot, pilot_data, tokenizer, opts))
+    scores = lora_drop.unit_scores(module_scores, opts.granularity)
+    importance = lora_drop.normalise(scores)
+    threshold = opts.threshold if opts.keep_fraction is None else None
+    if threshold is None and opts.keep_fraction is None:
+        threshold = DEFAULT_THRESHOLD
+    kept, _ = lora_drop.select_units(importance, threshold=threshold, keep_fraction=opts.keep_fraction)
+    record.update(
+        importance=opts.importance,
+        threshold=threshold,
+        keep_fraction=opts.keep_fraction,
+        scores=scores,
+        normalized_importance=importance,
+        module_scores=module_scores,
+        pilot={
             "examples": len(pilot_data),
             "optimizer_steps": pilot_stats.optimizer_steps,
             "trainable_params": pilot_stats.trainable_params,
         },
-        "main": {"trainable_params": stats.trainable_params},
-    }
-    return TrainResult(
-        "lora-drop", opts.output, False, world, total, stats, pilot=pilot_stats, lora_drop=record, model=model
     )
+    return kept, pilot_stats
 
 
 def _importance(model, data: TokenizedDataset, tokenizer, opts: TrainOptions) -> dict[str, float]:

@@ -117,7 +117,7 @@ class ValidationReport:
     Attributes:
         base: the base model.
         pairs: ``[{"label", "original", "converted"}]`` compared.
-        merged: the merged checkpoint, if one was checked.
+        merged: the merged checkpoint, if one was checked (a list when several were).
         levels: the levels that ran.
         tolerances: per subject, the limits used.
         checks: every measured row, in table order.
@@ -130,7 +130,7 @@ class ValidationReport:
 
     base: str
     pairs: list[dict]
-    merged: str | None = None
+    merged: str | list[str] | None = None
     levels: list[str] = field(default_factory=list)
     tolerances: dict[str, dict] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)

@@ -10,10 +10,13 @@ import torch
 
 from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
+from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
 from adaconvert.io.atomic import check_no_overlap
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
+from adaconvert.io.source import read_json
+from adaconvert.quantization import bnb_config, check_bitsandbytes
 from adaconvert.readers import read_adapter
 from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.validation import logits as logits_level
@@ -30,7 +33,9 @@ def validate(
     converted: str | Path | None = None,
     *,
     pairs: Sequence[tuple[str | Path, str | Path]] | None = None,
-    merged: str | Path | None = None,
+    merged: str | Path | Sequence[str | Path] | None = None,
+    quantize: str | None = None,
+    double_quant: bool = True,
     vllm: bool = False,
     llm=None,
     prompts: Sequence[str] | str | Path | None = None,
@@ -55,7 +60,14 @@ def validate(
         original: the adapter as trained (AdaLoRA, LoRA, LoRA-Drop output: anything PEFT loads).
         converted: its conversion (``adaconvert to-lora`` output). May be None when only ``merged`` is checked.
         pairs: several (original, converted) pairs instead of ``original`` / ``converted``.
-        merged: a merged checkpoint directory built from the (single) original.
+        merged: a merged checkpoint directory built from the (single) original, or several (a plain and a
+            QLoRA-faithful merge); each is checked as subject ``merged`` (several: ``merged:<directory name>``).
+        quantize: ``nf4``, ``fp4`` or ``int8``: the original was trained on the base quantised so (QLoRA). The
+            reference, PEFT(original), and the conversions then run on that quantised base. A merged checkpoint is
+            held to the tolerances when it was merged for the base the reference runs on (``merge --requantize``
+            with the same settings; a plain merge without ``quantize``); any other is measured and reported,
+            with a note, but cannot fail.
+        double_quant: with a 4-bit ``quantize``, as training used it.
         vllm: run the vLLM level.
         llm: an existing ``vllm.LLM`` with LoRA enabled to use for the vLLM level (else one is started and
             stopped here); its ``max_lora_rank`` must fit the adapters.
@@ -80,8 +92,9 @@ def validate(
         >>> r.passed
         True
     """
-    pair_list = _pair_list(original, converted, pairs, merged=merged)
-    inputs = [base, *(p for pair in pair_list for p in pair if p is not None), merged]
+    merged_dirs = [] if merged is None else [merged] if isinstance(merged, (str, Path)) else list(merged)
+    pair_list = _pair_list(original, converted, pairs, merged=merged_dirs)
+    inputs = [base, *(p for pair in pair_list for p in pair if p is not None), *merged_dirs]
     for src in inputs:  # a missing local path is "not found" now, not a failed check after loading the base
         if src is not None:
             require_source(src)
@@ -91,6 +104,11 @@ def validate(
         raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_list = logits_level.read_prompts(prompts)
     Tolerances.for_dtypes(overrides=tolerances)  # reject bad overrides before any work
+    quantization = None
+    if quantize is not None:
+        check_bitsandbytes(quantize)
+        quantization = bnb_config(quantize, double_quant=double_quant)
+    merges = _merged_subjects(merged_dirs, quantize, double_quant)
     modules = base_modules(base)
     labels = _labels(pair_list)
     result = ValidationReport(
@@ -99,7 +117,7 @@ def validate(
             {"label": lb, "original": str(o), "converted": _str(c)}
             for lb, (o, c) in zip(labels, pair_list, strict=True)
         ],
-        merged=_str(merged),
+        merged=_str(merged_dirs[0]) if len(merged_dirs) == 1 else [str(m) for m in merged_dirs] or None,
     )
 
     # weights: read everything once; a pair whose original cannot be read is reported and left out of the rest
@@ -125,18 +143,30 @@ def validate(
                 result.runtimes[label] = runtimes_dict(check_runtimes(conv_dir))
             except AdaconvertError as exc:  # information only: a conversion we can read but not classify
                 result.notes.append(f"{label}: no portability check ({first_line(exc)})")
-    merged_tol = None
-    if merged is not None:
-        base_ckpt, merged_ckpt = open_checkpoint(base), open_checkpoint(merged)
-        merged_tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
-        result.tolerances["merged"] = merged_tol.to_dict()
+    merged_tols: dict[str, Tolerances | None] = {}
+    base_ckpt = open_checkpoint(base) if merges else None
+    for subject, (directory, requant, held) in merges.items():
+        merged_ckpt = open_checkpoint(directory)
+        tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
+        result.tolerances[subject] = tol.to_dict()
+        merged_tols[subject] = tol if held else None
         orig = adapters[labels[0]][0]
         if orig is not None:
-            weights_level.compare_merged(orig, base_ckpt, merged_ckpt, result, tol=merged_tol)
+            method, dq = requant or (None, None)
+            weights_level.compare_merged(
+                orig,
+                base_ckpt,
+                merged_ckpt,
+                result,
+                tol=tol,
+                subject=subject,
+                requantize=method,
+                double_quant=bool(dq),
+            )
 
     # logits: one base model, adapters attached one at a time
     result.levels.append("logits")
-    runner = logits_level.HFRunner(base, progress=progress)
+    runner = logits_level.HFRunner(base, progress=progress, quantization=quantization)
     ids, mask = runner.encode(prompt_list)
     base_logits = runner.logits(ids, mask)
     for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
@@ -155,9 +185,11 @@ def validate(
             if other is not None:
                 metrics = logits_level.logit_metrics(reference, other, mask)
                 logits_level.add_logit_checks(result, label, metrics, tols[label], prompt_list)
-        if merged is not None and label == labels[0]:
-            metrics = logits_level.logit_metrics(reference, runner.merged_logits(merged, ids, mask), mask)
-            logits_level.add_logit_checks(result, "merged", metrics, merged_tol, prompt_list)
+        for subject, (directory, requant, held) in merges.items() if label == labels[0] else ():
+            metrics = logits_level.logit_metrics(reference, runner.merged_logits(directory, ids, mask), mask)
+            logits_level.add_logit_checks(result, subject, metrics, merged_tols[subject], prompt_list)
+            if not held:
+                result.notes.append(_unheld_note(subject, requant, quantize, metrics["max_abs"]))
 
     if vllm:
         result.levels.append("vllm")
@@ -221,6 +253,41 @@ def _loosest(tol: Tolerances, engine_dtype: str, overrides) -> Tolerances:
     return Tolerances(**{**merged, **{k: float(v) for k, v in (overrides or {}).items()}})
 
 
+def _merged_subjects(merged_dirs, quantize, double_quant) -> dict[str, tuple[Path, tuple[str, bool] | None, bool]]:
+    """{subject: (directory, (method, double_quant) it was requantised with or None, held to the tolerances)}.
+
+    A merge is held to the tolerances when it targets the base the reference runs on: requantised with the same
+    settings as ``quantize``, or plain when ``quantize`` is None. Its ``merge_report.json`` says which it is.
+    """
+    found = {}
+    for directory in map(Path, merged_dirs):
+        report_file = directory / MERGE_REPORT_NAME
+        info = read_json(report_file) if report_file.is_file() else {}
+        done = info.get("requantized")
+        requant = _requant_key(done["method"], done["double_quant"]) if done else None
+        held = requant == (_requant_key(quantize, double_quant) if quantize is not None else None)
+        subject = "merged" if len(merged_dirs) == 1 else f"merged:{directory.name}"
+        if subject in found:  # two directories of the same name
+            subject = f"{subject}#{len(found) + 1}"
+        found[subject] = (directory, requant, held)
+    return found
+
+
+def _requant_key(method: str, double_quant) -> tuple[str, bool | None]:
+    """(method, double_quant), the flag dropped for int8, which has no double quantisation."""
+    return method, None if method == "int8" else bool(double_quant)
+
+
+def _unheld_note(subject: str, requant, quantize, max_abs: float) -> str:
+    """Why a merged checkpoint's logit rows are information, not checks."""
+    merge = f"requantised {requant[0]}" if requant else "plain (W + ΔW)"
+    base = f"the {quantize} base" if quantize else "the unquantised base"
+    return (
+        f"{subject}: a {merge} merge, compared with PEFT on {base}: max |Δlogit| {max_abs:.3g} is what merging this "
+        "way costs (reported, not held to a tolerance)"
+    )
+
+
 def _pair_list(original, converted, pairs, *, merged) -> list[tuple[Path, Path | None]]:
     result = []
     if original is not None:
@@ -233,9 +300,9 @@ def _pair_list(original, converted, pairs, *, merged) -> list[tuple[Path, Path |
         result.append((Path(item[0]), Path(item[1])))
     if not result:
         raise InvalidConfigError("nothing to validate: give ORIGINAL and CONVERTED, or pairs")
-    if merged is not None and len(result) != 1:
+    if merged and len(result) != 1:
         raise InvalidConfigError("--merged needs exactly one original adapter to compare with")
-    if any(c is None for _, c in result) and merged is None:
+    if any(c is None for _, c in result) and not merged:
         raise InvalidConfigError("CONVERTED is missing (it may only be left out when --merged is checked)")
     return result
 

@@ -133,8 +133,14 @@ def compare_merged(
     report: ValidationReport,
     *,
     tol: Tolerances,
+    subject: str = "merged",
+    requantize: str | None = None,
+    double_quant: bool = True,
 ) -> None:
     """Check that W_merged − W_base equals the original's ΔW on every adapted module and zero elsewhere.
+
+    For a QLoRA-faithful merge (``requantize``, as ``merge(requantize=...)`` took it), W_base of every quantised
+    layer is dequant(quant(W_base)).
 
     Both checkpoints are read through :mod:`adaconvert.io.checkpoint`, one tensor at a time, and each module finds
     its base tensor by the merge's own rule (:func:`adaconvert.merging.match_tensor`: ``<module>.weight``, or a
@@ -147,8 +153,9 @@ def compare_merged(
         base, merged: opened with :func:`adaconvert.io.checkpoint.open_checkpoint` (headers only).
     """
     from adaconvert.merging import match_tensor
+    from adaconvert.quantization import quantized_modules, requantized
 
-    subject = "merged"
+    requant = {f"{m}.weight": t for m, t in quantized_modules(base.root).items()} if requantize else {}
     adapted: dict[str, str] = {}
     for module in sorted(original.deltas):
         candidates = match_tensor(module, base.tensors)
@@ -163,8 +170,10 @@ def compare_merged(
     with TensorReader() as reader:
         for key in sorted(set(base.tensors) & set(merged.tensors)):
             w_base, w_merged = reader.read(base.tensors[key]), reader.read(merged.tensors[key])
+            if key in requant:
+                w_base = requantized(w_base, requantize, double_quant=double_quant, transposed=requant[key])
             module = adapted.get(key)
-            ratio = _merged_tensor_ratio(original, key, module, w_base, w_merged, report, tol=tol)
+            ratio = _merged_tensor_ratio(original, key, module, w_base, w_merged, report, tol=tol, subject=subject)
             if ratio is not None:
                 group = "other" if module is None else "adapted"
                 worst[group] = max(worst[group], (module or key, ratio), key=lambda t: t[1])
@@ -173,9 +182,8 @@ def compare_merged(
         report.checks.append(Check.measure(LEVEL, subject, metric, ratio, 1.0, detail=name))
 
 
-def _merged_tensor_ratio(original, key, module, w_base, w_merged, report, *, tol) -> float | None:
+def _merged_tensor_ratio(original, key, module, w_base, w_merged, report, *, tol, subject) -> float | None:
     """Error / allowance of one tensor of the merged checkpoint (a problem when above 1); None if incomparable."""
-    subject = "merged"
     if w_base.shape != w_merged.shape:
         report.fail(LEVEL, subject, f"tensor {key!r} is {list(w_merged.shape)}, base {list(w_base.shape)}")
         return None
