@@ -18,8 +18,8 @@ def in_ci() -> bool:
 def missing(what: str, *, purpose: str) -> None:
     """Something a test needs is not there: skip locally, fail in CI."""
     if in_ci():
-        pytest.fail(f"{what}, but CI must run {purpose}")
-    pytest.skip(what)
+        pytest.fail(f"{what}, but CI must run {purpose}", pytrace=False)
+    pytest.skip(what, allow_module_level=True)  # also from a module's top level
 
 
 def require(module: str, *, purpose: str = "these tests") -> ModuleType:

@@ -4,20 +4,11 @@ the validation against PEFT on the quantised base."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
 import pytest
 import torch
-
-try:
-    import bitsandbytes.functional as F
-except ImportError:  # never skipped in CI: there a missing bitsandbytes is a failure
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
-
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +16,10 @@ import adaconvert
 from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
 from adaconvert.quantization import bnb_config, quantized_modules, requantized
+from tests.needs import require
 from tests.training_utils import quick_train, write_jsonl
+
+F = require("bitsandbytes.functional", purpose="the QLoRA tests")  # never skipped in CI
 
 
 def held_weights(layer) -> torch.Tensor:
