@@ -169,10 +169,8 @@ def _gguf_upload(path: Path) -> tuple[str | None, dict[str, Path]]:
     report, card = side_files(path)
     inside = path.parent.resolve()
     for file in (path, report, card):
-        if file.exists() and not file.resolve().is_relative_to(inside):
-            raise InvalidConfigError(
-                f"refusing to push: {file.name} is a symlink to {file.resolve()}, outside its directory", path=file
-            )
+        if file.exists():
+            _require_inside(file, inside, shown=file.name, path=file)
     local = {path.name: path} | ({CONVERSION_REPORT_NAME: report} if report.is_file() else {})
     return (card.read_text(encoding="utf-8") if card.is_file() else None), local
 
@@ -323,16 +321,26 @@ def _local_files(root: Path, *, skip: set[str]) -> dict[str, Path]:
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or rel.as_posix() in skip:
             continue
-        target = path.resolve()
-        if not target.is_relative_to(inside):  # a link (to a file or a directory), or a file below a linked dir
-            raise InvalidConfigError(
-                f"refusing to push: {rel.as_posix()} is a symlink to {target}, outside the directory; "
-                "copy the file in if it belongs to the upload",
-                path=root,
-            )
+        _require_inside(path, inside, shown=rel.as_posix(), path=root)
         if path.is_file():
             out[rel.as_posix()] = path
     return out
+
+
+def _require_inside(file: Path, inside: Path, *, shown: str, path: Path) -> None:
+    """Refuse ``file`` when it resolves outside ``inside``: a link (to a file or a directory), or a file below a
+    linked directory, would upload whatever it points to.
+
+    Raises:
+        InvalidConfigError: naming ``shown`` and where it leads.
+    """
+    target = file.resolve()
+    if not target.is_relative_to(inside):
+        raise InvalidConfigError(
+            f"refusing to push: {shown} is a symlink to {target}, outside the directory; "
+            "copy the file in if it belongs to the upload",
+            path=path,
+        )
 
 
 def _upload(local, card, repo_id, *, private, revision, token, progress, message) -> tuple[str, str]:
