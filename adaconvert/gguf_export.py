@@ -137,9 +137,11 @@ def gguf_card(report: ConversionReport, filename: str, *, base_model: str, arch:
 
 `{filename}`: a LoRA adapter for llama.cpp and Ollama (GGUF architecture `{arch}`, tensors `{report.dtype}`),
 converted by adaconvert. Each module keeps its own rank; every scaling is folded into `lora_b` and
-`adapter.lora.alpha = 0`, so llama.cpp applies scale exactly 1 to every tensor (its scale is alpha / rank, and
-alpha 0 means 1). Exact in llama.cpp and Ollama; PEFT, vLLM and mlx-lm do not read GGUF adapters (convert the
-source with `adaconvert to-lora` or `to-mlx` for those).
+`adapter.lora.alpha = 0`, so llama.cpp applies scale exactly 1 to every tensor (`src/llama-adapter.h`:
+`scale = alpha ? adapter_scale * alpha / rank : adapter_scale`). Exact in llama.cpp: adaconvert's tests compare
+llama-cpp-python 0.3.36 running such a file with PEFT running the original adapter. Ollama applies `ADAPTER` files
+through the llama.cpp it vendors (not run by those tests). PEFT, vLLM and mlx-lm do not read GGUF adapters (convert
+the source with `adaconvert to-lora` or `to-mlx` for those).
 
 | | value |
 |---|---|

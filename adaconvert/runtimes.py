@@ -379,12 +379,21 @@ RUNTIMES: dict[str, Runtime] = {
     "vllm": Runtime("vLLM", "vllm/lora/peft_helper.py (validate_legal, get_rank_and_scaling)", _check_vllm),
     "llama.cpp": Runtime(
         "llama.cpp / Ollama",
-        "convert_lora_to_gguf.py (adapter.lora.alpha), src/llama-adapter.h (get_scale)",
+        "convert_lora_to_gguf.py:528 (alpha = lparams['lora_alpha']), src/llama-adapter.h:55 (get_scale), "
+        "as vendored in llama-cpp-python 0.3.36; Ollama: that llama.cpp, and convert/convert.go:35 (Alpha uint32)",
         _check_llama_cpp,
     ),
-    "sglang": Runtime("SGLang", "python/sglang/srt/lora/lora.py (LoRAAdapter), mem_pool.py", _check_sglang),
+    "sglang": Runtime(
+        "SGLang",
+        "sglang@002c60a python/sglang/srt/lora/lora.py (LoRAAdapter: scaling = lora_alpha / r), "
+        "lora_manager.py (max_lora_dim = max r)",
+        _check_sglang,
+    ),
     "lorax": Runtime(
-        "LoRAX / TGI", "server/lorax_server/adapters/lora.py (LoraWeights.load), utils/sgmv.py", _check_lorax
+        "LoRAX / TGI",
+        "lorax@03679f3 server/lorax_server/adapters/lora.py (LoraWeights.load: get_scaling_factor(lora_alpha, r), "
+        "return None when a layer lacks the module, pad_rank then torch.stack)",
+        _check_lorax,
     ),
     "mlx-lm": Runtime("mlx-lm", "mlx_lm/tuner/utils.py (load_adapters, linear_to_lora_layers)", _check_mlx),
 }
