@@ -258,8 +258,8 @@ def to_mlx_cmd(src, dst, *, as_json, **options):
 )
 @click.option("--threshold", type=float, help="--lora-drop-plan: keep layers up to this cumulative share (0.9).")
 @click.option("--keep-fraction", type=float, help="--lora-drop-plan: keep this fraction of the layers instead.")
-@common_options(one_torch_thread=True)
-def inspect_cmd(adapter, *, as_json, plot, show_runtimes, drop_plan, threshold, keep_fraction):
+@common_options(overwrite=True, one_torch_thread=True)
+def inspect_cmd(adapter, *, as_json, plot, show_runtimes, drop_plan, threshold, keep_fraction, overwrite):
     """Show ADAPTER's rank allocation per layer and module, its size and the vLLM bucket it needs.
 
     --runtimes adds the portability check: per runtime (PEFT, vLLM, llama.cpp/Ollama, SGLang, LoRAX/TGI, mlx-lm),
@@ -267,14 +267,16 @@ def inspect_cmd(adapter, *, as_json, plot, show_runtimes, drop_plan, threshold, 
     --lora-drop-plan turns an AdaLoRA allocation into the LoRA-Drop layers to keep.
     """
     if drop_plan:
-        _print_lora_drop_plan(adapter, plot=plot, threshold=threshold, keep_fraction=keep_fraction, as_json=as_json)
+        _print_lora_drop_plan(
+            adapter, plot=plot, overwrite=overwrite, threshold=threshold, keep_fraction=keep_fraction, as_json=as_json
+        )
         return
     if threshold is not None or keep_fraction is not None:
         raise click.UsageError("--threshold and --keep-fraction go with --lora-drop-plan")
     from adaconvert.card import text_rank_table
     from adaconvert.inspection import inspect
 
-    report = inspect(adapter, plot=plot)
+    report = inspect(adapter, plot=plot, overwrite=overwrite)
     lines = text_rank_table(report.ranks)
     lines += [
         "",
@@ -383,7 +385,7 @@ def _name_value(items, what: str) -> list[tuple[str, str]]:
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--tolerance", multiple=True, metavar="NAME=VALUE", help="Override a tolerance, e.g. logit_abs=1e-2.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, help="Greedy tokens per prompt (--vllm).")
-@common_options()
+@common_options(overwrite=True)
 def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, merged, **options):
     """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
 

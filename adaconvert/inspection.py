@@ -11,7 +11,7 @@ import torch
 
 from adaconvert.adapter import Adapter, split_module_name
 from adaconvert.errors import InvalidConfigError
-from adaconvert.io.atomic import atomic_output_file, check_no_overlap
+from adaconvert.io.atomic import atomic_output_file, check_output
 from adaconvert.readers import read_adapter
 from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.transforms import strip_empty
@@ -47,13 +47,14 @@ class InspectReport:
         return asdict(self)
 
 
-def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport:
+def inspect(src: str | Path, *, plot: str | Path | None = None, overwrite: bool = False) -> InspectReport:
     """Summarise the rank allocation of any supported adapter, and which runtimes compute it exactly.
 
     Args:
         src: adapter directory or Hub repo id (AdaLoRA, LoRA, LoRA-Drop output, or a converted adapter).
         plot: write a layers × modules heatmap of the ranks to this PNG (needs matplotlib), atomically; it may
-            not lie inside ``src``.
+            not lie inside ``src``, and an existing file is only replaced with ``overwrite``.
+        overwrite: replace an existing ``plot``.
 
     Example:
         >>> r = inspect("runs/adalora")
@@ -61,7 +62,7 @@ def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport
         (11, 16)
     """
     if plot is not None:
-        check_no_overlap(plot, [src])
+        check_output(plot, overwrite=overwrite, inputs=[src])
     source = read_adapter(src)
     adapter = strip_empty(source)
     ranks = {name: adapter.deltas[name].rank if name in adapter.deltas else 0 for name in sorted(source.deltas)}
@@ -85,11 +86,11 @@ def inspect(src: str | Path, *, plot: str | Path | None = None) -> InspectReport
         runtimes=runtimes_dict(check_runtimes(src)),
     )
     if plot is not None:
-        plot_rank_heatmap(ranks, plot)
+        plot_rank_heatmap(ranks, plot, overwrite=overwrite)
     return report
 
 
-def plot_rank_heatmap(ranks: dict[str, int], path: str | Path) -> None:
+def plot_rank_heatmap(ranks: dict[str, int], path: str | Path, *, overwrite: bool = False) -> None:
     """Save a layers × module-kinds heatmap of ``ranks`` (empty cells for modules not targeted) as PNG."""
     import matplotlib
 
@@ -112,10 +113,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | Path) -> None:
         if not np.isnan(value) and grid.size <= 400:
             ax.text(j, i, int(value), ha="center", va="center", color="w", fontsize=7)
     fig.colorbar(image, ax=ax, label="rank")
-    fig.tight_layout()
-    with atomic_output_file(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path, overwrite=overwrite)
 
 
 @dataclass
@@ -158,6 +156,7 @@ def lora_drop_plan(
     threshold: float | None = None,
     keep_fraction: float | None = None,
     plot: str | Path | None = None,
+    overwrite: bool = False,
 ) -> LoraDropPlan:
     """Turn an AdaLoRA rank allocation into a LoRA-Drop layer selection and the command that trains it.
 
@@ -166,7 +165,9 @@ def lora_drop_plan(
         threshold: keep the most important layers until their shares sum to at least this (default 0.9, as
             LoRA-Drop's own default).
         keep_fraction: keep this fraction of the layers instead.
-        plot: write a bar chart of the per-layer shares (kept layers highlighted) to this PNG (needs matplotlib).
+        plot: write a bar chart of the per-layer shares (kept layers highlighted) to this PNG (needs matplotlib),
+            atomically; not inside ``src``, and an existing file only with ``overwrite``.
+        overwrite: replace an existing ``plot``.
 
     Returns:
         The :class:`LoraDropPlan`.
@@ -182,6 +183,8 @@ def lora_drop_plan(
     from adaconvert.training.config import DEFAULT_THRESHOLD
     from adaconvert.training.lora_drop import select_units, unit_scores
 
+    if plot is not None:
+        check_output(plot, overwrite=overwrite, inputs=[src])
     if threshold is not None and keep_fraction is not None:
         raise InvalidConfigError("give --threshold or --keep-fraction, not both")
     for name, value in (("threshold", threshold), ("keep-fraction", keep_fraction)):
@@ -217,7 +220,7 @@ def lora_drop_plan(
         command=lora_drop_command(source, kept),
     )
     if plot is not None:
-        plot_layer_importance(plan, plot)
+        plot_layer_importance(plan, plot, overwrite=overwrite)
     return plan
 
 
@@ -248,7 +251,7 @@ def lora_drop_command(source: Adapter, kept: list[str]) -> str:
     return shlex.join(words)
 
 
-def plot_layer_importance(plan: LoraDropPlan, path: str | Path) -> None:
+def plot_layer_importance(plan: LoraDropPlan, path: str | Path, *, overwrite: bool = False) -> None:
     """Save a bar chart of each layer's share of the rank budget (kept layers in a second colour) as PNG."""
     import matplotlib
 
@@ -269,6 +272,15 @@ def plot_layer_importance(plan: LoraDropPlan, path: str | Path) -> None:
     ax.set_ylabel("share of the rank budget")
     ax.set_title(f"AdaLoRA budget per layer: effective {plan.effective_layers:.1f} of {plan.layers} layers")
     ax.legend()
+    save_png(fig, path, overwrite=overwrite)
+
+
+def save_png(fig, path: str | Path, *, overwrite: bool) -> None:
+    """Save a matplotlib figure as PNG at ``path``, atomically (an existing file only with ``overwrite``), and
+    close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output_file(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -74,3 +74,15 @@ def test_hub_repo_id_resolves_from_the_offline_cache(adalora_llama, tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith("error: acme/missing: no such local directory, and the Hub could not provide it")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_plot_never_replaces_an_existing_file_without_overwrite(adalora_llama, tmp_path, capsys):
+    """--plot is an output like any other: an existing file is refused before any work, and kept."""
+    plot = tmp_path / "ranks.png"
+    plot.write_bytes(b"mine")
+    assert main(["inspect", str(adalora_llama), "--plot", str(plot), "--quiet"]) == 4
+    assert "pass --overwrite" in capsys.readouterr().err and plot.read_bytes() == b"mine"
+    assert main(["inspect", str(adalora_llama), "--lora-drop-plan", "--plot", str(plot), "--quiet"]) == 4
+    assert plot.read_bytes() == b"mine"
+    assert main(["inspect", str(adalora_llama), "--plot", str(plot), "--overwrite", "--quiet"]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG")

@@ -321,3 +321,16 @@ def test_merged_check_finds_prefixed_base_tensors(tiny_llama, adalora_llama, tmp
     assert report.passed, report.table()
     worst = next(c for c in report.checks if c.subject == "merged" and c.metric == "merged ΔW error / allowance")
     assert worst.detail and worst.value < 1  # the adapted modules were found and compared
+
+
+def test_report_never_replaces_an_existing_file_without_overwrite(tiny_llama, adalora_llama, conv_adalora, tmp_path):
+    """--report is an output: an existing file is refused before any model is loaded, and kept."""
+    from adaconvert.errors import OutputExistsError
+
+    report = tmp_path / "v.json"
+    report.write_text("mine")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        validate(tiny_llama, adalora_llama, conv_adalora, prompts=PROMPTS, report=report)
+    assert report.read_text() == "mine"
+    validate(tiny_llama, adalora_llama, conv_adalora, prompts=PROMPTS, report=report, overwrite=True)
+    assert json.loads(report.read_text())["passed"]

@@ -165,9 +165,9 @@ class ValidationReport:
         data["failed_levels"] = self.failed_levels
         return _json_safe(data)
 
-    def write_json(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON, atomically (an existing report is replaced)."""
-        with atomic_output_file(path, overwrite=True) as tmp:
+    def write_json(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write :meth:`to_dict` as JSON, atomically; an existing file is only replaced with ``overwrite``."""
+        with atomic_output_file(path, overwrite=overwrite) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def table(self) -> str:

@@ -12,7 +12,7 @@ from adaconvert.adapter import Adapter
 from adaconvert.base_modules import base_modules
 from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
-from adaconvert.io.atomic import check_no_overlap
+from adaconvert.io.atomic import check_output
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
 from adaconvert.io.source import read_json
@@ -42,6 +42,7 @@ def validate(
     tolerances: dict[str, float] | None = None,
     max_new_tokens: int = 8,
     report: str | Path | None = None,
+    overwrite: bool = False,
     raise_on_failure: bool = True,
     progress: bool = True,
 ) -> ValidationReport:
@@ -75,7 +76,8 @@ def validate(
         tolerances: overrides of :class:`Tolerances` fields (``{"logit_abs": 1e-2}``); the defaults depend on the
             dtypes (the converted adapter's and the merged model's; float32 tight, bfloat16 loosest).
         max_new_tokens: greedy tokens per prompt at the vLLM level.
-        report: write the report as JSON here.
+        report: write the report as JSON here (atomically; an existing file only with ``overwrite``).
+        overwrite: replace an existing ``report``.
         raise_on_failure: raise :class:`ValidationError` when any check fails (else just return the report).
         progress: show model-loading progress bars (stderr).
 
@@ -98,8 +100,9 @@ def validate(
     for src in inputs:  # a missing local path is "not found" now, not a failed check after loading the base
         if src is not None:
             require_source(src)
-    if report is not None:
-        check_no_overlap(report, [*inputs, prompts if isinstance(prompts, str | Path) else None])
+    if report is not None:  # before any model is loaded
+        prompts_file = prompts if isinstance(prompts, str | Path) else None
+        check_output(report, overwrite=overwrite, inputs=[*inputs, prompts_file])
     if max_new_tokens < 1:
         raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_list = logits_level.read_prompts(prompts)
@@ -200,7 +203,7 @@ def validate(
                   engine_options)  # fmt: skip
 
     if report is not None:
-        result.write_json(report)
+        result.write_json(report, overwrite=overwrite)
     logger.info(
         "validation %s: %d checks, %d problems",
         "passed" if result.passed else "failed",
