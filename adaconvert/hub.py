@@ -15,10 +15,9 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adaconvert.card import conversion_card, merged_card, snippet_id
 from adaconvert.constants import (
     ADAPTER_CONFIG_NAME,
     CARD_NAME,
@@ -28,8 +27,9 @@ from adaconvert.constants import (
     RANK_HEATMAP_NAME,
     VALIDATION_REPORT_NAME,
 )
+from adaconvert.conversion.card import conversion_card, merged_card, snippet_id
+from adaconvert.conversion.report import ConversionReport, gguf_side_files
 from adaconvert.errors import AdaconvertError, HubError, InvalidConfigError, SourceNotFoundError, first_line
-from adaconvert.report import ConversionReport, ModuleReport
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,15 @@ class PushResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def text(self) -> str:
+        """The files pushed (or, for a dry run, to be pushed, and the card)."""
+        where = f"{self.repo_id}@{self.revision}" + (" (private)" if self.private else "")
+        listing = "\n".join(f"{size:>14,}  {name}" for name, size in self.files)
+        if self.dry_run:
+            card = f"\n\n--- README.md (model card) ---\n{self.card}" if self.card else ""
+            return f"dry run: would push {len(self.files)} files to {where}:\n{listing}{card}"
+        return f"pushed {len(self.files)} files to {where}:\n{listing}\ncommit: {self.commit_url}"
 
 
 def push(
@@ -151,9 +160,7 @@ def push(
 
 
 def _gguf_problems(path: Path) -> list[str]:
-    from adaconvert.gguf_export import side_files
-
-    report, _ = side_files(path)
+    report, _ = gguf_side_files(path)
     return [] if report.is_file() else [f"no {report.name}: convert it with adaconvert to-gguf first"]
 
 
@@ -164,9 +171,7 @@ def _gguf_upload(path: Path) -> tuple[str | None, dict[str, Path]]:
     Raises:
         InvalidConfigError: one of the files is a symlink that leads out of the GGUF's directory.
     """
-    from adaconvert.gguf_export import side_files
-
-    report, card = side_files(path)
+    report, card = gguf_side_files(path)
     inside = path.parent.resolve()
     for file in (path, report, card):
         if file.exists():
@@ -205,7 +210,7 @@ def _check(root: Path, kind: str) -> list[str]:
     )
     config = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
     if "lora_parameters" in config and "peft_type" not in config:  # a to-mlx output: mlx-lm's rules, not vLLM's
-        from adaconvert.runtimes import check_runtimes
+        from adaconvert.compat.runtimes import check_runtimes
 
         verdict = check_runtimes(root, runtimes=["mlx-lm"])["mlx-lm"]
         return problems + ([] if verdict.status == "exact" else [f"mlx-lm would not load it: {verdict.reason}"])
@@ -228,9 +233,9 @@ def _base_problems(root: Path) -> list[str]:
 
 def vllm_problems(root: Path) -> list[str]:
     """What vLLM's LoRA loader would reject in the adapter at ``root``, found without starting an engine
-    (:func:`adaconvert.vllm_compat.check_vllm_compat`); module names are checked against the base model too when
+    (:func:`adaconvert.compat.vllm.check_vllm_compat`); module names are checked against the base model too when
     ``base_model_name_or_path`` is a local directory."""
-    from adaconvert.vllm_compat import check_vllm_compat
+    from adaconvert.compat.vllm import check_vllm_compat
 
     base = _local_base(root)
     try:
@@ -248,15 +253,6 @@ def _local_base(root: Path) -> Path | None:
     return Path(base) if isinstance(base, str) and base and (Path(base) / MODEL_CONFIG_NAME).is_file() else None
 
 
-def load_report(path: Path) -> ConversionReport:
-    """A :class:`ConversionReport` from its JSON (unknown fields, e.g. from a newer version, are ignored)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names = {f.name for f in fields(ConversionReport)}
-    module_names = {f.name for f in fields(ModuleReport)}
-    modules = [ModuleReport(**{k: v for k, v in m.items() if k in module_names}) for m in data.get("modules", [])]
-    return ConversionReport(**{**{k: v for k, v in data.items() if k in names}, "modules": modules})
-
-
 def _card(root: Path, kind: str, repo_id: str) -> str | None:
     """The card to upload, regenerated with ``repo_id``; None to keep the local README.md (no report to build on)."""
     if kind == "merged":
@@ -265,7 +261,7 @@ def _card(root: Path, kind: str, repo_id: str) -> str | None:
     if not report_path.is_file():
         return None
     try:
-        report = load_report(report_path)
+        report = ConversionReport.read(report_path)
         config = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
         validation = (
             json.loads((root / VALIDATION_REPORT_NAME).read_text("utf-8"))

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, split_module_name
+from adaconvert.compat.runtimes import check_runtimes, runtimes_dict
+from adaconvert.compat.vllm import smallest_bucket
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.atomic import atomic_output_file, check_output
 from adaconvert.readers import read_adapter
-from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.transforms import strip_empty
-from adaconvert.vllm_compat import smallest_bucket
 
 
 @dataclass
@@ -45,6 +45,28 @@ class InspectReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def text(self, *, plot: str | Path | None = None, show_runtimes: bool = False) -> str:
+        """The rank table and the totals, as ``adaconvert inspect`` prints them."""
+        from adaconvert.compat.runtimes import runtimes_table
+        from adaconvert.conversion.card import text_rank_table
+
+        lines = text_rank_table(self.ranks)
+        lines += [
+            "",
+            f"kind: {self.source_kind}   dtype: {self.dtype}",
+            f"modules: {self.modules_with_weights} with weights of {self.modules}; total rank {self.total_rank}, "
+            f"max {self.max_rank}",
+            f"parameters: {self.params:,} ({self.bytes / 2**20:.2f} MiB)",
+            f"fixed-rank LoRA with the same budget: rank {self.equal_budget_rank:.2f}; "
+            f"fixed rank {self.max_rank} everywhere: {self.fixed_max_rank_params:,} parameters",
+            f"vLLM --max-lora-rank: {self.vllm_max_lora_rank}",
+        ]
+        if plot:
+            lines.append(f"heatmap: {plot}")
+        if show_runtimes:
+            lines += ["", "runtimes:", *(f"  {line}" for line in runtimes_table(self.runtimes))]
+        return "\n".join(lines)
 
 
 def inspect(src: str | Path, *, plot: str | Path | None = None, overwrite: bool = False) -> InspectReport:
@@ -98,7 +120,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | Path, *, overwrite: boo
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from adaconvert.card import rank_table
+    from adaconvert.conversion.card import rank_table
 
     kinds, rows = rank_table(ranks)
     grid = np.array([[np.nan if r is None else r for r in row] for _, row in rows], dtype=float)
@@ -148,6 +170,27 @@ class LoraDropPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def text(self, *, plot: str | Path | None = None) -> str:
+        """The per-layer shares as bars, the kept layers and the ``train lora-drop`` command."""
+        width = max(5, *(len(u) for u in self.importance))
+        lines = [f"{'layer':>{width}}  rank  share"]
+        for unit, share in self.importance.items():
+            bar = "#" * round(40 * share)
+            mark = " kept" if unit in self.kept else ""
+            lines.append(f"{unit:>{width}}  {self.layer_ranks[unit]:>4}  {share:5.1%} {bar}{mark}")
+        rule = f"threshold {self.threshold}" if self.threshold is not None else f"keep fraction {self.keep_fraction}"
+        lines += [
+            "",
+            f"importance: {self.measure}; the budget is spread as if over {self.effective_layers:.1f} of "
+            f"{self.layers} layers (effective layers, 1/Σ share²)",
+            f"keep {len(self.kept)} of {self.layers} layers ({rule}): {','.join(self.kept)}, "
+            f"{self.kept_share:.1%} of the budget",
+            self.command,
+        ]
+        if plot:
+            lines.append(f"bar chart: {plot}")
+        return "\n".join(lines)
 
 
 def lora_drop_plan(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.base.quantization import FOUR_BIT, check_bitsandbytes, quantized_modules, requantized
 from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import (
     AdapterShapeError,
@@ -36,11 +37,10 @@ from adaconvert.errors import (
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, open_checkpoint
 from adaconvert.io.parallel import imap_unordered
-from adaconvert.quantization import FOUR_BIT, check_bitsandbytes, quantized_modules, requantized
+from adaconvert.process import paused_gc, peak_rss_bytes, torch_threads, usable_cpus
 from adaconvert.readers import read_adapter
-from adaconvert.runtime import paused_gc, peak_rss_bytes, torch_threads, usable_cpus
 from adaconvert.transforms import strip_empty
-from adaconvert.writers.merged import Shard, ShardFiles, copy_side_files, parse_size, plan_shards
+from adaconvert.writers.sharded import Shard, ShardFiles, copy_side_files, parse_size, plan_shards
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,19 @@ class MergeReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def text(self) -> str:
+        """One line of what was merged, written and measured (and one on the requantisation)."""
+        weights = ", ".join(f"{a['source']} ×{a['weight']:g} ({a['modules']} modules)" for a in self.adapters)
+        rss = f", peak RSS {self.peak_rss_bytes / 2**20:,.0f} MiB" if self.peak_rss_bytes else ""
+        text = (
+            f"wrote {self.destination}: {self.tensors_touched} of {self.tensors} tensors merged from {weights}; "
+            f"{self.bytes_written / 2**20:,.1f} MiB {self.dtype} in {self.shards} shard(s), {self.seconds:.1f} s{rss}"
+        )
+        if self.requantized:
+            q = self.requantized
+            text += f"\n{q['tensors']} quantised layers merged into their {q['method']} dequantisation"
+        return text
+
 
 def parse_adapter_spec(spec: str | Path | tuple | AdapterSpec) -> AdapterSpec:
     """``path``, ``path:0.5`` or ``(path, 0.5)`` → :class:`AdapterSpec`. A path that exists as given wins over the
@@ -171,8 +184,8 @@ def merge(
             thread; the output is the same bits whatever the count.
         requantize: ``nf4`` or ``fp4``: the QLoRA-faithful merge, for adapters trained on a base loaded
             in that bitsandbytes quantisation. Every layer that quantisation covers becomes dequant(quant(W)) (in the
-            base's dtype; :func:`adaconvert.quantization.requantized`, whole tensors) before ΔW is added, adapted or
-            not, so the merged model computes what the adapter was trained against.
+            base's dtype; :func:`adaconvert.base.quantization.requantized`, whole tensors) before ΔW is added,
+            adapted or not, so the merged model computes what the adapter was trained against.
         double_quant: with a 4-bit ``requantize``, whether training used double quantisation (QLoRA's default).
 
     Returns:

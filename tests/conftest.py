@@ -7,7 +7,7 @@ import os
 import pytest
 
 from adaconvert.demo.tiny import build_tiny_model
-from tests.peft_utils import TARGETS, train_peft
+from tests.helpers.peft_utils import adalora_config, lora_config, train_peft
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -31,23 +31,6 @@ def tiny_qwen2(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen2")
     build_tiny_model(path, "qwen2")
     return path
-
-
-def adalora_config(arch: str, *, total_step: int, init_r: int = 8, target_r: int = 3, lora_alpha: float = 16, **kw):
-    from peft import AdaLoraConfig
-
-    return AdaLoraConfig(
-        init_r=init_r,
-        target_r=target_r,
-        tinit=5,
-        tfinal=5,
-        deltaT=2,
-        total_step=total_step,
-        lora_alpha=lora_alpha,
-        target_modules=TARGETS[arch],
-        task_type="CAUSAL_LM",
-        **kw,
-    )
 
 
 def _train_adalora(base, out, arch, *, seed, steps=30, **kw):
@@ -91,13 +74,6 @@ def adalora_llama_unpruned(tiny_llama, tmp_path_factory):
 def adalora_gpt2(tiny_gpt2, tmp_path_factory):
     """AdaLoRA on GPT-2's Conv1D layers (fan_in_fan_out)."""
     return _train_adalora(tiny_gpt2, tmp_path_factory.mktemp("adalora-gpt2"), "gpt2", seed=0, fan_in_fan_out=True)
-
-
-def lora_config(arch: str, **kw):
-    from peft import LoraConfig
-
-    defaults = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], "task_type": "CAUSAL_LM"}
-    return LoraConfig(**{**defaults, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -147,10 +123,10 @@ def vllm_engine(tiny_llama):
 
     Where vLLM is not installed the tests skip locally but fail in CI, so that they can never be skipped there.
     """
-    from tests.needs import require
+    from tests.helpers.needs import require
 
     require("vllm", purpose="the vLLM tests")
-    from tests.vllm_utils import make_engine
+    from tests.helpers.vllm_utils import make_engine
 
     return make_engine(tiny_llama)
 
@@ -159,6 +135,6 @@ def vllm_engine(tiny_llama):
 def trained(tiny_llama, tmp_path_factory):
     """Adapters trained by ``adaconvert.train`` on tiny_llama (lora, adalora, lora-drop-share, lora-drop-drop),
     each trained on first use: ``trained.get("adalora").output``."""
-    from tests.training_utils import TrainedAdapters
+    from tests.helpers.training_utils import TrainedAdapters
 
     return TrainedAdapters(tiny_llama, tmp_path_factory.mktemp("trained"))

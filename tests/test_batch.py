@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from adaconvert.batch import SUMMARY_JSON, SUMMARY_MD, expand_sources, output_names, to_lora_many
 from adaconvert.cli import main
-from adaconvert.convert import to_lora
+from adaconvert.conversion.batch import SUMMARY_JSON, SUMMARY_MD, expand_sources, output_names, to_lora_many
+from adaconvert.conversion.peft_lora import to_lora
 from adaconvert.errors import BatchConversionError, InvalidConfigError, OutputExistsError, SourceNotFoundError
-from tests.synthetic import write_synthetic_adalora
+from adaconvert.testing.synthetic import write_synthetic_adalora
 
 N = 20
 OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "conversion_report.json", "README.md"}

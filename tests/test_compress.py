@@ -14,7 +14,7 @@ from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.metrics import relative_error
 from adaconvert.transforms import compress_ranks, low_rank_svd
 from adaconvert.transforms.compress import choose_rank
-from tests.peft_utils import max_rel_delta_error, peft_delta_weights
+from tests.helpers.peft_utils import max_rel_delta_error, peft_delta_weights
 
 
 def random_delta(m=48, n=40, r=6, true_rank=None, seed=0) -> LowRankDelta:

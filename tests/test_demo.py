@@ -13,7 +13,7 @@ import pytest
 from adaconvert.constants import DEMO_SUMMARY_NAME, THIRD_PARTY_LOG_NAME, VALIDATION_REPORT_NAME
 from adaconvert.demo.demo import OWNER_MARK, run_demo
 from adaconvert.errors import OutputExistsError
-from tests.needs import expect_installed
+from tests.helpers.needs import expect_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 

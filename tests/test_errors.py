@@ -9,50 +9,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from adaconvert.cli import main
-
-MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
-
-
-def write_adalora(path, *, init_r=4, kept=(3, 0), in_f=16, out_f=16, seed=0):
-    """A small AdaLoRA directory laid out exactly as PEFT saves one with rank_pattern set."""
-    g = torch.Generator().manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, pattern = {}, {}
-    for module, k in zip(MODULES, kept, strict=True):
-        p = f"base_model.model.{module}"
-        tensors[f"{p}.lora_A"] = torch.randn(k, in_f, generator=g)
-        tensors[f"{p}.lora_E"] = torch.randn(k, 1, generator=g)
-        tensors[f"{p}.lora_B"] = torch.randn(out_f, k, generator=g)
-        pattern[f"{module}.lora_E"] = [True] * k + [False] * (init_r - k)
-    save_file(tensors, path / "adapter_model.safetensors")
-    config = {
-        "peft_type": "ADALORA",
-        "init_r": init_r,
-        "target_r": 2,
-        "lora_alpha": 8,
-        "rank_pattern": pattern,
-        "target_modules": ["q_proj", "down_proj"],
-        "base_model_name_or_path": "tiny",
-        "task_type": "CAUSAL_LM",
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
-
-
-def edit_tensors(path, fn):
-    tensors = load_file(path / "adapter_model.safetensors")
-    fn(tensors)
-    save_file(tensors, path / "adapter_model.safetensors")
-
-
-def edit_config(path, fn):
-    config = json.loads((path / "adapter_config.json").read_text())
-    fn(config)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
+from tests.helpers.adapter_edits import edit_config, edit_tensors, write_adalora
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 

@@ -15,13 +15,14 @@ import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.cli import main
-from adaconvert.convert import prepare_conversion, to_lora
+from adaconvert.compat.runtimes import check_runtimes, llama_cpp_scale_factors, read_facts
+from adaconvert.conversion.gguf import load_gguf_base, to_gguf
+from adaconvert.conversion.peft_lora import to_lora
+from adaconvert.conversion.pipeline import prepare_conversion
+from adaconvert.conversion.report import gguf_side_files
 from adaconvert.errors import AdapterShapeError, InvalidConfigError, OutputExistsError, SourceNotFoundError
-from adaconvert.gguf_export import load_gguf_base, side_files, to_gguf
-from adaconvert.runtimes import check_runtimes, llama_cpp_scale_factors, read_facts
 from adaconvert.writers.gguf import write_gguf_lora
-from tests.conftest import adalora_config
-from tests.gguf_utils import (
+from tests.helpers.gguf_utils import (
     LOGIT_TOL,
     LlamaCppRunner,
     gguf_field,
@@ -30,7 +31,7 @@ from tests.gguf_utils import (
     require_llama_cpp,
     write_base_gguf,
 )
-from tests.peft_utils import base_logits, peft_logits, train_peft
+from tests.helpers.peft_utils import adalora_config, base_logits, peft_logits, train_peft
 
 pytestmark = pytest.mark.llama_cpp
 
@@ -199,7 +200,7 @@ def random_lora(base, out, *, r: int, lora_alpha: float, seed: int = 0):
     """A PEFT LoRA on every projection with random (untrained) A and B, as PEFT saves it."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.peft_utils import TARGETS, load_base
+    from tests.helpers.peft_utils import TARGETS, load_base
 
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=TARGETS["llama"], init_lora_weights=False)
@@ -243,7 +244,7 @@ def test_mistral_base_is_llama_in_gguf(tmp_path):
 def test_outputs_card_and_report(bases, adaloras, tmp_path):
     dst = tmp_path / "out" / "ada.gguf"
     report = to_gguf(adaloras["llama"], dst, base=bases["llama"])
-    report_path, card_path = side_files(dst)
+    report_path, card_path = gguf_side_files(dst)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["ada.README.md", "ada.gguf", "ada.report.json"]
     assert json.loads(report_path.read_text()) == json.loads(json.dumps(report.to_dict()))
     assert report.bytes_after == dst.stat().st_size and report.layout == "gguf" and report.dtype == "f32"

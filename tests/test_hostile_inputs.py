@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from adaconvert.cli import main
 from adaconvert.io.location import is_hub_id
-from tests.test_errors import MODULES, edit_config, write_adalora
+from tests.helpers.adapter_edits import MODULES, edit_config, write_adalora
 
 DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any recursion limit
 HUGE = "1" + "0" * 5000  # longer than Python's int-string limit (4300 digits)
@@ -422,7 +422,7 @@ def test_validate_missing_local_path_is_not_found_at_once(tmp_path, tiny_llama, 
 def test_quiet_silences_third_party_warnings(tmp_path, adalora_llama, tiny_llama):
     """A failing validate with -q: PEFT's warnings (zero-size tensors, unmatched rank_pattern keys) no longer
     reach stderr; the one error line does."""
-    from tests.adapter_edits import misscaled
+    from tests.helpers.adapter_edits import misscaled
 
     assert main(["to-lora", str(adalora_llama), str(tmp_path / "conv"), "-q"]) == 0
     bad = misscaled(tmp_path / "conv", tmp_path / "bad", 2.0)

@@ -17,8 +17,8 @@ from adaconvert.cli import main
 from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.demo.tiny import build_tiny_model
 from adaconvert.inspection import lora_drop_plan
-from tests.peft_utils import TARGETS
-from tests.training_utils import quick_train, write_jsonl
+from tests.helpers.peft_utils import TARGETS
+from tests.helpers.training_utils import quick_train, write_jsonl
 
 LEARNING = {1, 3}  # the blocks whose adapters get a learning signal; 0 and 2 get none
 

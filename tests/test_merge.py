@@ -42,12 +42,13 @@ from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
 from adaconvert.merging import match_tensor, parse_adapter_spec
 from adaconvert.writers import write_peft_lora
-from adaconvert.writers.merged import parse_size
-from tests.conftest import adalora_config, lora_config
-from tests.needs import require
-from tests.peft_utils import (
+from adaconvert.writers.sharded import parse_size
+from tests.helpers.needs import require
+from tests.helpers.peft_utils import (
     TARGETS,
+    adalora_config,
     load_base,
+    lora_config,
     peft_delta_weights,
     peft_greedy,
     peft_model,
@@ -343,7 +344,7 @@ def test_vllm_serves_the_merged_model_like_peft(arch, vllm_available, bases, ada
     """A plain vLLM engine (no LoRA) on the merged directory greedy-decodes what PEFT decodes with the adapter.
 
     The engine runs in-process beside the session's LoRA engine, if any (two in-process engines coexist)."""
-    from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids
+    from tests.helpers.vllm_utils import assert_same_generation, greedy, prompt_token_ids
 
     base = bases(arch)
     adaconvert.merge(base, [adaloras[arch]], tmp_path / "merged")
@@ -384,8 +385,8 @@ def _merge_in_subprocess(base, adapter, dst) -> dict:
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     """Merge a base of N and 4N layers, each in a fresh process: peak RSS differs by less than the largest tensor,
     while the bases differ by several times that."""
-    from tests.synthetic import LlamaShape, write_synthetic_adalora
-    from tests.synthetic_base import write_synthetic_llama
+    from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora
+    from adaconvert.testing.synthetic_base import write_synthetic_llama
 
     dims = {"hidden": 512, "intermediate": 1536, "heads": 16, "kv_heads": 4, "vocab": 16384}
     peaks, sizes = {}, {}

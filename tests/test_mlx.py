@@ -11,13 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from adaconvert.cli import main
+from adaconvert.compat.runtimes import check_runtimes
+from adaconvert.conversion.mlx_lm import to_mlx
 from adaconvert.errors import InvalidConfigError
-from adaconvert.export_mlx import to_mlx
-from adaconvert.runtimes import check_runtimes
-from tests.adapter_edits import edited_copy
-from tests.conftest import adalora_config, lora_config
-from tests.needs import require
-from tests.peft_utils import base_logits, peft_logits, prompt_ids, train_peft
+from tests.helpers.adapter_edits import edited_copy
+from tests.helpers.needs import require_mlx_lm
+from tests.helpers.peft_utils import adalora_config, base_logits, lora_config, peft_logits, prompt_ids, train_peft
 
 pytestmark = pytest.mark.mlx
 
@@ -25,11 +24,6 @@ pytestmark = pytest.mark.mlx
 # Measured max |Δlogit|: 2.0e-6 for the bases alone, 2.2e-6 with the adapters (9e-6 on another machine); 1e-4
 # leaves room for other CPUs and is four orders below the adapters' own effect on the logits (> 1)
 LOGIT_TOL = 1e-4
-
-
-def _require_mlx_lm():
-    """mlx-lm where it is installed; skipped locally without it, a failure in CI (never skipped there)."""
-    return require("mlx_lm", purpose="the mlx-lm tests")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def mlx_bases(adaloras, tmp_path_factory):
 def mlx_logits(base, adapter, ids: torch.Tensor) -> torch.Tensor:
     import mlx.core as mx
 
-    model, _ = _require_mlx_lm().load(str(base), adapter_path=str(adapter) if adapter else None)
+    model, _ = require_mlx_lm().load(str(base), adapter_path=str(adapter) if adapter else None)
     return torch.from_numpy(np.array(model(mx.array(ids.numpy())), dtype=np.float32))
 
 

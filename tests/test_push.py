@@ -1,4 +1,5 @@
-"""push: the real huggingface_hub client against a fake Hub on 127.0.0.1 (tests/fake_hub.py), via HF_ENDPOINT."""
+"""push: the real huggingface_hub client against a fake Hub on 127.0.0.1 (tests/helpers/fake_hub.py), through
+HF_ENDPOINT."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 
 import adaconvert
 from adaconvert.cli import main
-from adaconvert.convert import to_lora
+from adaconvert.conversion.peft_lora import to_lora
 from adaconvert.hub import push
-from tests.fake_hub import FakeHub
-from tests.needs import require
-from tests.synthetic import write_synthetic_adalora
+from adaconvert.testing.synthetic import write_synthetic_adalora
+from tests.helpers.fake_hub import FakeHub
+from tests.helpers.needs import require
 
 TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 REPO = "team/adalora-lora"
@@ -292,7 +293,7 @@ def test_card_of_a_real_conversion(adalora_llama, tiny_llama, tmp_path):
     the report says; the static vLLM check runs against the local base model."""
     from huggingface_hub import ModelCard
 
-    from adaconvert.card import markdown_rank_table
+    from adaconvert.conversion.card import markdown_rank_table
 
     report = to_lora(adalora_llama, tmp_path / "conv")
     ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}

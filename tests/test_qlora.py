@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import adaconvert
+from adaconvert.base.quantization import bnb_config, quantized_modules, requantized
 from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
-from adaconvert.quantization import bnb_config, quantized_modules, requantized
-from tests.needs import require
-from tests.training_utils import quick_train, write_jsonl
+from tests.helpers.needs import require
+from tests.helpers.training_utils import quick_train, write_jsonl
 
 F = require("bitsandbytes.functional", purpose="the QLoRA tests")  # never skipped in CI
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from adaconvert.runtime import env_defaults, stderr_to
-from tests.needs import require
+from adaconvert.process import env_defaults, stderr_to
+from tests.helpers.needs import require
 
 
 def test_env_defaults_sets_only_unset_names_and_removes_them_again(monkeypatch):

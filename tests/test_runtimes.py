@@ -3,8 +3,8 @@
 vLLM's side is in ``test_vllm_to_lora.py`` (compact with ranks below R and uniform served, raw AdaLoRA refused)
 and ``test_vllm_static.py`` (the rules of the static check, which is the vLLM verdict); mlx-lm's exact verdict on
 ``to-mlx`` output in ``test_mlx.py``; llama.cpp's factors are asserted against real llama.cpp in ``test_gguf.py``.
-SGLang and LoRAX/TGI are not installable here: their rules follow the source cited in ``adaconvert/runtimes.py``,
-and the tests below pin what those rules say about each layout.
+SGLang and LoRAX/TGI are not installable here: their rules follow the source cited in
+``adaconvert/compat/runtimes.py``, and the tests below pin what those rules say about each layout.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import torch
 
 import adaconvert
 from adaconvert.cli import main
+from adaconvert.compat.runtimes import RUNTIMES, check_runtimes, llama_cpp_scale_factors, read_facts
 from adaconvert.errors import InvalidConfigError
-from adaconvert.runtimes import RUNTIMES, check_runtimes, llama_cpp_scale_factors, read_facts
-from tests.adapter_edits import drop_module, edited_copy
-from tests.conftest import adalora_config
-from tests.peft_utils import peft_model, train_peft
+from tests.helpers.adapter_edits import drop_module, edited_copy
+from tests.helpers.peft_utils import adalora_config, peft_model, train_peft
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +166,9 @@ def test_adalora_with_non_positive_alpha_in_peft(tiny_llama, tmp_path):
 
 def test_mlx_lm_refuses_a_peft_directory(layouts, tiny_llama):
     """Predicted refused; mlx-lm's own loader indeed cannot read a PEFT directory."""
-    from tests.test_mlx import _require_mlx_lm
+    from tests.helpers.needs import require_mlx_lm
 
-    _require_mlx_lm()
+    require_mlx_lm()
     from mlx_lm.tuner.utils import load_adapters
 
     assert check_runtimes(layouts["uniform"])["mlx-lm"].status == "refused"

@@ -21,7 +21,7 @@ import pytest
 
 from adaconvert.cli import main
 from adaconvert.io import atomic
-from tests.test_errors import write_adalora
+from tests.helpers.adapter_edits import write_adalora
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import pytest
 from adaconvert import to_lora
 from adaconvert.cli import main
 from adaconvert.errors import InvalidConfigError, RankLimitError, ServeError, SourceNotFoundError
-from adaconvert.serving import (
+from adaconvert.serving.server import (
     ServePlan,
     VllmServer,
     check_port_free,
@@ -31,8 +31,8 @@ from adaconvert.serving import (
     plan_serve,
     serve,
 )
-from tests.adapter_edits import wrong_prefix
-from tests.needs import require
+from tests.helpers.adapter_edits import wrong_prefix
+from tests.helpers.needs import require
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +246,8 @@ def test_server_reports_readiness_and_lists_every_model(server, tiny_llama):
 def test_greedy_outputs_equal_peft(server, tiny_llama, adapters):
     from openai import OpenAI
 
-    from tests.peft_utils import peft_greedy
-    from tests.vllm_utils import prompt_token_ids
+    from tests.helpers.peft_utils import peft_greedy
+    from tests.helpers.vllm_utils import prompt_token_ids
 
     url = server[0]
     client = OpenAI(base_url=f"{url}/v1", api_key=KEY, timeout=120, max_retries=0)

@@ -9,22 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 import adaconvert
-from tests.peft_utils import base_logits, max_rel_delta_error, peft_delta_weights, peft_logits, prompt_ids
-
-DELTA_TOL = 1e-5
-LOGIT_TOL = 1e-4
-
-
-def assert_matches_peft(base, original, converted):
-    """ΔW per module within DELTA_TOL (relative) and logits within LOGIT_TOL, both through PEFT; and the adapter
-    must really change the logits, so that the comparison means something."""
-    ref = peft_delta_weights(base, original)
-    ours = peft_delta_weights(base, converted)
-    assert max_rel_delta_error(ref, ours) <= DELTA_TOL
-    ids = prompt_ids(base)
-    ref_logits = peft_logits(base, original, ids)
-    assert (ref_logits - base_logits(base, ids)).abs().max() > 1e-2, "adapter too weak for a meaningful test"
-    assert (ref_logits - peft_logits(base, converted, ids)).abs().max() <= LOGIT_TOL
+from tests.helpers.peft_utils import (
+    DELTA_TOL,
+    LOGIT_TOL,
+    assert_matches_peft,
+    max_rel_delta_error,
+    peft_delta_weights,
+    peft_logits,
+    prompt_ids,
+)
 
 
 def test_fixture_is_a_real_dynamic_rank_adapter(adalora_llama):
@@ -51,8 +44,7 @@ def test_non_positive_alpha_matches_the_trained_model(tiny_llama, tmp_path):
     """lora_alpha ≤ 0: PEFT trains with scaling init_r / (init_r + 1e-5). Its own reload of such a checkpoint
     (peft 0.21.2) rescales each module by kept_rank / (init_r + 1e-5) instead, computing another function than the
     model that was trained. The conversion follows the trained model, which is what the user evaluated."""
-    from tests.conftest import adalora_config
-    from tests.peft_utils import peft_model, train_peft
+    from tests.helpers.peft_utils import adalora_config, peft_model, train_peft
 
     cfg = adalora_config("llama", total_step=30, lora_alpha=0)
     original, trained = train_peft(tiny_llama, tmp_path / "ada", cfg, steps=30, seed=3, adalora=True, keep=True)
@@ -167,7 +159,7 @@ def test_lora_on_a_tied_lm_head(tiny_qwen2, tmp_path):
     it when loading: so do we. The conversion computes what PEFT computes with the original."""
     from peft import LoraConfig
 
-    from tests.peft_utils import train_peft
+    from tests.helpers.peft_utils import train_peft
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
     original = train_peft(tiny_qwen2, tmp_path / "tied-head", config, steps=3)

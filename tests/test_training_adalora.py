@@ -10,11 +10,11 @@ import torch
 from transformers import TrainerCallback
 
 from adaconvert.constants import RANK_HISTORY_NAME
+from adaconvert.process import torch_threads
 from adaconvert.readers import read_adapter
-from adaconvert.runtime import torch_threads
 from adaconvert.training.config import adalora_schedule, load_options
-from tests.peft_utils import peft_model, prompt_ids
-from tests.training_utils import ADALORA, QUICK, quick_train, write_jsonl
+from tests.helpers.peft_utils import peft_model, prompt_ids
+from tests.helpers.training_utils import ADALORA, QUICK, quick_train, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_orthogonality_loss_is_added(tiny_llama):
 
     from adaconvert.training.adalora import adalora_config
     from adaconvert.training.data import CausalCollator
-    from tests.peft_utils import load_base
+    from tests.helpers.peft_utils import load_base
 
     opts = load_options("adalora", model="m", data="d", output="o", steps=30)
     batch = CausalCollator(0)([{"input_ids": [4, 5, 6, 7]}, {"input_ids": [5, 6]}])
@@ -199,7 +199,7 @@ def test_ranknum_stays_frozen_with_a_bf16_base(tiny_llama, data, tmp_path):
     from peft import PeftModel, get_peft_model
 
     from adaconvert.training.adalora import adalora_config
-    from tests.peft_utils import load_base
+    from tests.helpers.peft_utils import load_base
 
     targets = ["q_proj", "v_proj"]
     opts = load_options("adalora", model="m", data="d", output="o", **ADALORA)
@@ -231,7 +231,7 @@ def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
 
     from adaconvert.training.adalora import AdaLoraCallback, adalora_config
     from adaconvert.training.trainer import _peft
-    from tests.peft_utils import load_base, training_batch
+    from tests.helpers.peft_utils import load_base, training_batch
 
     opts = load_options("adalora", model="m", data="d", output="o", **ADALORA)
     torch.manual_seed(0)

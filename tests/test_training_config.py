@@ -22,9 +22,9 @@ from adaconvert.training.config import (
     option_kind,
 )
 from adaconvert.training.data import CausalCollator, load_texts, tokenize
-from tests.training_utils import write_jsonl
+from tests.helpers.training_utils import write_jsonl
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "training").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME
-from tests.peft_utils import peft_model, prompt_ids
-from tests.training_utils import write_jsonl
+from tests.helpers.peft_utils import peft_model, prompt_ids
+from tests.helpers.training_utils import write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ import adaconvert
 from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.demo.tiny import build_tiny_model
 from adaconvert.training import lora_drop
-from tests.peft_utils import load_base, peft_model, prompt_ids
-from tests.training_utils import quick_train, write_jsonl
+from tests.helpers.peft_utils import load_base, peft_model, prompt_ids
+from tests.helpers.training_utils import quick_train, write_jsonl
 
 
 class TwoLayers(nn.Module):

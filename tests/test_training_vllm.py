@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import adaconvert
-from tests.peft_utils import peft_greedy
-from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids
+from tests.helpers.peft_utils import peft_greedy
+from tests.helpers.vllm_utils import assert_same_generation, greedy, prompt_token_ids
 
 pytestmark = pytest.mark.vllm
 

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 import adaconvert
 from adaconvert.cli import main
 from adaconvert.errors import InvalidConfigError
-from tests.peft_utils import max_rel_delta_error, peft_delta_weights
-from tests.test_to_lora import DELTA_TOL, assert_matches_peft
+from tests.helpers.peft_utils import DELTA_TOL, assert_matches_peft, max_rel_delta_error, peft_delta_weights
 
 
 def _source_modules(adalora_dir) -> dict[str, int]:

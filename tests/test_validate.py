@@ -12,13 +12,13 @@ from adaconvert.cli import main
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, ValidationError
 from adaconvert.validation import Tolerances, validate
 from adaconvert.validation.logits import DEFAULT_PROMPTS, read_prompts
-from tests.adapter_edits import drop_module, first_module, misscaled, wrong_prefix
-from tests.vllm_utils import PROMPTS
+from tests.helpers.adapter_edits import drop_module, first_module, misscaled, wrong_prefix
+from tests.helpers.vllm_utils import PROMPTS
 
 
 def _peft_merge(base_dir, adapter_dir, out):
     """A merged checkpoint built by PEFT itself (merge_and_unload), as the reference a merge must match."""
-    from tests.peft_utils import peft_model
+    from tests.helpers.peft_utils import peft_model
 
     peft_model(base_dir, adapter_dir).merge_and_unload().save_pretrained(str(out))
     return out

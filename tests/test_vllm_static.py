@@ -8,9 +8,9 @@ import json
 import pytest
 
 from adaconvert import to_lora
+from adaconvert.compat.vllm import RULES, check_vllm_compat, require_vllm_compat
 from adaconvert.errors import InvalidConfigError, RankLimitError
-from adaconvert.vllm_compat import RULES, check_vllm_compat, require_vllm_compat
-from tests.adapter_edits import (
+from tests.helpers.adapter_edits import (
     PREFIX,
     edited_copy,
     first_module,
@@ -130,7 +130,7 @@ def test_static_check_agrees_with_vllm(case, edit, rule, vllm_does, converted, t
     serves wrong outputs without a word: base outputs (``unknown-module``) or a mis-scaled module (``shape``)."""
     from vllm.lora.request import LoRARequest
 
-    from tests.vllm_utils import greedy, prompt_token_ids
+    from tests.helpers.vllm_utils import greedy, prompt_token_ids
 
     broken = edit(converted, tmp_path / case)
     assert check_vllm_compat(broken, max_lora_rank=16, base_config=tiny_llama)
@@ -197,7 +197,7 @@ def test_invalid_bucket_is_an_error(converted):
 
 def test_to_lora_runs_the_check_before_renaming(adalora_llama, tmp_path, monkeypatch):
     """A writer that produced something vLLM rejects must not leave an output behind."""
-    import adaconvert.convert as convert
+    import adaconvert.conversion.peft_lora as convert
 
     real_writer = convert.write_peft_lora
 
@@ -217,7 +217,7 @@ def test_to_lora_runs_the_check_before_renaming(adalora_llama, tmp_path, monkeyp
 def test_keys_without_peft_prefix_serve_the_same(converted, tiny_llama, vllm_engine, tmp_path):
     """vLLM also accepts keys without ``base_model.model.`` and takes their module names as they are: the static
     check passes them, and vLLM serves exactly what the prefixed adapter serves."""
-    from tests.vllm_utils import greedy, prompt_token_ids
+    from tests.helpers.vllm_utils import greedy, prompt_token_ids
 
     def strip(tensors):
         return {k.removeprefix(PREFIX): v for k, v in tensors.items()}

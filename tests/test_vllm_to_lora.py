@@ -7,9 +7,9 @@ import json
 import pytest
 
 import adaconvert
-from adaconvert.runtimes import check_runtimes
-from tests.peft_utils import peft_greedy
-from tests.vllm_utils import assert_same_generation, greedy, prompt_token_ids, vllm_load_adapter
+from adaconvert.compat.runtimes import check_runtimes
+from tests.helpers.peft_utils import peft_greedy
+from tests.helpers.vllm_utils import assert_same_generation, greedy, prompt_token_ids, vllm_load_adapter
 
 pytestmark = pytest.mark.vllm
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 
 def make_sources(root: Path, n: int, init_r: int) -> list[Path]:
-    from tests.synthetic import LLAMA_7B, write_synthetic_adalora
+    from adaconvert.testing.synthetic import LLAMA_7B, write_synthetic_adalora
 
     return [
         write_synthetic_adalora(root / f"run-{i:03d}", shape=LLAMA_7B, init_r=init_r, target_r=init_r // 2, seed=i)

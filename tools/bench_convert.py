@@ -107,7 +107,7 @@ def child(mode: str, src: str, dst: str, base: str) -> None:
     from safetensors.torch import load_file, save_file
 
     from adaconvert.cli import main
-    from adaconvert.runtime import peak_rss_bytes
+    from adaconvert.process import peak_rss_bytes
 
     start = time.perf_counter()
     if mode == "copy":

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 import torch
 
-from tests.synthetic import LlamaShape, write_synthetic_adalora
-from tests.synthetic_base import write_synthetic_llama
+from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora
+from adaconvert.testing.synthetic_base import write_synthetic_llama
 
 DIMS = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000}
 

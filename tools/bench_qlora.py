@@ -71,7 +71,7 @@ def base_bytes(model) -> tuple[int, int]:
 def run_one(name: str, quantize: str | None, base: str, data: str, out: str, size: str, steps: int, threads) -> Row:
     import torch
 
-    from adaconvert.runtime import peak_rss_bytes
+    from adaconvert.process import peak_rss_bytes
     from adaconvert.training import train
 
     if threads:

@@ -68,7 +68,7 @@ def build_assets(work: Path, *, hidden: int, layers: int, init_r: int, n_adapter
 
 def worker(spec: dict) -> dict:
     """One configuration in this process: start the engine, warm up, time one batch; return the measurements."""
-    from adaconvert.runtime import peak_rss_bytes
+    from adaconvert.process import peak_rss_bytes
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not spec["gpu"]:
@@ -156,7 +156,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from adaconvert.vllm_compat import bucket_for
+    from adaconvert.compat.vllm import bucket_for
 
     load_before = os.getloadavg()[0]
 

@@ -107,7 +107,7 @@ def run_method(
     """Train one method (in a fresh process) and measure it."""
     import torch
 
-    from adaconvert.runtime import peak_rss_bytes
+    from adaconvert.process import peak_rss_bytes
     from adaconvert.training import train
 
     if threads:

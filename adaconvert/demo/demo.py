@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaconvert.card import text_rank_table
 from adaconvert.constants import DEMO_SUMMARY_NAME, THIRD_PARTY_LOG_NAME, VALIDATION_REPORT_NAME
+from adaconvert.conversion.card import text_rank_table
 from adaconvert.errors import InvalidConfigError, OutputExistsError
-from adaconvert.runtime import stderr_to, torch_threads
+from adaconvert.process import stderr_to, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def run_demo(
 
 
 def _pipeline(root: Path, *, steps: int, use_vllm: bool, vllm: bool | None, say, started: float) -> DemoReport:
-    from adaconvert.convert import to_lora
+    from adaconvert.conversion.peft_lora import to_lora
     from adaconvert.demo.tiny import build_tiny_model
     from adaconvert.inspection import inspect
     from adaconvert.training import train

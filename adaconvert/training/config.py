@@ -1,7 +1,7 @@
 """Training options: one dataclass, filled from a recipe file (YAML) and keyword overrides, checked in one place.
 
 A recipe is a flat YAML mapping of the same names as the CLI options (``max_length`` or ``max-length``); the
-ready recipes live in the top-level ``training/`` folder. Explicit options override the recipe, which overrides
+ready recipes live in the top-level ``recipes/`` folder. Explicit options override the recipe, which overrides
 the defaults below.
 """
 
@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaconvert.base.quantization import QUANTIZATIONS
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
-from adaconvert.quantization import QUANTIZATIONS
 
 METHODS = ("lora", "adalora", "lora-drop")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.base.quantization import bnb_config, check_bitsandbytes, exact_cpu_kernels
 from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME, TRAINING_SUMMARY_NAME
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.location import is_hub_id
-from adaconvert.quantization import bnb_config, check_bitsandbytes, exact_cpu_kernels
-from adaconvert.runtime import hf_progress
+from adaconvert.process import hf_progress
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
@@ -66,6 +66,34 @@ class TrainResult:
                     "tokens_per_s": stats.tokens_per_s,
                 }
         return data
+
+    def text(self) -> str:
+        """What was written and measured, the method's own figures, and the next command."""
+        main = self.main
+        lines = [
+            f"wrote {self.output}: {self.method}, "
+            f"{main.optimizer_steps} optimizer steps in {main.wall_s:.1f} s "
+            f"(median {main.median_step_s * 1e3:.1f} ms/step, {main.tokens_per_s:,.0f} tokens/s), "
+            f"{main.trainable_params:,} trainable parameters, loss {main.train_loss:.4f}"
+        ]
+        if self.ranks is not None:
+            history = self.rank_history
+            lines.append(
+                f"AdaLoRA: total rank {sum(self.ranks.values())} (budget {history['target_budget']}, from "
+                f"{history['init_r']} × {len(self.ranks)} modules), {len(history['history'])} budget steps; "
+                f"history in rank_history.json"
+            )
+        if self.lora_drop is not None:
+            drop = self.lora_drop
+            pilot = "no pilot (--keep-layers), "
+            if drop["pilot"]:
+                pilot = f"{drop['pilot']['trainable_params']:,} in the pilot, "
+            lines.append(
+                f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
+                f"parameters {pilot}{drop['main']['trainable_params']:,} in the main run; details in lora_drop.json"
+            )
+        lines.append(f"next: adaconvert to-lora {self.output} {self.output}-lora")
+        return "\n".join(lines)
 
 
 def train(method: str | None = None, *, config: str | Path | None = None, callbacks=(), **options) -> TrainResult:
@@ -177,7 +205,7 @@ def check_base(opts: TrainOptions) -> None:
     if opts.quantize is not None:
         check_bitsandbytes(opts.quantize, "cuda" if torch.cuda.is_available() else "cpu")
     if opts.keep_layers is not None:
-        from adaconvert.base_modules import load_base_config
+        from adaconvert.base.modules import load_base_config
 
         _check_model_exists(opts.model)
         config = load_base_config(opts.model)

@@ -5,7 +5,7 @@ to one :class:`ValidationReport`. The package is named ``validation`` so that ``
 function, as ``adaconvert.inspect`` lives in ``inspection``.
 """
 
-from adaconvert.validation.report import Check, Problem, Tolerances, ValidationReport
+from adaconvert.validation.checks import Check, Problem, Tolerances, ValidationReport
 from adaconvert.validation.runner import validate
 
 __all__ = ["Check", "Problem", "Tolerances", "ValidationReport", "validate"]

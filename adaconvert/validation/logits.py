@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError
-from adaconvert.runtime import hf_progress
-from adaconvert.validation.report import Check, Tolerances, ValidationReport
+from adaconvert.process import hf_progress
+from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class HFRunner:
             kwargs = {} if quantization is None else {"quantization_config": quantization}
             self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype, **kwargs).eval()
         if quantization is not None:
-            from adaconvert.quantization import exact_cpu_kernels
+            from adaconvert.base.quantization import exact_cpu_kernels
 
             exact_cpu_kernels(self.model)
 

@@ -9,19 +9,19 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter
-from adaconvert.base_modules import base_modules
+from adaconvert.base.modules import base_modules
+from adaconvert.base.quantization import bnb_config, check_bitsandbytes
+from adaconvert.compat.runtimes import check_runtimes, runtimes_dict
 from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, ValidationError, first_line
 from adaconvert.io.atomic import check_output
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
 from adaconvert.io.source import read_json
-from adaconvert.quantization import bnb_config, check_bitsandbytes
 from adaconvert.readers import read_adapter
-from adaconvert.runtimes import check_runtimes, runtimes_dict
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
-from adaconvert.validation.report import Check, Tolerances, ValidationReport
+from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 from adaconvert.validation.vllm_level import VllmPair, engine_settings, make_engine, run_vllm_level
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.runtime import env_defaults
+from adaconvert.compat.vllm import bucket_for, check_vllm_compat
+from adaconvert.process import env_defaults
+from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 from adaconvert.validation.logits import PEFT_LOAD_ERRORS, HFRunner
-from adaconvert.validation.report import Check, Tolerances, ValidationReport
-from adaconvert.vllm_compat import bucket_for, check_vllm_compat
 
 logger = logging.getLogger(__name__)
 

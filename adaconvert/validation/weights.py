@@ -9,10 +9,10 @@ import math
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
-from adaconvert.base_modules import BaseModule
+from adaconvert.base.modules import BaseModule
 from adaconvert.io.checkpoint import Checkpoint, TensorReader
 from adaconvert.metrics import frobenius_norm, relative_error
-from adaconvert.validation.report import Check, Tolerances, ValidationReport
+from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def compare_merged(
     Args:
         base, merged: opened with :func:`adaconvert.io.checkpoint.open_checkpoint` (headers only).
     """
+    from adaconvert.base.quantization import quantized_modules, requantized
     from adaconvert.merging import match_tensor
-    from adaconvert.quantization import quantized_modules, requantized
 
     requant = {f"{m}.weight": t for m, t in quantized_modules(base.root).items()} if requantize else {}
     adapted: dict[str, str] = {}

@@ -1,0 +1,145 @@
+"""bitsandbytes quantisation of a base model (QLoRA), in one place for training and for the QLoRA-faithful merge.
+
+A base loaded through ``BitsAndBytesConfig`` holds dequant(quant(W)), not W: an adapter trained on it learned a
+correction to those weights. :func:`requantized` computes exactly what the loaded layer holds, with bitsandbytes'
+own functions and the settings its layers use (transformers builds ``Linear4bit`` / ``Linear8bitLt`` from the
+config; bitsandbytes quantises the weight when it is placed on its device):
+
+- ``nf4`` / ``fp4``: blocks of 64 consecutive elements of the flattened weight (the ``Params4bit`` default; the
+  config cannot change it), one absmax scale per block. With double quantisation the scales are themselves
+  quantised, in blocks of 256, after subtracting their mean over the *whole tensor*: a tensor must be quantised
+  whole, or chunks would get other scales.
+- ``int8`` (LLM.int8()): the weight cast to float16, then one absmax scale per row; dequantised as
+  ``CB · SCB / 127`` in float32. Its forward pass also quantises the activations, which no merged float model
+  reproduces: merging into the dequantised int8 weights was measured no closer to PEFT on the int8 base than the
+  plain merge (max |Δlogit| 0.116 against 0.120, tiny llama), so the merge offers 4-bit requantisation only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adaconvert.errors import InvalidConfigError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: the training options (and so the CLI) import this table
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+FOUR_BIT = ("nf4", "fp4")  # what a merge can requantise to (see above)
+# what Params4bit uses when, as under transformers, no blocksize is given
+BLOCKSIZE_4BIT = 64
+
+
+def check_bitsandbytes(quantize: str, device: str = "cpu") -> None:
+    """Refuse ``quantize`` on a machine where bitsandbytes cannot run it: not installed, or its kernels fail on
+    ``device`` (one tiny quantise/dequantise round trip is tried there).
+
+    Raises:
+        InvalidConfigError: an unknown method, bitsandbytes missing, or no working kernel on ``device``.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise InvalidConfigError(f"quantisation must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise InvalidConfigError(
+            f"--quantize {quantize} needs bitsandbytes (pip install 'adaconvert[qlora]'): {first_line(exc)}"
+        ) from exc
+    import torch
+
+    try:
+        requantized(torch.ones(2, BLOCKSIZE_4BIT, device=device), quantize, double_quant=True)
+    except Exception as exc:  # whatever the native library raises: it cannot run here
+        raise InvalidConfigError(
+            f"bitsandbytes cannot run {quantize} on {device} here ({type(exc).__name__}: {first_line(exc)})"
+        ) from exc
+
+
+def bnb_config(quantize: str, *, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
+    """The ``transformers.BitsAndBytesConfig`` for ``quantize`` (``nf4``, ``fp4`` or ``int8``); 4-bit layers compute
+    in ``compute_dtype`` (default float32)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
+
+
+def requantized(
+    weight: torch.Tensor, quantize: str, *, double_quant: bool = True, transposed: bool = False
+) -> torch.Tensor:
+    """dequant(quant(``weight``)): the weights a layer loaded with :func:`bnb_config` holds, as a dense tensor.
+
+    Args:
+        weight: a whole (out, in) weight, in the dtype the model is loaded in (4-bit dequantises back to it).
+        quantize: ``nf4``, ``fp4`` or ``int8``.
+        double_quant: 4-bit only, as ``bnb_4bit_use_double_quant``.
+        transposed: ``weight`` is stored (in, out), as GPT-2's Conv1D: transformers quantises its transpose.
+
+    Returns:
+        ``weight``'s shape; its dtype for 4-bit, float32 for int8 (what bitsandbytes' dequantisation returns).
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    if transposed:
+        return requantized(weight.T, quantize, double_quant=double_quant).T
+    w = weight.detach().contiguous()
+    if quantize == "int8":
+        codes, scales, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+        return F.int8_vectorwise_dequant(codes, scales)
+    packed, state = F.quantize_4bit(
+        w, blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quantize, quant_storage=torch.uint8
+    )
+    return F.dequantize_4bit(packed, state)
+
+
+def quantized_modules(base) -> dict[str, bool]:
+    """{module name: stored transposed} for every layer that loading ``base`` with :func:`bnb_config` quantises.
+
+    Decided by transformers' own rules on a ``meta``-device copy of the model (no weights read): every
+    ``nn.Linear`` and Conv1D (stored (in, out), so ``True``) except the modules its bitsandbytes quantiser keeps in
+    full precision: the output head, tied weights, the last module and the class's ``_keep_in_fp32_modules``.
+
+    Args:
+        base: model directory, ``config.json``, config dict or ``PretrainedConfig`` (see
+            :func:`adaconvert.base.modules.load_base_config`).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from adaconvert.base.modules import load_base_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_base_config(base))
+    keep = [*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or [])]
+    return {
+        name: isinstance(module, Conv1D)
+        for name, module in model.named_modules()
+        if (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) and should_convert_module(name, keep)
+    }
+
+
+def exact_cpu_kernels(model) -> None:
+    """Keep bitsandbytes' 4-bit layers of ``model`` on their dequantise-then-matmul path on CPU.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode without gradients repacks its weight for a bfloat16
+    kernel on its first forward pass: measured here 0.04 logits away from the float32 path on a tiny llama, and
+    absent on other CPUs, so results would depend on the machine. Training never takes that path; validation and
+    LoRA-Drop's scoring (eval mode, no gradients) must not either.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

