@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from adaconvert.constants import OUTPUT_DTYPES
+from adaconvert.errors import InvalidConfigError
+
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
@@ -94,3 +97,16 @@ def split_module_name(name: str) -> tuple[int | None, str]:
     if not m:
         return None, name
     return int(m.group(1)), name[m.end() :]
+
+
+def output_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``--dtype`` name (``float32``, ``float16``, ``bfloat16``); None for None.
+
+    Raises:
+        InvalidConfigError: any other name.
+    """
+    if name is None:
+        return None
+    if name not in OUTPUT_DTYPES:
+        raise InvalidConfigError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {name!r}")
+    return getattr(torch, name)

@@ -3,7 +3,11 @@ theirs; the report and summary files are ours)."""
 
 from __future__ import annotations
 
-# a PEFT adapter directory
+# dtypes an output can be written in (--dtype); the math is float32 whatever the output
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+# a PEFT adapter directory; every tensor key of a PEFT adapter starts with PEFT_PREFIX, then the module name
+PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAMES = (ADAPTER_WEIGHTS_NAME, "adapter_model.bin", "adapter_model.pt")  # the order PEFT tries

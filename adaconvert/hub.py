@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from adaconvert.compat.layout import is_mlx_config
 from adaconvert.constants import (
     ADAPTER_CONFIG_NAME,
     CARD_NAME,
@@ -209,7 +210,7 @@ def _check(root: Path, kind: str) -> list[str]:
         else [f"no {CONVERSION_REPORT_NAME}: convert it with adaconvert to-lora first"]
     )
     config = json.loads((root / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    if "lora_parameters" in config and "peft_type" not in config:  # a to-mlx output: mlx-lm's rules, not vLLM's
+    if is_mlx_config(config):  # a to-mlx output: mlx-lm's rules, not vLLM's
         from adaconvert.compat.runtimes import check_runtimes
 
         verdict = check_runtimes(root, runtimes=["mlx-lm"])["mlx-lm"]

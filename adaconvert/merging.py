@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter, LowRankDelta
-from adaconvert.base.quantization import FOUR_BIT, check_bitsandbytes, quantized_modules, requantized
+from adaconvert.adapter import Adapter, LowRankDelta, output_dtype
+from adaconvert.base.model import BaseModel
+from adaconvert.base.quantization import FOUR_BIT, check_bitsandbytes, requantized
 from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import (
     AdapterShapeError,
@@ -35,7 +36,7 @@ from adaconvert.errors import (
     UnsupportedPlatformError,
 )
 from adaconvert.io.atomic import atomic_output_dir, check_output
-from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, open_checkpoint
+from adaconvert.io.checkpoint import Checkpoint, TensorInfo, TensorReader, match_tensor, open_checkpoint
 from adaconvert.io.parallel import imap_unordered
 from adaconvert.process import paused_gc, peak_rss_bytes, torch_threads, usable_cpus
 from adaconvert.readers import read_adapter
@@ -44,7 +45,6 @@ from adaconvert.writers.sharded import Shard, ShardFiles, copy_side_files, parse
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # float32 bytes per row block: each is one read, one hand-off to the writer and one write, and small enough that the
 # blocks in flight stay in the CPU's caches (measured: 2 MiB beat 1 and 8 MiB on a 2-core, 32 MiB-L3 machine)
 BLOCK_BYTES = 2 * 2**20
@@ -214,7 +214,7 @@ def merge(
     shard_bytes = parse_size(max_shard_size)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidConfigError(f"threads must be a positive integer, got {threads!r}")
-    override = _parse_dtype(dtype)
+    override = output_dtype(dtype)
     if requantize is not None:
         if requantize not in FOUR_BIT:
             raise InvalidConfigError(
@@ -337,9 +337,9 @@ def write_merged(
 def plan_updates(checkpoint: Checkpoint, adapters: Sequence[tuple[AdapterSpec, Adapter]]) -> dict[str, list[Update]]:
     """Base tensor name → the updates to add to it, in adapter order; every module checked against the base.
 
-    Each module must match exactly one floating-point base tensor (see :func:`match_tensor`) whose shape is ΔW's
-    (out, in), or (in, out) for ``fan_in_fan_out``. All problems of an adapter are collected; the first is raised
-    with a count of the others.
+    Each module must match exactly one floating-point base tensor (see
+    :func:`~adaconvert.io.checkpoint.match_tensor`) whose shape is ΔW's (out, in), or (in, out) for
+    ``fan_in_fan_out``. All problems of an adapter are collected; the first is raised with a count of the others.
 
     Raises:
         MissingTensorError, AdapterShapeError, InvalidConfigError (tied output head).
@@ -388,20 +388,6 @@ def _check_module(checkpoint, module, delta, fan_in_fan_out, claimed) -> tuple[t
         return InvalidConfigError, f"modules {other} and {module} both map to base tensor {info.name}"
     claimed[module] = info.name
     return None
-
-
-def match_tensor(module: str, names) -> list[str]:
-    """The base tensors that may hold ``module``'s weight: ``<module>.weight`` itself if present; otherwise keys
-    that add a prefix (``language_model.<module>.weight``) or lack the first component (``layers.0...`` for a
-    checkpoint saved without the ``model.`` wrapper). The caller requires exactly one."""
-    exact = f"{module}.weight"
-    if exact in names:
-        return [exact]
-    found = [n for n in names if n.endswith(f".{exact}")]
-    _, _, rest = module.partition(".")
-    if rest and f"{rest}.weight" in names:
-        found.append(f"{rest}.weight")
-    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -500,7 +486,7 @@ def _requantized_tensors(checkpoint: Checkpoint, method: str) -> dict[str, bool]
         MissingTensorError: a quantised layer has no (or no single) weight tensor in the checkpoint.
     """
     found = {}
-    for module, transposed in quantized_modules(checkpoint.config).items():
+    for module, transposed in BaseModel.resolve(checkpoint.config).quantized_modules.items():
         candidates = match_tensor(module, checkpoint.tensors)
         if len(candidates) != 1:
             raise MissingTensorError(f"no single weight tensor for layer {module}", path=checkpoint.root)
@@ -607,14 +593,6 @@ def _overflow_bound(dtype: torch.dtype) -> float:
 
 def _row_numel(info: TensorInfo) -> int:
     return math.prod(info.shape[1:]) if info.shape else 1
-
-
-def _parse_dtype(dtype: str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if dtype not in DTYPES:
-        raise InvalidConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _output_dtype(dtype: torch.dtype, override: torch.dtype | None) -> torch.dtype:

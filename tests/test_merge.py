@@ -40,7 +40,8 @@ import adaconvert
 from adaconvert import Adapter, LowRankDelta, errors
 from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
-from adaconvert.merging import match_tensor, parse_adapter_spec
+from adaconvert.io.checkpoint import match_tensor
+from adaconvert.merging import parse_adapter_spec
 from adaconvert.writers import write_peft_lora
 from adaconvert.writers.sharded import parse_size
 from tests.helpers.needs import require

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import adaconvert
-from adaconvert.base.quantization import bnb_config, quantized_modules, requantized
+from adaconvert.base.model import BaseModel
+from adaconvert.base.quantization import bnb_config, requantized
 from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
 from tests.helpers.needs import require
@@ -61,7 +62,9 @@ def test_requantized_is_what_the_loaded_layer_holds(bases, method, double_quant,
         base, dtype=torch_dtype, quantization_config=bnb_config(method, double_quant=double_quant)
     )
     quantized = {n for n, m in loaded.named_modules() if type(m).__module__.startswith("bitsandbytes")}
-    assert set(quantized_modules(base)) == quantized and len(quantized) == 14  # the head stays unquantised
+    assert (
+        set(BaseModel.resolve(base).quantized_modules) == quantized and len(quantized) == 14
+    )  # the head stays unquantised
     weights = dict(plain.named_parameters())
     layers = dict(loaded.named_modules())
     for name in sorted(quantized):
@@ -74,7 +77,7 @@ def test_requantized_conv1d_quantises_the_layer_weight(tmp_path):
     build_tiny_model(tmp_path, "gpt2")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config("nf4"))
-    modules = quantized_modules(tmp_path)
+    modules = BaseModel.resolve(tmp_path).quantized_modules
     assert modules and all(modules.values())  # GPT-2's Conv1D stores (in, out)
     layers, weights = dict(loaded.named_modules()), dict(plain.named_parameters())
     for name in modules:
@@ -122,7 +125,7 @@ def test_requantized_merge_holds_dequant_quant_w(qlora, bases):
     merged = load_file(root / "requantized" / "model.safetensors")
     plain = load_file(root / "plain" / "model.safetensors")
     adapter = adaconvert.read_adapter(root / "lora")
-    for name, transposed in quantized_modules(bases / "f32").items():
+    for name, transposed in BaseModel.resolve(bases / "f32").quantized_modules.items():
         key = f"{name}.weight"
         expected = requantized(base[key], "nf4", transposed=transposed)
         if name in adapter.deltas:

@@ -21,13 +21,13 @@ import pytest
 
 from adaconvert import to_lora
 from adaconvert.cli import main
+from adaconvert.compat.layout import is_safe_layout
 from adaconvert.errors import InvalidConfigError, RankLimitError, ServeError, SourceNotFoundError
 from adaconvert.serving.server import (
     ServePlan,
     VllmServer,
     check_port_free,
     is_loopback,
-    is_safe_layout,
     plan_serve,
     serve,
 )

@@ -101,35 +101,6 @@ def requantized(
     return F.dequantize_4bit(packed, state)
 
 
-def quantized_modules(base) -> dict[str, bool]:
-    """{module name: stored transposed} for every layer that loading ``base`` with :func:`bnb_config` quantises.
-
-    Decided by transformers' own rules on a ``meta``-device copy of the model (no weights read): every
-    ``nn.Linear`` and Conv1D (stored (in, out), so ``True``) except the modules its bitsandbytes quantiser keeps in
-    full precision: the output head, tied weights, the last module and the class's ``_keep_in_fp32_modules``.
-
-    Args:
-        base: model directory, ``config.json``, config dict or ``PretrainedConfig`` (see
-            :func:`adaconvert.base.modules.load_base_config`).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    from adaconvert.base.modules import load_base_config
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_base_config(base))
-    keep = [*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or [])]
-    return {
-        name: isinstance(module, Conv1D)
-        for name, module in model.named_modules()
-        if (isinstance(module, Conv1D) or type(module) is torch.nn.Linear) and should_convert_module(name, keep)
-    }
-
-
 def exact_cpu_kernels(model) -> None:
     """Keep bitsandbytes' 4-bit layers of ``model`` on their dequantise-then-matmul path on CPU.
 

@@ -7,13 +7,14 @@ import logging
 import click
 
 from adaconvert.cli.options import common_options, compression_options, emit
+from adaconvert.constants import OUTPUT_DTYPES
 
 
 @click.command("to-lora")
 @click.argument("paths", nargs=-1, required=True, metavar="SRC DST | SRC... --output-dir DIR")
 @compression_options
 @click.option("--vllm-max-lora-rank", type=int, help="vLLM bucket every module must fit (compresses if asked to).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Output dtype (default: source).")
 @click.option(
     "--layout",
     type=click.Choice(["compact", "uniform"]),
@@ -85,7 +86,7 @@ def to_gguf_cmd(src, dst, *, as_json, **options):
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--base", help="Base model (directory or Hub id; only config.json is read) for its number of blocks.")
 @compression_options
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: source).")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Output dtype (default: source).")
 @common_options(overwrite=True, one_torch_thread=True)
 def to_mlx_cmd(src, dst, *, as_json, **options):
     """Convert SRC (AdaLoRA, LoRA or LoRA-Drop; directory or Hub id) into an mlx-lm adapter directory at DST."""

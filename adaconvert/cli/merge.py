@@ -6,13 +6,14 @@ import click
 
 from adaconvert.base.quantization import FOUR_BIT
 from adaconvert.cli.options import common_options, emit
+from adaconvert.constants import OUTPUT_DTYPES
 
 
 @click.command("merge")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: base).")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Output dtype (default: base).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (5GB, 500MB, 2GiB).")
 @click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: one per CPU, at most 4).")
 @click.option(

@@ -48,12 +48,12 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, mer
     Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
     """
     if static:
-        from adaconvert.base.modules import base_modules
+        from adaconvert.base.model import BaseModel
         from adaconvert.compat.vllm import check_vllm_compat
 
         if len(paths) > 1:
             raise click.UsageError("--vllm-static takes the adapters as options and at most BASE as argument")
-        base = base_modules(paths[0]) if paths else None  # built once (a meta-device model), shared by all adapters
+        base = BaseModel.resolve(paths[0]) if paths else None  # resolved once, shared by all adapters
         found = {a: check_vllm_compat(a, max_lora_rank=max_lora_rank, base_config=base) for a in static}
         lines = []
         for adapter, problems in found.items():

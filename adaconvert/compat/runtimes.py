@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
-from adaconvert.constants import ADAPTER_CONFIG_NAME
+from adaconvert.compat.layout import is_mlx_config
+from adaconvert.constants import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.source import read_json, resolve_source
 from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
@@ -114,7 +115,7 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
 
     root = resolve_source(adapter_dir)
     config = read_json(root / ADAPTER_CONFIG_NAME)
-    if "lora_parameters" in config and "peft_type" not in config:
+    if is_mlx_config(config):
         return _mlx_facts(root, config)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "ADALORA"):
@@ -132,7 +133,7 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
     for key, a in keys.items():
         if not key.endswith("." + a_suffix):
             continue
-        name = key.removeprefix("base_model.model.").removesuffix("." + a_suffix)
+        name = key.removeprefix(PEFT_PREFIX).removesuffix("." + a_suffix)
         b = keys.get(key.removesuffix(a_suffix) + b_suffix)
         if len(a) == 2 and b is not None and len(b) == 2:
             modules[name] = ModuleShape(rank=a[0], in_features=a[1], out_features=b[0])
@@ -140,17 +141,15 @@ def read_facts(adapter_dir: str | Path) -> AdapterFacts:
 
 
 def _mlx_facts(root: Path, config: dict) -> AdapterFacts:
-    from safetensors import safe_open
-
     from adaconvert.constants import MLX_ADAPTER_WEIGHTS_NAME
+    from adaconvert.io.checkpoint import read_header
 
     path = root / MLX_ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         from adaconvert.errors import SourceNotFoundError
 
         raise SourceNotFoundError(f"mlx-lm adapter without {MLX_ADAPTER_WEIGHTS_NAME}", path=root)
-    with safe_open(str(path), framework="pt") as f:
-        keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    keys = {name: info.shape for name, info in read_header(path).items()}
     modules = {}
     for key, a in keys.items():
         if key.endswith(".lora_a") and len(a) == 2:

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaconvert.constants import ADAPTER_CONFIG_NAME
+from adaconvert.constants import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError
 from adaconvert.io.source import read_json, resolve_source
 
@@ -56,7 +56,6 @@ RULES: dict[str, str] = {
     "(vLLM: wrong scaling or a crash when the adapter is activated)",
 }
 
-_PEFT_PREFIX = "base_model.model."
 _BASE_EMBEDDING_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
 _SUPPORTED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 _FEATURE_FLAGS = {
@@ -101,10 +100,10 @@ def check_vllm_compat(
             Hub repo id.
         max_lora_rank: the ``--max-lora-rank`` it will be served with (a valid bucket). Without it, ranks are
             only checked against the largest bucket, 512.
-        base_config: the base model (directory, config.json, config dict or ``PretrainedConfig``). With it,
-            module names and shapes are checked against the base model too (``unknown-module``,
-            ``unsupported-module``, layer shapes). A dict of :class:`~adaconvert.base.modules.BaseModule` from
-            :func:`~adaconvert.base.modules.base_modules` is accepted as well, to avoid rebuilding it.
+        base_config: the base model: a :class:`~adaconvert.base.model.BaseModel` (resolved once by the caller)
+            or anything :meth:`BaseModel.resolve <adaconvert.base.model.BaseModel.resolve>` takes. With it, module
+            names and shapes are checked against the base model too (``unknown-module``, ``unsupported-module``,
+            layer shapes).
 
     Returns:
         The problems, in the order vLLM meets them (config, ranks, features, keys, modules, shapes); empty when
@@ -129,7 +128,9 @@ def check_vllm_compat(
     problems = _check_config(config, max_lora_rank=max_lora_rank)
     modules = _check_keys(shapes, problems)
     if base_config is not None:
-        _check_against_base(modules, _as_base_modules(base_config), config, problems)
+        from adaconvert.base.model import BaseModel  # torch and transformers: only when a base is given
+
+        _check_against_base(modules, BaseModel.resolve(base_config).modules, config, problems)
     _check_shapes(modules, config, max_lora_rank, problems)
     return problems
 
@@ -173,19 +174,13 @@ def tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
     Raises:
         SourceNotFoundError: no weights file. CorruptCheckpointError: it cannot be parsed.
     """
-    from adaconvert.errors import CorruptCheckpointError
+    from adaconvert.io.checkpoint import read_header
     from adaconvert.io.source import load_tensors, weights_file
 
     path = weights_file(Path(adapter_dir))
     if path.suffix != ".safetensors":
         return {k: tuple(v.shape) for k, v in load_tensors(path).items()}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(f"corrupt or truncated safetensors file ({exc})", path=path) from exc
+    return {name: info.shape for name, info in read_header(path).items()}
 
 
 def served_rank(config: dict) -> int:
@@ -250,7 +245,7 @@ def parse_lora_key(key: str) -> tuple[str, str] | None:
     ``part`` is ``lora_A`` / ``lora_B`` / ``lora_embedding_A`` / ``lora_embedding_B`` / ``head`` (classifier heads).
     Keys with ``base_model.model.`` lose it; keys without keep their whole path (vLLM accepts both).
     """
-    name = key.removeprefix(_PEFT_PREFIX)
+    name = key.removeprefix(PEFT_PREFIX)
     parts = name.split(".")
     if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
         return ".".join(parts[:-2]), parts[-2]
@@ -278,14 +273,6 @@ def _check_keys(shapes: dict[str, tuple[int, ...]], problems: list[VllmProblem])
     if len(rejected) > 5:
         problems.append(VllmProblem("key", f"... and {len(rejected) - 5} more keys like these"))
     return modules
-
-
-def _as_base_modules(base_config) -> dict:
-    if isinstance(base_config, dict) and base_config and all(hasattr(v, "kind") for v in base_config.values()):
-        return base_config
-    from adaconvert.base.modules import base_modules
-
-    return base_modules(base_config)
 
 
 def _check_against_base(modules: dict, base: dict, config: dict, problems: list[VllmProblem]) -> None:

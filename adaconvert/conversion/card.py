@@ -18,7 +18,7 @@ from adaconvert.conversion.report import ConversionReport
 from adaconvert.io.location import is_hub_id
 
 _METHOD_TAGS = {"adalora": "adalora", "lora-drop": "lora-drop", "lora": "lora"}
-_METHOD_NAMES = {"adalora": "AdaLoRA", "lora-drop": "LoRA-Drop", "lora": "LoRA"}
+METHOD_NAMES = {"adalora": "AdaLoRA", "lora-drop": "LoRA-Drop", "lora": "LoRA"}
 # PEFT task_type → the Hub's pipeline_tag
 _PIPELINE_TAGS = {
     "CAUSAL_LM": "text-generation",
@@ -318,7 +318,7 @@ From adaconvert's portability check of these files (`adaconvert inspect --runtim
     return (
         meta
         + f"""
-# Rank-varying LoRA converted from {_METHOD_NAMES.get(report.source_kind, report.source_kind)}
+# Rank-varying LoRA converted from {METHOD_NAMES.get(report.source_kind, report.source_kind)}
 
 Converted by adaconvert {intro.format(r=report.max_rank)}
 
@@ -352,6 +352,68 @@ Converted by adaconvert {intro.format(r=report.max_rank)}
 ## Use it
 
 {usage(report, base=base, where=where, name=name)}"""
+    )
+
+
+def gguf_card(report: ConversionReport, filename: str, *, base_model: str, arch: str) -> str:
+    """The model card of a GGUF adapter: what it is, where it is exact, and how to run it in llama.cpp and Ollama.
+
+    Args:
+        report: the conversion report.
+        filename: the GGUF file's name, for the snippets.
+        base_model: the base model id or path the adapter belongs to.
+        arch: the GGUF architecture (``general.architecture``), which the base GGUF must have.
+    """
+    ranks = {m.name: m.rank_after for m in report.modules if m.rank_after}
+    shown = snippet_id(base_model) or "BASE_MODEL"  # a value that would break the card's code is not pasted in
+    tags = ["lora", "gguf", "llama.cpp", report.source_kind, "adaconvert"]
+    meta = card_metadata(base_model=base_model, library_name="gguf", tags=tags)
+    return (
+        meta
+        + f"""
+# GGUF LoRA adapter converted from {METHOD_NAMES.get(report.source_kind, report.source_kind)}
+
+`{filename}`: a LoRA adapter for llama.cpp and Ollama (GGUF architecture `{arch}`, tensors `{report.dtype}`),
+converted by adaconvert. Each module keeps its own rank; every scaling is folded into `lora_b` and
+`adapter.lora.alpha = 0`, so llama.cpp applies scale exactly 1 to every tensor (`src/llama-adapter.h`:
+`scale = alpha ? adapter_scale * alpha / rank : adapter_scale`). Exact in llama.cpp: adaconvert's tests compare
+llama-cpp-python 0.3.36 running such a file with PEFT running the original adapter. Ollama applies `ADAPTER` files
+through the llama.cpp it vendors (not run by those tests). PEFT, vLLM and mlx-lm do not read GGUF adapters (convert
+the source with `adaconvert to-lora` or `to-mlx` for those).
+
+| | value |
+|---|---|
+| base model | {shown} |
+| modules | {len(ranks)} |
+| max rank | {report.max_rank} |
+| parameters | {report.params_after:,} (source: {report.params_before:,}) |
+| file size | {report.bytes_after / 2**20:.2f} MiB |
+| max relative error of ΔW | {report.max_rel_error:.2e} |
+| layout | {report.layout_summary()} |
+
+## Rank allocation
+
+{markdown_rank_table(ranks)}
+
+## Use it
+
+The base model must be a GGUF of the same architecture made from `{shown}` (e.g. by llama.cpp's
+`convert_hf_to_gguf.py`); the adapter's tensor names and q/k row order are those that script gives the base.
+
+llama.cpp:
+
+```bash
+llama-server -m BASE.gguf --lora {filename}
+llama-cli -m BASE.gguf --lora {filename} -p "..."
+```
+
+Ollama (`Modelfile`, then `ollama create my-model -f Modelfile`):
+
+```
+FROM ./BASE.gguf
+ADAPTER ./{filename}
+```
+"""
     )
 
 
@@ -392,7 +454,7 @@ def merged_card(
     return (
         meta
         + f"""
-# {base or "Base model"} with a merged {_METHOD_NAMES.get(source_kind, source_kind)} adapter
+# {base or "Base model"} with a merged {METHOD_NAMES.get(source_kind, source_kind)} adapter
 
 `{base or "the base model"}`{merged_from} merged into the base weights by adaconvert: no adapter at
 inference time, no extra latency.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter
+from adaconvert.adapter import Adapter, output_dtype
 from adaconvert.compat.vllm import check_bucket
 from adaconvert.constants import CARD_NAME, CONVERSION_REPORT_NAME
 from adaconvert.conversion.report import ConversionReport, build_report
@@ -23,8 +23,6 @@ from adaconvert.readers import read_adapter
 from adaconvert.transforms import compress_ranks, strip_empty
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,7 @@ def check_options(
         raise InvalidConfigError(f"--tol must be in [0, 1), got {tol}")
     if vllm_max_lora_rank is not None:
         check_bucket(vllm_max_lora_rank)
-    if dtype is not None and dtype not in DTYPES:
-        raise InvalidConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    output_dtype(dtype)
 
 
 def prepare_conversion(
@@ -126,7 +123,7 @@ def prepare_conversion(
         adapter = strip_empty(compress_ranks(adapter, max_rank=limit, energy=energy, tol=tol))
     if not adapter.deltas:
         raise InvalidConfigError("every module is empty (rank 0 or all-zero weights); nothing to write", path=src)
-    out_dtype = DTYPES[dtype] if dtype else getattr(torch, source.provenance.get("dtype", "float32"))
+    out_dtype = output_dtype(dtype) or getattr(torch, source.provenance.get("dtype", "float32"))
     _check_fits(adapter, out_dtype, src)
     return Prepared(source=source, exact=exact, adapter=adapter, out_dtype=out_dtype)
 

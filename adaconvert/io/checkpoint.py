@@ -137,6 +137,20 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     return Checkpoint(root=root, config=config, tensors=tensors, files=files)
 
 
+def match_tensor(module: str, names) -> list[str]:
+    """The base tensors that may hold ``module``'s weight: ``<module>.weight`` itself if present; otherwise keys
+    that add a prefix (``language_model.<module>.weight``) or lack the first component (``layers.0...`` for a
+    checkpoint saved without the ``model.`` wrapper). The caller requires exactly one."""
+    exact = f"{module}.weight"
+    if exact in names:
+        return [exact]
+    found = [n for n in names if n.endswith(f".{exact}")]
+    _, _, rest = module.partition(".")
+    if rest and f"{rest}.weight" in names:
+        found.append(f"{rest}.weight")
+    return sorted(found)
+
+
 def _weight_map(index_path: Path) -> dict[str, str]:
     """The ``weight_map`` of a shard index: tensor name → shard file name, both strings, shards plain file names.
 

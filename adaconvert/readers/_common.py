@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.constants import PEFT_PREFIX
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, MissingTensorError, NonFiniteError
-
-PEFT_PREFIX = "base_model.model."
 
 
 def group_by_module(

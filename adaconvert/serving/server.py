@@ -33,20 +33,23 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from adaconvert.compat.layout import is_safe_layout
 from adaconvert.compat.vllm import (
     MAX_LORA_RANK_BUCKETS,
     bucket_for,
     check_bucket,
-    parse_lora_key,
     require_vllm_compat,
     served_rank,
     tensor_ranks,
-    tensor_shapes,
 )
-from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from adaconvert.constants import ADAPTER_CONFIG_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
 from adaconvert.io.source import read_json, resolve_source
+
+if TYPE_CHECKING:
+    from adaconvert.base.model import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +191,7 @@ def plan_serve(
         >>> plan.shell_command()
         'vllm serve models/base --host 127.0.0.1 --port 8000 --enable-lora --max-lora-rank 16 ...'
     """
-    from adaconvert.base.modules import base_modules
+    from adaconvert.base.model import BaseModel
 
     items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
     _check_names(items)
@@ -197,9 +200,9 @@ def plan_serve(
     if not 0 < port < 65536:
         raise InvalidConfigError(f"--port must be in 1..65535, got {port}")
     _check_exposure(host, api_key, insecure=insecure)
-    modules = base_modules(base)
+    base_model = BaseModel.resolve(base)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    served = [_prepare(name, src, modules=modules, cache=cache) for name, src in items]
+    served = [_prepare(name, src, base=base_model, cache=cache) for name, src in items]
 
     need = bucket_for([a.path for a in served], minimum=1)
     if max_lora_rank is None:
@@ -236,29 +239,6 @@ def build_command(plan: ServePlan) -> list[str]:
     if modules:
         command += ["--lora-modules", *modules]
     return command + plan.extra_args
-
-
-def is_safe_layout(adapter_dir: str | Path) -> bool:
-    """True when ``adapter_dir`` is a PEFT LoRA whose every module has scaling exactly 1 and whose weights are
-    safetensors: what ``to_lora`` writes, served alike by every vLLM version, LoRAX and llama.cpp."""
-    from adaconvert.scaling import lora_rank_and_alpha
-
-    root = Path(adapter_dir)
-    if not (root / ADAPTER_WEIGHTS_NAME).is_file() or not (root / ADAPTER_CONFIG_NAME).is_file():
-        return False
-    config = read_json(root / ADAPTER_CONFIG_NAME)
-    if str(config.get("peft_type", "")).upper() != "LORA" or config.get("use_rslora"):
-        return False
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or not isinstance(alpha, int | float):
-        return False
-    modules = {parsed[0] for key in tensor_shapes(root) if (parsed := parse_lora_key(key))}
-    patterns = {"rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
-    try:
-        scalings = [lora_rank_and_alpha(m, r=r, lora_alpha=alpha, **patterns) for m in modules]
-    except (TypeError, ValueError, AttributeError):  # patterns that are not {str: number}
-        return False
-    return all(r_m == alpha_m for r_m, alpha_m in scalings)
 
 
 def _check_names(items: list[tuple[str, object]]) -> None:
@@ -302,7 +282,7 @@ def _check_extra_args(extra: list[str]) -> None:
             raise InvalidConfigError(f"{flag} after `--` clashes with what serve sets: {_OWN_FLAGS[flag]}")
 
 
-def _prepare(name: str, src, *, modules: dict, cache: Path) -> ServedAdapter:
+def _prepare(name: str, src, *, base: BaseModel, cache: Path) -> ServedAdapter:
     """Read and check one adapter; convert it into ``cache`` unless it is already in the safe layout."""
     from adaconvert.conversion.peft_lora import to_lora
     from adaconvert.readers import read_adapter
@@ -320,7 +300,7 @@ def _prepare(name: str, src, *, modules: dict, cache: Path) -> ServedAdapter:
                 logger.info("adapter %s (%s): not in the safe layout, converting into %s", name, kind, path)
                 to_lora(root, path)
             converted = True
-        require_vllm_compat(path, base_config=modules, what="it", warn_only=("max-lora-rank",))
+        require_vllm_compat(path, base_config=base, what="it", warn_only=("max-lora-rank",))
     except AdaconvertError as exc:
         # same error type, but the message names the adapter as the user called it
         raise type(exc)(f"adapter {name!r}: {exc.message}", path=exc.path, module=exc.module, **exc.fields) from exc

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from adaconvert.adapter import split_module_name
+from adaconvert.constants import PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
-from adaconvert.readers._common import PEFT_PREFIX
 from adaconvert.training.adalora import ADAPTER
 from adaconvert.training.sharding import full
 

@@ -205,10 +205,10 @@ def check_base(opts: TrainOptions) -> None:
     if opts.quantize is not None:
         check_bitsandbytes(opts.quantize, "cuda" if torch.cuda.is_available() else "cpu")
     if opts.keep_layers is not None:
-        from adaconvert.base.modules import load_base_config
+        from adaconvert.base.model import BaseModel
 
         _check_model_exists(opts.model)
-        config = load_base_config(opts.model)
+        config = BaseModel.resolve(opts.model).config
         layers = getattr(config.get_text_config(), "num_hidden_layers", None)
         missing = [k for k in opts.keep_layers if layers is not None and int(k) >= layers]
         if missing:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter
-from adaconvert.base.modules import base_modules
+from adaconvert.base.model import BaseModel
 from adaconvert.base.quantization import bnb_config, check_bitsandbytes
 from adaconvert.compat.runtimes import check_runtimes, runtimes_dict
 from adaconvert.constants import MERGE_REPORT_NAME
@@ -112,7 +112,8 @@ def validate(
         check_bitsandbytes(quantize)
         quantization = bnb_config(quantize, double_quant=double_quant)
     merges = _merged_subjects(merged_dirs, quantize, double_quant)
-    modules = base_modules(base)
+    base_model = BaseModel.resolve(base, weights=True)  # once: config, modules, checkpoint and weights
+    modules = base_model.modules
     labels = _labels(pair_list)
     result = ValidationReport(
         base=str(base),
@@ -147,7 +148,6 @@ def validate(
             except AdaconvertError as exc:  # information only: a conversion we can read but not classify
                 result.notes.append(f"{label}: no portability check ({first_line(exc)})")
     merged_tols: dict[str, Tolerances | None] = {}
-    base_ckpt = open_checkpoint(base) if merges else None
     for subject, (directory, requant, held) in merges.items():
         merged_ckpt = open_checkpoint(directory)
         tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
@@ -158,7 +158,7 @@ def validate(
             method, dq = requant or (None, None)
             weights_level.compare_merged(
                 orig,
-                base_ckpt,
+                base_model,
                 merged_ckpt,
                 result,
                 tol=tol,
@@ -169,7 +169,7 @@ def validate(
 
     # logits: one base model, adapters attached one at a time
     result.levels.append("logits")
-    runner = logits_level.HFRunner(base, progress=progress, quantization=quantization)
+    runner = logits_level.HFRunner(base_model.root, progress=progress, quantization=quantization)
     ids, mask = runner.encode(prompt_list)
     base_logits = runner.logits(ids, mask)
     for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
@@ -199,7 +199,7 @@ def validate(
         # the engine's context: the longest prompt (vLLM adds no special tokens HF would not) plus the new tokens
         context = int(ids.shape[1]) + max_new_tokens + 8
         engine_options = {"max_model_len": context, "quiet": not progress}
-        _run_vllm(base, llm, runner, pair_list, labels, tols, tolerances, result, prompt_list, modules, max_new_tokens,
+        _run_vllm(base_model, llm, runner, pair_list, labels, tols, tolerances, result, prompt_list, max_new_tokens,
                   engine_options)  # fmt: skip
 
     if report is not None:
@@ -226,21 +226,17 @@ def failure(report: ValidationReport) -> ValidationError:
     )
 
 
-def _run_vllm(
-    base, llm, runner, pair_list, labels, tols, overrides, result, prompts, modules, max_new_tokens, engine_options
-):
+def _run_vllm(base, llm, runner, pair_list, labels, tols, overrides, result, prompts, max_new_tokens, engine_options):
     runnable = [(lb, o, c) for lb, (o, c) in zip(labels, pair_list, strict=True) if c is not None]
     if not runnable:
         return
     own_engine = llm is None
     if own_engine:
-        llm = make_engine(base, [c for _, _, c in runnable], **engine_options)
+        llm = make_engine(str(base.root), [c for _, _, c in runnable], **engine_options)
     _, engine_dtype = engine_settings(llm)
     pairs = [VllmPair(lb, str(o), str(c), _loosest(tols[lb], engine_dtype, overrides)) for lb, o, c in runnable]
     try:
-        run_vllm_level(
-            llm, runner, pairs, result, prompts=prompts, base_modules=modules, max_new_tokens=max_new_tokens
-        )
+        run_vllm_level(llm, runner, pairs, result, prompts=prompts, base=base, max_new_tokens=max_new_tokens)
     finally:
         if own_engine:
             del llm

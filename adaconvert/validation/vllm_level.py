@@ -97,7 +97,7 @@ def run_vllm_level(
     report: ValidationReport,
     *,
     prompts: list[str],
-    base_modules: dict,
+    base,
     max_new_tokens: int,
 ) -> None:
     """Load every converted adapter into ``llm``, decode ``prompts`` greedily, compare with PEFT(original).
@@ -115,7 +115,7 @@ def run_vllm_level(
         return
     loaded: list[tuple[VllmPair, LoRARequest]] = []
     for pair in pairs:
-        for problem in check_vllm_compat(pair.converted, max_lora_rank=max_lora_rank, base_config=base_modules):
+        for problem in check_vllm_compat(pair.converted, max_lora_rank=max_lora_rank, base_config=base):
             report.fail(LEVEL, pair.label, f"static check [{problem.rule}]: {problem.message}", module=problem.module)
         request = LoRARequest(pair.label, next(_LORA_IDS), str(Path(pair.converted).resolve()))
         try:

@@ -9,8 +9,8 @@ import math
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
-from adaconvert.base.modules import BaseModule
-from adaconvert.io.checkpoint import Checkpoint, TensorReader
+from adaconvert.base.model import BaseModel, BaseModule
+from adaconvert.io.checkpoint import Checkpoint, TensorReader, match_tensor
 from adaconvert.metrics import frobenius_norm, relative_error
 from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 
@@ -128,7 +128,7 @@ def compare_adapters(
 
 def compare_merged(
     original: Adapter,
-    base: Checkpoint,
+    base_model: BaseModel,
     merged: Checkpoint,
     report: ValidationReport,
     *,
@@ -143,19 +143,20 @@ def compare_merged(
     layer is dequant(quant(W_base)).
 
     Both checkpoints are read through :mod:`adaconvert.io.checkpoint`, one tensor at a time, and each module finds
-    its base tensor by the merge's own rule (:func:`adaconvert.merging.match_tensor`: ``<module>.weight``, or a
+    its base tensor by the merge's own rule (:func:`adaconvert.io.checkpoint.match_tensor`: ``<module>.weight``, or a
     prefixed name such as ``language_model.<module>.weight``). Rounding is allowed for: a module passes when
     ‖(W_merged − W_base) − ΔW‖ ≤ weight_rel·‖ΔW‖ + 2u·‖W_merged‖, u the unit roundoff of the merged dtype (plus the
     base's, when the dtypes differ). The rows show the worst ratio of error to allowance (≤ 1 passes), for the
     adapted modules and for every other tensor.
 
     Args:
-        base, merged: opened with :func:`adaconvert.io.checkpoint.open_checkpoint` (headers only).
+        base_model: the base, resolved once (its checkpoint's headers are read here).
+        merged: opened with :func:`adaconvert.io.checkpoint.open_checkpoint` (headers only).
     """
-    from adaconvert.base.quantization import quantized_modules, requantized
-    from adaconvert.merging import match_tensor
+    from adaconvert.base.quantization import requantized
 
-    requant = {f"{m}.weight": t for m, t in quantized_modules(base.root).items()} if requantize else {}
+    base = base_model.checkpoint
+    requant = {f"{m}.weight": t for m, t in base_model.quantized_modules.items()} if requantize else {}
     adapted: dict[str, str] = {}
     for module in sorted(original.deltas):
         candidates = match_tensor(module, base.tensors)

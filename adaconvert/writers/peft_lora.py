@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
-from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
-from adaconvert.readers._common import PEFT_PREFIX
 from adaconvert.transforms.pad import pad_delta, uniform_modules, zero_delta
 
 LAYOUTS = ("compact", "uniform")
