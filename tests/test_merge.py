@@ -386,8 +386,7 @@ def _merge_in_subprocess(base, adapter, dst) -> dict:
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     """Merge a base of N and 4N layers, each in a fresh process: peak RSS differs by less than the largest tensor,
     while the bases differ by several times that."""
-    from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora
-    from adaconvert.testing.synthetic_base import write_synthetic_llama
+    from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora, write_synthetic_llama
 
     dims = {"hidden": 512, "intermediate": 1536, "heads": 16, "kv_heads": 4, "vocab": 16384}
     peaks, sizes = {}, {}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADACONVERT = [sys.executable, "-m", "adaconvert.cli"]
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ has the synthetic writers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 
 def make_sources(root: Path, n: int, init_r: int) -> list[Path]:

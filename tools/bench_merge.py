@@ -25,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/ has the synthetic writers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 import torch
 
-from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora
-from adaconvert.testing.synthetic_base import write_synthetic_llama
+from adaconvert.testing.synthetic import LlamaShape, write_synthetic_adalora, write_synthetic_llama
 
 DIMS = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000}
 

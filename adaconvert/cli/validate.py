@@ -6,7 +6,6 @@ import logging
 
 import click
 
-from adaconvert import errors
 from adaconvert.base.quantization import QUANTIZATIONS
 from adaconvert.cli.options import common_options, emit, name_value
 
@@ -48,23 +47,13 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, mer
     Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
     """
     if static:
-        from adaconvert.base.model import BaseModel
-        from adaconvert.compat.vllm import check_vllm_compat
+        from adaconvert.compat.vllm import static_check
 
         if len(paths) > 1:
             raise click.UsageError("--vllm-static takes the adapters as options and at most BASE as argument")
-        base = BaseModel.resolve(paths[0]) if paths else None  # resolved once, shared by all adapters
-        found = {a: check_vllm_compat(a, max_lora_rank=max_lora_rank, base_config=base) for a in static}
-        lines = []
-        for adapter, problems in found.items():
-            lines.append(f"{adapter}: {len(problems)} problem(s)" if problems else f"{adapter}: ok")
-            lines += [f"  {p}" for p in problems]
-        emit({a: [p.to_dict() for p in ps] for a, ps in found.items()}, "\n".join(lines), as_json=as_json)
-        failed = {a: ps for a, ps in found.items() if ps}
-        if failed:
-            first = next(iter(failed))
-            problems = {a: [str(p) for p in ps] for a, ps in failed.items()}
-            raise errors.ValidationError(f"vLLM would not load it: {failed[first][0]}", path=first, problems=problems)
+        result = static_check(static, max_lora_rank=max_lora_rank, base=paths[0] if paths else None)
+        emit(result.to_dict(), result.text(), as_json=as_json)
+        result.raise_for_problems()
         return
     if len(paths) not in (1, 3) or (len(paths) == 1 and not pairs):
         raise click.UsageError("give BASE ORIGINAL CONVERTED, or BASE with --pair ORIG=CONV (repeatable)")

@@ -167,6 +167,47 @@ def require_vllm_compat(
     )
 
 
+@dataclass
+class StaticCheck:
+    """The static check of several adapters: adapter → the problems vLLM would meet (empty: it would load)."""
+
+    found: dict[str, list[VllmProblem]]
+
+    def to_dict(self) -> dict:
+        return {adapter: [p.to_dict() for p in problems] for adapter, problems in self.found.items()}
+
+    def text(self) -> str:
+        lines = []
+        for adapter, problems in self.found.items():
+            lines.append(f"{adapter}: {len(problems)} problem(s)" if problems else f"{adapter}: ok")
+            lines += [f"  {p}" for p in problems]
+        return "\n".join(lines)
+
+    def raise_for_problems(self) -> None:
+        """Raise when any adapter has a problem.
+
+        Raises:
+            ValidationError: naming the first problem; ``fields['problems']`` lists them per adapter.
+        """
+        failed = {adapter: problems for adapter, problems in self.found.items() if problems}
+        if failed:
+            from adaconvert.errors import ValidationError
+
+            first = next(iter(failed))
+            problems = {adapter: [str(p) for p in ps] for adapter, ps in failed.items()}
+            raise ValidationError(f"vLLM would not load it: {failed[first][0]}", path=first, problems=problems)
+
+
+def static_check(adapters, *, max_lora_rank: int | None = None, base=None) -> StaticCheck:
+    """:func:`check_vllm_compat` for each of ``adapters``, the base (if any) resolved once for all of them."""
+    if base is not None:
+        from adaconvert.base.model import BaseModel
+
+        base = BaseModel.resolve(base)
+    found = {str(a): check_vllm_compat(a, max_lora_rank=max_lora_rank, base_config=base) for a in adapters}
+    return StaticCheck(found)
+
+
 def tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the weights file vLLM would read (safetensors first, then .bin / .pt), without loading
     safetensors data.
