@@ -41,6 +41,7 @@ def _corrupt(sources: list[Path], tmp_path: Path) -> tuple[list[Path], list[Path
     return copies, bad
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_twenty_adapters_two_jobs(sources, tmp_path, capsys):
     out = tmp_path / "converted"
     code = main(["to-lora", *map(str, sources), "--output-dir", str(out), "--jobs", "2", "--quiet"])
@@ -66,6 +67,7 @@ def test_twenty_adapters_two_jobs(sources, tmp_path, capsys):
     assert summary["items"][7]["params_after"] == single.params_after
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_bad_adapters_are_named_and_the_rest_converted(sources, tmp_path, capsys):
     copies, bad = _corrupt(sources, tmp_path)
     out = tmp_path / "converted"

@@ -337,6 +337,7 @@ def test_hostile_input(tmp_path, capsys, make, code, message, names):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")] == []
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_stride_zero_bin_is_refused_without_materialising_it(tmp_path):
     """The expanded tensor would take 192 MiB once copied; refusing it must cost no more than reading the file."""
     src = write_adalora(tmp_path / "src", in_f=IN_F, out_f=OUT_F)
@@ -419,6 +420,7 @@ def test_validate_missing_local_path_is_not_found_at_once(tmp_path, tiny_llama, 
     assert err.strip() == "error: runs/missing: no such file or directory" and out == ""
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_quiet_silences_third_party_warnings(tmp_path, adalora_llama, tiny_llama):
     """A failing validate with -q: PEFT's warnings (zero-size tensors, unmatched rank_pattern keys) no longer
     reach stderr; the one error line does."""

@@ -583,6 +583,7 @@ def test_cli_json_summary_and_progress_bar(bases, loras, tmp_path, capsys):
     assert out.startswith(f"wrote {tmp_path / 'b'}: 8 of ") and "merge: 100%" in err
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_hub_id_base_from_the_local_cache(tiny_llama, loras, tmp_path):
     """A Hub id resolves through huggingface_hub (here its offline cache: no network in tests)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
