@@ -8,6 +8,12 @@ One command, a few minutes on one machine:
     python tools/gpu_check.py            # GPU: size "gpu" (24 layers, hidden 1024, 8 × 512 tokens), 30 steps
     python tools/gpu_check.py --size tiny --steps 8   # the same code on CPU, small (what CI-like machines run)
     python tools/gpu_check.py --fsdp-only --size tiny --steps 8 --nproc 2   # only the FSDP path (gloo on CPU)
+    python tools/gpu_check.py --qlora-only --size tiny --steps 8  # only the QLoRA path
+
+The QLoRA path (run by default where bitsandbytes is installed) trains AdaLoRA on the base loaded in NF4, converts
+it, merges it plainly and QLoRA-faithfully (``merge --requantize nf4``), validates the conversion and the faithful
+merge against PEFT on the NF4 base, serves the conversion through vLLM where it is installed (on the 16-bit base,
+as ``adaconvert serve`` does, against PEFT on that base), and prints each step's time, peak GPU memory and verdict.
 
 Without a GPU it runs unchanged on CPU with the ``small`` size (fp32). Needs only torch, transformers, peft and
 adaconvert (no vLLM). The measurements are ``tools/bench_train.py``'s (step times with the GPU synchronised).
@@ -122,6 +128,65 @@ def fsdp_check(size: str, steps: int, nproc: int) -> str:
     return "\n".join(lines)
 
 
+def qlora_check(size: str, steps: int) -> str:
+    """Train on a 4-bit base, convert, merge with requantisation, validate (and serve through vLLM where it is
+    installed); a markdown report of each step's time, peak GPU memory and result."""
+    import importlib.util
+
+    import torch
+
+    import adaconvert
+
+    def peak() -> str:
+        return f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if torch.cuda.is_available() else "n/a (CPU)"
+
+    rows = []
+
+    def step(name: str, fn):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = fn()
+        rows.append((name, time.perf_counter() - started, peak()))
+        return result
+
+    with_vllm = importlib.util.find_spec("vllm") is not None
+    with tempfile.TemporaryDirectory(prefix="gpu-check-qlora-") as tmp:
+        root = Path(tmp)
+        build_base(root / "base", size, dtype="bfloat16" if torch.cuda.is_available() else "float32")
+        write_data(root / "data.jsonl", size, examples=max(64, 4 * SIZES[size]["batch"]))
+        base, adapter, data = str(root / "base"), str(root / "adalora"), str(root / "data.jsonl")
+        settings = adalora_settings(size, steps)
+        step("train adalora on nf4", lambda: adaconvert.train("adalora", model=base, data=data, output=adapter,
+                                                              quantize="nf4", **settings))  # fmt: skip
+        step("to-lora", lambda: adaconvert.to_lora(adapter, root / "lora"))
+        step("merge (plain)", lambda: adaconvert.merge(base, [adapter], root / "merged"))
+        step("merge --requantize nf4", lambda: adaconvert.merge(base, [adapter], root / "merged-q", requantize="nf4"))
+        checks = {"raise_on_failure": False, "progress": False}
+        reports = [
+            step("validate --quantize nf4 --merged (requantised)", lambda: adaconvert.validate(
+                base, adapter, root / "lora", merged=[root / "merged-q"], quantize="nf4", **checks)),
+        ]  # fmt: skip
+        if with_vllm:  # served as vLLM serves it: the converted adapter on the 16-bit base
+            reports.append(step("validate --vllm (16-bit base)", lambda: adaconvert.validate(
+                base, adapter, root / "lora", vllm=True, **checks)))  # fmt: skip
+    lines = [
+        f"### QLoRA: AdaLoRA on an NF4 base ({size} model, {steps} steps)",
+        "",
+        "| step | time | peak GPU mem |",
+        "|---|---|---|",
+        *(f"| {name} | {seconds:.1f} s | {mem} |" for name, seconds, mem in rows),
+        "",
+        *(
+            f"validation ({', '.join(r.levels)}): {'passed' if r.passed else 'FAILED'}, {len(r.checks)} checks"
+            + "".join(f"\n  {problem}" for problem in r.problems)
+            for r in reports
+        ),
+        *([] if with_vllm else ["vLLM is not installed: the adapter was not served"]),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -134,18 +199,27 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method (default 30)")
     parser.add_argument("--nproc", type=int, help="FSDP processes (default: every GPU; FSDP needs 2 or more)")
     parser.add_argument("--fsdp-only", action="store_true", help="only the FSDP path")
+    parser.add_argument("--qlora-only", action="store_true", help="only the QLoRA path")
     args = parser.parse_args(argv)
     size = args.size or ("gpu" if torch.cuda.is_available() else "small")
     nproc = args.nproc or torch.cuda.device_count()
     print(environment(), flush=True)
     started = time.perf_counter()
-    if not args.fsdp_only:
+    if not (args.fsdp_only or args.qlora_only):
         rows, info = run_all(size, args.steps)
         print(table(rows, info), flush=True)
-    if nproc >= 2:
-        print("\n" + fsdp_check(size, args.steps, nproc))
-    else:
-        print("\nFSDP path: needs 2 or more processes (one GPU each); this machine has fewer GPUs (--nproc N on CPU)")
+    if not args.qlora_only:
+        if nproc >= 2:
+            print("\n" + fsdp_check(size, args.steps, nproc), flush=True)
+        else:
+            print("\nFSDP path: needs 2 or more processes (one GPU each); this machine has fewer (--nproc N on CPU)")
+    if not args.fsdp_only:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            print("\n" + qlora_check(size, args.steps), flush=True)
+        else:
+            print("\nQLoRA path: bitsandbytes is not installed (pip install 'adaconvert[qlora]')")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

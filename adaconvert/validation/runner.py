@@ -67,7 +67,7 @@ def validate(
             reference, PEFT(original), and the conversions then run on that quantised base. A merged checkpoint is
             held to the tolerances when it was merged for the base the reference runs on (``merge --requantize``
             with the same settings; a plain merge without ``quantize``); any other is measured and reported,
-            with a note, but cannot fail.
+            with a note, but cannot fail. Not with ``vllm``: vLLM serves the adapter on the 16-bit base.
         double_quant: with a 4-bit ``quantize``, as training used it.
         vllm: run the vLLM level.
         llm: an existing ``vllm.LLM`` with LoRA enabled to use for the vLLM level (else one is started and
@@ -108,6 +108,13 @@ def validate(
     prompt_list = logits_level.read_prompts(prompts)
     Tolerances.for_dtypes(overrides=tolerances)  # reject bad overrides before any work
     quantization = None
+    if quantize is not None and vllm:
+        # vLLM applies the converted adapter to the 16-bit base: PEFT(original) on the quantised base is another
+        # function, and the comparison would fail however exact the conversion is
+        raise InvalidConfigError(
+            "--vllm with --quantize: vLLM serves the adapter on the 16-bit base, not on the quantised base the "
+            "reference runs on; run the vLLM level without --quantize (it checks that 16-bit serving path)"
+        )
     if quantize is not None:
         check_bitsandbytes(quantize)
         quantization = bnb_config(quantize, double_quant=double_quant)
