@@ -198,7 +198,11 @@ BAD_ARGUMENTS = [
     ({"original": "a", "converted": "b", "prompts": []}, InvalidConfigError, "at least one non-empty prompt"),
     ({"original": "a", "converted": "b", "prompts": "/no/such/file"}, SourceNotFoundError, "no such prompts file"),
     ({"original": "a", "converted": "b", "max_new_tokens": 0}, InvalidConfigError, "max_new_tokens"),
-    ({"original": "a", "converted": "b", "quantize": "nf4", "vllm": True}, InvalidConfigError, "--vllm with --quantize"),
+    (
+        {"original": "a", "converted": "b", "quantize": "nf4", "vllm": True},
+        InvalidConfigError,
+        "--vllm with --quantize",
+    ),
 ]
 
 
