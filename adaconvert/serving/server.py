@@ -230,9 +230,9 @@ def plan_serve(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     served = [_prepare(name, src, base=base_model, cache=cache) for name, src in items]
 
-    need = bucket_for([a.path for a in served], minimum=16 if adapter_store is not None else 1)
+    need = bucket_for([a.path for a in served], minimum=1)
     if max_lora_rank is None:
-        max_lora_rank = need
+        max_lora_rank = max(need, 16) if adapter_store is not None else need  # 16: vLLM's own default
     elif check_bucket(max_lora_rank) < need:
         worst = max(served, key=lambda a: a.max_rank)
         raise RankLimitError(
