@@ -15,7 +15,8 @@ import threading
 import pytest
 import torch
 
-from adaconvert.serving.server import _digest, plan_serve
+from adaconvert.cli import main
+from adaconvert.serving.server import VllmServer, _digest, plan_serve
 from tests.helpers.adapter_edits import edited_copy, set_config, wrong_prefix
 from tests.helpers.needs import require
 from tests.helpers.peft_utils import peft_greedy
@@ -94,7 +95,7 @@ def _expect(server, name, tiny_llama, original, prompts):
     assert_same_generation(served_greedy(server, name, prompts, key=KEY), peft_greedy(tiny_llama, original, prompts))
 
 
-pytestmark = pytest.mark.vllm
+# --- the plan and the server's environment (no server) ------------------------------------------------------------
 
 
 def test_plan_with_a_store(tiny_llama, store, tmp_path):
@@ -106,8 +107,34 @@ def test_plan_with_a_store(tiny_llama, store, tmp_path):
         "--middleware",
         "adaconvert.serving.middleware.CloseRuntimeLoading",
     ]
+    assert f"any other name: the adapter of that name in {store.resolve()}" in plan.table()
     opened = plan_serve(tiny_llama, {}, adapter_store=store, cache_dir=tmp_path, allow_runtime_load=True)
     assert "adaconvert.serving.middleware.CloseRuntimeLoading" not in opened.command
+    small = plan_serve(tiny_llama, {}, adapter_store=store, cache_dir=tmp_path, max_lora_rank=8)
+    assert small.max_lora_rank == 8
+
+
+def test_the_store_servers_environment(tiny_llama, store, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", "/")  # vLLM's own resolvers would serve other places
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    monkeypatch.setenv("ADACONVERT_ADAPTER_STORE", "/elsewhere")
+    env = VllmServer(plan_serve(tiny_llama, {}, adapter_store=store, cache_dir=tmp_path)).server_env()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true" and "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+    assert env["ADACONVERT_ADAPTER_STORE"] == str(store.resolve())
+    assert env["ADACONVERT_ADAPTER_CACHE"] == str(tmp_path.resolve())
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,adaconvert"
+    without = VllmServer(plan_serve(tiny_llama, {"a": store / "ada"}, cache_dir=tmp_path)).server_env()
+    assert not {"VLLM_ALLOW_RUNTIME_LORA_UPDATING", "ADACONVERT_ADAPTER_STORE"} & set(without)
+
+
+def test_cli_needs_adapters_or_a_store(tiny_llama, tmp_path, capsys):
+    assert main(["serve", str(tiny_llama), "--dry-run", "-q"]) == 2
+    assert "give at least one NAME=ADAPTER to serve, or an --adapter-store" in capsys.readouterr().err
+    assert main(["serve", str(tiny_llama), "--adapter-store", str(tmp_path / "none"), "--dry-run", "-q"]) == 2
+    assert capsys.readouterr().err == f"error: --adapter-store {tmp_path / 'none'}: no such directory\n"
+
+
+# --- one real server ------------------------------------------------------------------------------------------------
 
 
 def test_more_adapters_than_slots_in_interleaved_order_each_as_peft(

@@ -30,8 +30,6 @@ from tests.helpers.vllm_utils import (
     served_greedy,
 )
 
-pytestmark = pytest.mark.vllm
-
 
 @pytest.fixture(scope="module")
 def store(adalora_llama, adalora_llama_b, tmp_path_factory):
