@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from adaconvert.compat.layout import is_safe_layout
 from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SERVE_MANIFEST_NAME
-from adaconvert.serving.server import _digest, is_safe_layout
+from adaconvert.serving.server import _digest
 from adaconvert.serving.store import cached_conversion, manifest_problem, store_path, store_signature
 from tests.helpers.adapter_edits import edit_config, wrong_prefix
 from tests.helpers.needs import require
@@ -226,7 +227,7 @@ def test_the_plugin_changes_nothing_unless_configured(store, tmp_path):
     seen = json.loads(unconfigured.stdout.splitlines()[-1])
     assert seen["resolvers"] == []
     # only the entry point's own module chain was imported, to find out there is nothing to do
-    assert not {"adaconvert.conversion.peft_lora", "adaconvert.base.modules"} & set(seen["modules"])
+    assert not {"adaconvert.conversion.peft_lora", "adaconvert.base.model"} & set(seen["modules"])
     configured = _load_plugins({"ADACONVERT_ADAPTER_STORE": str(store)})
     assert json.loads(configured.stdout.splitlines()[-1])["resolvers"] == ["adaconvert"]
     missing = _load_plugins({"ADACONVERT_ADAPTER_STORE": str(tmp_path / "nowhere")})

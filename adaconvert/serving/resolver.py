@@ -96,7 +96,7 @@ class AdapterStoreResolver(LoRAResolver):
         self.store = Path(store).resolve()
         self.cache = Path(cache)
         self._signatures: dict[str, tuple] = {}  # name → store_signature when it was resolved
-        self._bases: dict[str, dict] = {}  # base model → its adaptable modules
+        self._bases: dict[str, object] = {}  # base model name → BaseModel (its adaptable modules)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         """The ``LoRARequest`` for ``lora_name``, None when the store has no such adapter (vLLM answers 404).
@@ -114,7 +114,7 @@ class AdapterStoreResolver(LoRAResolver):
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(entry))
 
     def _prepare(self, base: str, name: str, root: Path, limits: EngineLimits | None) -> Path:
-        from adaconvert.base.modules import base_modules
+        from adaconvert.base.model import BaseModel
         from adaconvert.compat.vllm import require_vllm_compat
         from adaconvert.errors import AdaconvertError, first_line
         from adaconvert.serving.store import cached_conversion, store_signature
@@ -122,7 +122,7 @@ class AdapterStoreResolver(LoRAResolver):
         signature = store_signature(root)  # before reading: an edit from now on makes it stale
         try:
             if base not in self._bases:
-                self._bases[base] = base_modules(base)
+                self._bases[base] = BaseModel.resolve(base)
             entry, reused = cached_conversion(root, self.cache)
             require_vllm_compat(
                 entry,
