@@ -98,7 +98,9 @@ def _expect(server, name, tiny_llama, original, prompts):
 # --- the plan and the server's environment (no server) ------------------------------------------------------------
 
 
-def test_plan_with_a_store(tiny_llama, store, tmp_path):
+def test_plan_with_a_store(tiny_llama, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
     plan = plan_serve(tiny_llama, {}, adapter_store=store, cache_dir=tmp_path)
     assert plan.adapters == [] and plan.max_lora_rank == 16 and plan.runtime_loading
     assert plan.command[-4:] == [
@@ -114,7 +116,9 @@ def test_plan_with_a_store(tiny_llama, store, tmp_path):
     assert small.max_lora_rank == 8
 
 
-def test_the_store_servers_environment(tiny_llama, store, tmp_path, monkeypatch):
+def test_the_store_servers_environment(tiny_llama, adalora_llama, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    store.mkdir()
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", "/")  # vLLM's own resolvers would serve other places
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
     monkeypatch.setenv("ADACONVERT_ADAPTER_STORE", "/elsewhere")
@@ -123,7 +127,7 @@ def test_the_store_servers_environment(tiny_llama, store, tmp_path, monkeypatch)
     assert env["ADACONVERT_ADAPTER_STORE"] == str(store.resolve())
     assert env["ADACONVERT_ADAPTER_CACHE"] == str(tmp_path.resolve())
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,adaconvert"
-    without = VllmServer(plan_serve(tiny_llama, {"a": store / "ada"}, cache_dir=tmp_path)).server_env()
+    without = VllmServer(plan_serve(tiny_llama, {"a": adalora_llama}, cache_dir=tmp_path)).server_env()
     assert not {"VLLM_ALLOW_RUNTIME_LORA_UPDATING", "ADACONVERT_ADAPTER_STORE"} & set(without)
 
 
