@@ -31,5 +31,7 @@ TRAINING_SUMMARY_NAME = "training_summary.json"
 DEMO_SUMMARY_NAME = "demo_summary.json"
 RANK_HISTORY_NAME = "rank_history.json"
 LORA_DROP_NAME = "lora_drop.json"
+# size and sha256 of every file of a conversion cached for serving (adaconvert/serving/store.py)
+SERVE_MANIFEST_NAME = "adaconvert_manifest.json"
 RANK_HEATMAP_NAME = "rank_heatmap.png"
 THIRD_PARTY_LOG_NAME = "third_party.log"

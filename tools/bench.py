@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "batch": ("bench_batch.py", []),
     "train": ("bench_train.py", []),
     "serve": ("bench_serve.py", []),
+    "resolver": ("bench_resolver.py", []),
     "qlora": ("bench_qlora.py", []),
 }
 HEADER = """# Benchmarks

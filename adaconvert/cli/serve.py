@@ -19,7 +19,7 @@ class _PassThroughCommand(click.Command):
 
 @click.command("serve", cls=_PassThroughCommand)
 @click.argument("base")
-@click.argument("adapters", nargs=-1, required=True, metavar="NAME=ADAPTER... [-- VLLM_ARGS...]")
+@click.argument("adapters", nargs=-1, metavar="[NAME=ADAPTER]... [-- VLLM_ARGS...]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--api-key",
@@ -33,15 +33,27 @@ class _PassThroughCommand(click.Command):
 @click.option("--max-loras", type=click.IntRange(min=1), help="Adapters in one batch (default: all).")
 @click.option("--max-cpu-loras", type=click.IntRange(min=1), help="Adapters kept in CPU memory (default: all).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where conversions made for serving go.")
+@click.option(
+    "--adapter-store",
+    type=click.Path(file_okay=False),
+    help="Directory of adapters (NAME or ORG/NAME): a request naming one is converted, checked and loaded on demand.",
+)
+@click.option(
+    "--allow-runtime-load",
+    is_flag=True,
+    help="Open vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter to clients (they load any path here).",
+)
 @click.option("--print-command", is_flag=True, help="Print the exact `vllm serve` command instead of running it.")
 @click.option("--dry-run", is_flag=True, help="Read, check and convert everything, check the port; start nothing.")
 @click.option("--ready-timeout", type=float, default=1800, show_default=True, help="Seconds to wait for readiness.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Send vLLM's output to this file.")
 @common_options()
 def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
-    """Serve NAME=ADAPTER pairs on BASE with vLLM's OpenAI-compatible server; Ctrl-C stops it.
+    """Serve NAME=ADAPTER pairs and/or every adapter of --adapter-store on BASE with vLLM's OpenAI-compatible
+    server; Ctrl-C stops it.
 
-    Adapters not in the safe export layout (AdaLoRA, LoRA with alpha != r...) are converted first, into the cache.
+    Adapters not in the safe export layout (AdaLoRA, LoRA with alpha != r...) are converted first, into the cache;
+    those of the store when a request first names them.
     """
     from adaconvert.serving.server import serve
 

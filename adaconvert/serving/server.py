@@ -8,7 +8,10 @@ then SIGKILL) on Ctrl-C, on SIGTERM, or when its ``with`` block ends.
 Exposure: a host other than loopback needs an API key (or ``insecure``). The key reaches vLLM through its
 ``VLLM_API_KEY`` environment variable, never its command line (``ps`` shows that to every user), and never appears
 in the plan's text or JSON, in logs or in messages. vLLM's runtime adapter loading
-(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), which would let any client load any path on the machine, is always off.
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``), which would let any client load any path on the machine, is off — unless an
+adapter store is served (``adapter_store``): vLLM asks LoRA resolvers only with it on, so then it is on, with the
+store resolver (``serving/resolver.py``) answering requests for names in the store and a middleware
+(``serving/middleware.py``) keeping the load/unload routes closed unless ``allow_runtime_load``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from adaconvert.compat.vllm import (
 from adaconvert.constants import ADAPTER_CONFIG_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
 from adaconvert.io.source import read_json, resolve_source
+from adaconvert.serving.store import CACHE_ENV, RESOLVER_NAME, STORE_ENV
 
 if TYPE_CHECKING:
     from adaconvert.base.model import BaseModel
@@ -54,7 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][\w.:/-]*$")
-_SAFE_CHARS = re.compile(r"[^\w.-]")
 # options serve sets itself; passing them after `--` as well would contradict the plan
 _OWN_FLAGS = {
     "--enable-lora": "it is always set",
@@ -69,6 +72,9 @@ _OWN_FLAGS = {
 # environment variables the server never gets from us: runtime adapter loading lets any client that reaches the
 # server load any path on this machine (and LoRA resolver plugins only act when it is on)
 _NEVER_INHERITED = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)
+# vLLM's own resolvers (a directory, Hub repos) and ours: only the plan says which adapters clients may load
+_RESOLVER_SETTINGS = ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_LORA_RESOLVER_HF_REPO_LIST", STORE_ENV, CACHE_ENV)
+_MIDDLEWARE = "adaconvert.serving.middleware"
 
 
 @dataclass
@@ -107,6 +113,14 @@ class ServePlan:
     extra_args: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     api_key: str | None = field(default=None, repr=False)  # never in to_dict(), the command or a message
+    adapter_store: str | None = None  # served on demand by name, through the resolver plugin
+    cache_dir: str | None = None
+    allow_runtime_load: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter open to clients
+
+    @property
+    def runtime_loading(self) -> bool:
+        """Whether vLLM runs with runtime LoRA updating (needed for the store, or asked for)."""
+        return self.adapter_store is not None or self.allow_runtime_load
 
     @property
     def url(self) -> str:
@@ -124,6 +138,8 @@ class ServePlan:
         for a in self.adapters:
             how = " (converted, cached)" if a.cached else " (converted now)" if a.converted else ""
             lines.append(f"{a.name:<16} {a.kind:<9} {a.max_rank:>4}  {a.path}{how}")
+        if self.adapter_store is not None:
+            lines.append(f"any other name: the adapter of that name in {self.adapter_store} (cache: {self.cache_dir})")
         lines += [f"--max-lora-rank {self.max_lora_rank}; listening on {self.url}", self.shell_command()]
         return "\n".join(lines)
 
@@ -160,6 +176,8 @@ def plan_serve(
     extra_args: Iterable[str] = (),
     api_key: str | None = None,
     insecure: bool = False,
+    adapter_store: str | Path | None = None,
+    allow_runtime_load: bool = False,
 ) -> ServePlan:
     """Read and check every adapter, convert those not in the safe export layout, and build the command.
 
@@ -176,6 +194,11 @@ def plan_serve(
         api_key: clients must send it (``Authorization: Bearer <key>``) to every ``/v1`` route; required when
             ``host`` is not loopback, unless ``insecure``.
         insecure: allow a non-loopback ``host`` without ``api_key`` (anyone who reaches it can use the server).
+        adapter_store: a directory of adapter directories (``NAME`` or ``ORG/NAME``): a request naming one that is
+            not preloaded has it converted (into ``cache_dir``), checked and loaded on demand; ``adapters`` may
+            then be empty, and ``max_lora_rank`` defaults to at least 16 (vLLM's default).
+        allow_runtime_load: open vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` to clients
+            (they load any path of this machine); closed (403) by default.
 
     Returns:
         The :class:`ServePlan`; nothing is started.
@@ -194,7 +217,10 @@ def plan_serve(
     from adaconvert.base.model import BaseModel
 
     items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
-    _check_names(items)
+    if items or adapter_store is None:
+        _check_names(items)
+    if adapter_store is not None and not Path(adapter_store).is_dir():
+        raise InvalidConfigError(f"--adapter-store {adapter_store}: no such directory")
     extra = [str(a) for a in extra_args]
     _check_extra_args(extra)
     if not 0 < port < 65536:
@@ -206,7 +232,7 @@ def plan_serve(
 
     need = bucket_for([a.path for a in served], minimum=1)
     if max_lora_rank is None:
-        max_lora_rank = need
+        max_lora_rank = max(need, 16) if adapter_store is not None else need  # 16: vLLM's own default
     elif check_bucket(max_lora_rank) < need:
         worst = max(served, key=lambda a: a.max_rank)
         raise RankLimitError(
@@ -224,6 +250,9 @@ def plan_serve(
         )
     base_arg = str(Path(base).resolve()) if Path(base).exists() else str(base)
     plan = ServePlan(base_arg, host, port, served, max_lora_rank, max_loras, max_cpu_loras, extra, api_key=api_key)
+    if adapter_store is not None:
+        plan.adapter_store, plan.cache_dir = str(Path(adapter_store).resolve()), str(cache.resolve())
+    plan.allow_runtime_load = allow_runtime_load
     plan.command = build_command(plan)
     return plan
 
@@ -238,12 +267,16 @@ def build_command(plan: ServePlan) -> list[str]:
     command += ["--max-cpu-loras", str(plan.max_cpu_loras)]
     if modules:
         command += ["--lora-modules", *modules]
+    if plan.adapter_store is not None:
+        command += ["--middleware", f"{_MIDDLEWARE}.AdapterStoreMiddleware"]
+    if plan.runtime_loading and not plan.allow_runtime_load:
+        command += ["--middleware", f"{_MIDDLEWARE}.CloseRuntimeLoading"]
     return command + plan.extra_args
 
 
 def _check_names(items: list[tuple[str, object]]) -> None:
     if not items:
-        raise InvalidConfigError("give at least one NAME=ADAPTER to serve")
+        raise InvalidConfigError("give at least one NAME=ADAPTER to serve, or an --adapter-store")
     seen = set()
     for name, _ in items:
         if not _NAME_RE.match(name):
@@ -284,21 +317,19 @@ def _check_extra_args(extra: list[str]) -> None:
 
 def _prepare(name: str, src, *, base: BaseModel, cache: Path) -> ServedAdapter:
     """Read and check one adapter; convert it into ``cache`` unless it is already in the safe layout."""
-    from adaconvert.conversion.peft_lora import to_lora
     from adaconvert.readers import read_adapter
+    from adaconvert.serving.store import cached_conversion
 
     try:
         root = resolve_source(src)
         adapter = read_adapter(root)  # every adapter is read in full: NaN, bad shapes, unknown types fail here
         kind, path, converted, cached = adapter.source_kind, root, False, False
         if not is_safe_layout(root):
-            path = cache / f"{_SAFE_CHARS.sub('_', name)}-{_digest(root)}"
-            cached = (path / ADAPTER_CONFIG_NAME).is_file()
+            path, cached = cached_conversion(root, cache)
             if cached:
                 logger.info("adapter %s: using the conversion cached at %s", name, path)
             else:
                 logger.info("adapter %s (%s): not in the safe layout, converting into %s", name, kind, path)
-                to_lora(root, path)
             converted = True
         require_vllm_compat(path, base_config=base, what="it", warn_only=("max-lora-rank",))
     except AdaconvertError as exc:
@@ -319,7 +350,9 @@ def _digest(root: Path) -> str:
     from adaconvert import __version__
 
     h = hashlib.sha256(__version__.encode())
-    for name in sorted(p.name for p in root.iterdir() if p.name.startswith("adapter_") or p.suffix == ".json"):
+    from adaconvert.serving.store import is_read_for_serving
+
+    for name in sorted(p.name for p in root.iterdir() if is_read_for_serving(p.name)):
         h.update(name.encode())
         with open(root / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -426,11 +459,19 @@ class VllmServer:
 
     def server_env(self) -> dict[str, str]:
         """The server's environment: ours and ``env``, the plan's API key as ``VLLM_API_KEY`` (no other key),
-        and none of ``_NEVER_INHERITED``."""
+        none of ``_NEVER_INHERITED`` and of the resolvers' settings, then what the plan's runtime loading needs."""
         env = {**os.environ, **self.env}
         for name in _NEVER_INHERITED:
             if env.pop(name, "").strip().lower() not in ("", "0", "false"):
                 logger.warning("not passing %s on to vLLM: it lets any client load any path on this machine", name)
+        for name in _RESOLVER_SETTINGS:
+            env.pop(name, None)
+        if self.plan.runtime_loading:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+        if self.plan.adapter_store is not None:
+            env |= {STORE_ENV: self.plan.adapter_store, CACHE_ENV: self.plan.cache_dir}
+            if env.get("VLLM_PLUGINS") and RESOLVER_NAME not in env["VLLM_PLUGINS"].split(","):
+                env["VLLM_PLUGINS"] += f",{RESOLVER_NAME}"  # an allow-list of plugins must let ours load
         env.pop("VLLM_API_KEY", None)
         if self.plan.api_key is not None:
             env["VLLM_API_KEY"] = self.plan.api_key
@@ -534,7 +575,7 @@ def serve(
 
     Args:
         base, adapters, plan_options: see :func:`plan_serve` (host, port, max_lora_rank, max_loras,
-            max_cpu_loras, cache_dir, extra_args, api_key, insecure).
+            max_cpu_loras, cache_dir, extra_args, api_key, insecure, adapter_store, allow_runtime_load).
         print_command: only plan; the caller prints ``plan.shell_command()`` (for Kubernetes and the like).
         dry_run: only plan and check (the port too); start nothing.
         ready_timeout: seconds to wait for the server to become ready.

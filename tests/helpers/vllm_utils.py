@@ -86,3 +86,93 @@ def vllm_load_adapter(adapter_dir, *, max_lora_rank: int = 16, expected_modules=
     return LoRAModel.from_local_checkpoint(
         str(adapter_dir), set(expected_modules), helper, device="cpu", dtype=torch.float32
     )
+
+
+def http_json(url: str, payload: dict | None = None, *, key: str | None = None, method: str = "POST"):
+    """(HTTP status, decoded JSON body or text) of a request to a running server; errors are answers, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def served_greedy(url: str, model: str, prompts: list[list[int]], *, key: str | None = None, max_tokens: int = 8):
+    """What ``greedy`` returns, from a running OpenAI-compatible server's completions API (token-id prompts)."""
+    payload = {
+        "model": model,
+        "prompt": prompts,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "logprobs": 0,
+        "return_token_ids": True,
+        "ignore_eos": True,
+    }
+    status, body = http_json(f"{url}/v1/completions", payload, key=key)
+    assert status == 200, (model, status, body)
+    choices = sorted(body["choices"], key=lambda c: c["index"])
+    return [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in choices]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def running_server(argv: list[str], *, env: dict, log_path, url: str, timeout: float = 600):
+    """Context manager: start ``argv`` (a server) in its own process group with its output in ``log_path``; yield the
+    process once ``url``/health answers; then stop it (SIGINT, then SIGKILL to the whole group)."""
+    import contextlib
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    import pytest
+
+    @contextlib.contextmanager
+    def run():
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    if process.poll() is not None:
+                        pytest.fail(f"server exited with {process.returncode}:\n{_tail(log_path)}")
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"server not ready after {timeout:.0f} s:\n{_tail(log_path)}")
+                    with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                    time.sleep(1)
+                yield process
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=60)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    return run()
+
+
+def _tail(path, n: int = 3000) -> str:
+    from pathlib import Path
+
+    return Path(path).read_text(errors="replace")[-n:]
