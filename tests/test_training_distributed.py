@@ -268,15 +268,28 @@ def test_accelerate_launch_that_starts_one_process_of_two_is_refused(tiny_llama,
     assert "--multi_gpu" in proc.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("method", ["lora", "lora-drop"])
-def test_deepspeed_zero3_is_refused_before_any_work(tiny_llama, tmp_path, method):
-    """An accelerate config for DeepSpeed ZeRO-3, as `accelerate config` writes it: every process refuses with one
-    line before loading anything (ZeRO-3 partitions the adapter's weights, which the saved adapter needs whole)."""
+# an accelerate config as `accelerate config` writes it for ZeRO-3; or one that names a DeepSpeed config file
+ZERO3_CONFIGS = {
+    "zero_stage": "deepspeed_config:\n  zero_stage: 3\n",
+    "deepspeed_config_file": "deepspeed_config:\n  deepspeed_config_file: {tmp}/ds.json\n  zero3_init_flag: false\n",
+}
+# ZeRO-3 that partitions every parameter (the default threshold leaves this tiny model's whole): the adapter was
+# saved as 28 tensors of shape (0,), "0 trainable parameters", exit 0
+DEEPSPEED_JSON = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "style"), [("lora", "zero_stage"), ("lora-drop", "deepspeed_config_file")])
+def test_deepspeed_zero3_is_refused_before_any_work(tiny_llama, tmp_path, method, style):
+    """DeepSpeed ZeRO-3 through `accelerate launch --config_file`: every process refuses with one line before
+    loading anything (ZeRO-3 partitions the adapter's weights, and the saved adapter held none of them)."""
     require("deepspeed", purpose="the DeepSpeed launch test (accelerate launches DeepSpeed only when installed)")
+    (tmp_path / "ds.json").write_text(json.dumps(DEEPSPEED_JSON))
     config = tmp_path / "ds3.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
-        "deepspeed_config:\n  zero_stage: 3\nnum_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n"
+        + ZERO3_CONFIGS[style].format(tmp=tmp_path)
+        + "num_machines: 1\nnum_processes: 2\nmixed_precision: 'no'\n"
     )
     data = write_jsonl(tmp_path / "d.jsonl")
     cli = ["-m", "adaconvert.cli", "train", method, "--model", str(tiny_llama), "--data", str(data),

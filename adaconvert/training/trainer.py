@@ -199,8 +199,8 @@ def check_launch(opts: TrainOptions) -> None:
     if deepspeed_zero_stage() == 3:
         raise InvalidConfigError(
             "DeepSpeed ZeRO-3 is not supported: it partitions the adapter's weights, which training reads whole and "
-            "saves (the adapter would be written empty); use ZeRO stage 1 or 2, --fsdp (accelerate launch "
-            "--use_fsdp) or DDP"
+            "saves (they would be written empty); use ZeRO stage 1 or 2, --fsdp (accelerate launch --use_fsdp) or "
+            "DDP"
         )
     if accelerate_started_one_process():
         raise InvalidConfigError(
