@@ -22,7 +22,7 @@ from adaconvert.training.config import (
     option_kind,
 )
 from adaconvert.training.data import CausalCollator, load_texts, tokenize
-from tests.helpers.training_utils import write_jsonl
+from tests.helpers.training_utils import quick_train, write_jsonl
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -177,6 +177,8 @@ ERROR_CASES = [
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "lr: 1e-4\nbogus: 1\n"}, r"r.yaml: unknown option\(s\) bogus"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "method: adalora\n"}, r"recipe is for method 'adalora'"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "steps: many\n"}, r"option 'steps' must be int, got 'many'"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "lr: -2e-4\n"}, r"--lr must be positive, got -0.0002"),
+    (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "lr: nan\n"}, r"option 'lr' must be float, got 'nan'"),
     (["lora", "--config", "{tmp}/none.yaml"], {}, r"none.yaml: no such recipe file"),
     (["lora", "--fsdp"], {}, r"--fsdp needs a distributed launch of at least 2 processes"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "fsdp: true\n"}, r"--fsdp needs a distributed launch"),
@@ -198,6 +200,18 @@ def test_bad_settings_and_data_give_one_line_errors(args, files, message, tiny_l
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_with_lr_2e_4_trains(tiny_llama, tmp_path, capsys):
+    """PyYAML reads ``2e-4`` (no dot) as a string: the recipe must still give lr 0.0002, as the flag does."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 2e-4\nwarmup-ratio: 1e-1\nsteps: 1\nbatch-size: 8\nmax-length: 16\n")
+    data = write_jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "out"
+    args = ["train", "lora", "--config", str(recipe), "--model", str(tiny_llama), "--data", str(data)]
+    assert main([*args, "--output", str(out), "--quiet", "--json"]) == 0, capsys.readouterr().err
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert options["lr"] == 2e-4 and options["warmup_ratio"] == 0.1
 
 
 def test_existing_output_is_refused_before_any_work(tiny_llama, tmp_path, capsys):
@@ -249,7 +263,9 @@ LAUNCH_ERRORS = [
     ("adalora", {}, {"ACCELERATE_USE_DEEPSPEED": "true"}, r"AdaLoRA under DeepSpeed is not supported"),
     ("lora", {"fsdp": True}, {"WORLD_SIZE": "1"}, r"--fsdp needs a distributed launch"),
     ("lora", {"fsdp": True}, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, r"exclude each other"),
-    ("lora-drop", {"fsdp": True}, {"WORLD_SIZE": "2"}, r"cannot shard LoRA-Drop's shared LoRA .*; use --policy drop"),
+    ("lora", {}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, r"ZeRO-3 is not sup"),
+    # accelerate's single-process launcher, asked for 2 processes (without --multi_gpu on CPU)
+    ("lora", {}, {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, r"started a single process"),
 ]
 
 
@@ -264,10 +280,30 @@ def test_launches_that_cannot_train_are_refused_before_any_work(method, options,
     opts = load_options(method, model="m", data="d", output="o", **options)
     with pytest.raises(errors.InvalidConfigError, match=message):
         check_launch(opts)
-    # what the same launch can train passes
-    check_launch(load_options("lora", model="m", data="d", output="o"))
-    if "WORLD_SIZE" in env and env["WORLD_SIZE"] == "2" and "ACCELERATE_USE_DEEPSPEED" not in env:
-        check_launch(load_options("lora-drop", model="m", data="d", output="o", fsdp=True, policy="drop"))
+    if method != "lora" or options:  # what the same launch can train passes
+        check_launch(load_options("lora", model="m", data="d", output="o"))
+
+
+def test_deepspeed_zero_stage_comes_from_the_accelerate_config_or_its_deepspeed_file(tmp_path, monkeypatch):
+    from adaconvert.training.trainer import check_launch, deepspeed_zero_stage
+
+    assert deepspeed_zero_stage() is None  # no DeepSpeed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert deepspeed_zero_stage() == 2  # accelerate's default
+    check_launch(load_options("lora-drop", model="m", data="d", output="o"))  # ZeRO-2 trains LoRA and LoRA-Drop
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert deepspeed_zero_stage() == 3
+    with pytest.raises(errors.InvalidConfigError, match="DeepSpeed ZeRO-3 is not supported"):
+        check_launch(load_options("lora-drop", model="m", data="d", output="o"))
+
+
+def test_lora_drop_share_is_accepted_under_fsdp(monkeypatch):
+    from adaconvert.training.trainer import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(load_options("lora-drop", model="m", data="d", output="o", fsdp=True, policy="share"))
 
 
 def test_accelerate_launch_with_fsdp_is_an_fsdp_run(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -277,6 +313,16 @@ def test_accelerate_launch_with_fsdp_is_an_fsdp_run(tiny_llama, tmp_path, monkey
     args = ["train", "lora", "--model", str(tiny_llama), "--data", str(data), "--output", str(tmp_path / "o")]
     assert main([*args, "--quiet"]) == 2
     assert "--fsdp needs a distributed launch" in capsys.readouterr().err
+
+
+def test_the_launchers_mixed_precision_does_not_override_precision(tiny_llama, tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` (or an accelerate config) passes ACCELERATE_MIXED_PRECISION,
+    which the Trainer adopted when neither bf16 nor fp16 was asked for: an fp32 run trained under bf16 autocast."""
+    data = write_jsonl(tmp_path / "d.jsonl")
+    plain = quick_train("lora", tiny_llama, data, tmp_path / "plain", steps=2, precision="fp32")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    launched = quick_train("lora", tiny_llama, data, tmp_path / "launched", steps=2, precision="fp32")
+    assert launched.main.train_loss == plain.main.train_loss
 
 
 def test_a_world_that_the_data_cannot_feed_is_refused():

@@ -243,8 +243,8 @@ def _coerce(name: str, value, path):
             return value
     elif int in kinds and isinstance(value, int) and not isinstance(value, bool):
         return value
-    elif float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    elif float in kinds and not isinstance(value, bool) and (number := _number(value)) is not None:
+        return number
     elif str in kinds and isinstance(value, (str, Path)):
         return str(value)
     elif list in kinds:
@@ -255,6 +255,20 @@ def _coerce(name: str, value, path):
             return [str(v) for v in value]
     wanted = "/".join(k.__name__ for k in kinds if k is not type(None))
     raise InvalidConfigError(f"option {name!r} must be {wanted}, got {value!r}", path=path)
+
+
+def _number(value) -> float | None:
+    """``value`` as a float: a number, or a string that spells a finite one (PyYAML reads ``2e-4``, without a dot,
+    as a string); None for anything else."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _annotation_types(hint) -> tuple[type, ...]:

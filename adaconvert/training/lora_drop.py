@@ -196,6 +196,7 @@ def tie_shared(model, groups: dict[str, list[str]]) -> None:
     """Make every module of each group use the first one's ``lora_A`` / ``lora_B`` (the same ``nn.Linear``
     objects, so the same parameters, trained once with the summed gradient). A state dict still lists one copy
     per module, which is what a LoRA checkpoint needs: PEFT writes each layer its own copy of the shared LoRA.
+    Under FSDP the tied modules stay out of every shard unit (see :mod:`adaconvert.training.phase`).
 
     Raises:
         InvalidConfigError: modules of one kind have different shapes (cannot share one LoRA).

@@ -12,6 +12,15 @@ Three things the plain Trainer gets wrong for us are set right here, in :class:`
 - FSDP on CPU. accelerate 1.15 maps a CPU ``torchrun`` to ``MULTI_CPU`` and drops the Trainer's FSDP plugin
   without a word: ``fsdp`` trains as DDP. The state is set to FSDP with that same plugin, so that accelerate's
   own FSDP2 path (``fully_shard`` over the gloo group) runs; on GPUs accelerate does this itself.
+- FSDP's gradient reduction. accelerate reduces in the training dtype (bf16 / fp16), so AdaLoRA's importance
+  scores and LoRA-Drop's pilot would read gradients rounded differently from DDP's (which reduces float32
+  gradients): FSDP reduces in float32 here.
+- LoRA-Drop's shared LoRA under FSDP. One ``lora_A`` / ``lora_B`` used by several decoder layers cannot belong to
+  several shard units: it is left out of sharding (replicated, a few MB at most) and its gradient is averaged
+  over the processes here, before clipping and the optimizer step, as DDP would.
+- The launcher's mixed precision. ``accelerate launch`` passes its own (``--mixed_precision``, or the one in an
+  ``accelerate config``), which the Trainer takes over when neither bf16 nor fp16 is asked for: ``precision``
+  decides alone, so that ``accelerate launch`` and ``torchrun`` train the same way.
 - Gradient checkpointing is enabled on the model (non-reentrant), not through ``TrainingArguments`` (whose
   ``gradient_checkpointing`` later transformers 5 releases deprecate), and without making the embedding output
   require a gradient: non-reentrant checkpointing does not need it, and with it the backward pass runs through
@@ -32,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 from adaconvert.training.adalora import adalora_peft_config, orthogonality_penalty
 from adaconvert.training.config import TrainOptions, optimizer_steps
 from adaconvert.training.data import CausalCollator
-from adaconvert.training.sharding import world_size
+from adaconvert.training.sharding import average_gradients, base_on_main_only, shared_modules, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +128,14 @@ def run_phase(
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             # FSDP2 (accelerate's plugin): one shard unit per decoder layer (the model's _no_split_modules) and the
-            # root; parameters are gathered for each unit's forward and backward and resharded after
+            # root; parameters are gathered for each unit's forward and backward and resharded after. When only the
+            # main process loaded the base, sharding broadcasts its weights (the others hold zeros)
             fsdp=opts.fsdp or None,
-            fsdp_config={"version": 2, "reshard_after_forward": True} if opts.fsdp else None,
+            fsdp_config=(
+                {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": base_on_main_only()}
+                if opts.fsdp
+                else None
+            ),
             logging_steps=opts.logging_steps,
             save_strategy="no",
             report_to="none",
@@ -134,6 +148,7 @@ def run_phase(
             ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
             dataloader_pin_memory=torch.cuda.is_available(),
         )
+        args.mixed_precision = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")  # not the launcher's
         trainer = PhaseTrainer(
             model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock, *callbacks]
         )
@@ -171,10 +186,11 @@ def enable_checkpointing(model) -> None:
 
 
 class PhaseTrainer(Trainer):
-    """``transformers.Trainer`` with AdaLoRA's orthogonality penalty added once per optimizer step, and FSDP
-    kept on CPU processes (see the module docstring)."""
+    """``transformers.Trainer`` with AdaLoRA's orthogonality penalty added once per optimizer step, FSDP kept on
+    CPU processes, reducing in float32 and leaving LoRA-Drop's shared LoRA replicated (see the module docstring)."""
 
     def __init__(self, *args, model=None, **kwargs):
+        self.shared = shared_modules(model)
         if adalora_peft_config(model) is not None:
             # the model is called without labels, so PEFT's AdaLoraModel adds no penalty of its own: the
             # causal-LM loss is the model's own loss function, the penalty is added in compute_loss
@@ -187,10 +203,34 @@ class PhaseTrainer(Trainer):
             from accelerate.state import PartialState
             from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if self.accelerator.mixed_precision != "no":  # as accelerate's state does with the plugin it keeps
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            self.accelerator.state.fsdp_plugin = plugin
             self.accelerator.state.distributed_type = DistributedType.FSDP
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin = self.accelerator.state.fsdp_plugin
+            policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+            plugin.mixed_precision_policy = replace(policy, reduce_dtype=torch.float32)
+            if self.shared:  # LoRA-Drop share: left out of every shard unit, averaged in training_step
+                plugin.ignored_modules = self.shared
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.is_fsdp_enabled and self.shared:
+            # FSDP turns every other parameter into a DTensor, and one fused AdamW call cannot take both kinds
+            _own_param_groups(optimizer, {id(p) for module in self.shared for p in module.parameters()})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.is_fsdp_enabled and self.shared and self.accelerator.sync_gradients:
+            average_gradients(p for module in self.shared for p in module.parameters())
+        return loss
 
     def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None):
         base = self.accelerator.unwrap_model(self.model).get_base_model()
@@ -214,6 +254,16 @@ class PhaseTrainer(Trainer):
             loss, outputs = result
             return loss + penalty, outputs
         return result + penalty
+
+
+def _own_param_groups(optimizer, params: set[int]) -> None:
+    """Move the parameters whose ids are in ``params`` into param groups of their own, with the same settings
+    (weight decay, learning rate) as the groups they leave; before the first step (no optimizer state yet)."""
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in params]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in params]
+            optimizer.add_param_group({**group, "params": moved})
 
 
 class _Progress(TrainerCallback):

@@ -45,6 +45,43 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {key: full(value).detach().cpu() for key, value in model.state_dict().items() if "lora_" in key}
 
 
+def base_on_main_only() -> bool:
+    """Whether transformers' ``from_pretrained`` loads the real weights on the main process only: under
+    ``accelerate launch --use_fsdp`` (its ``fsdp_cpu_ram_efficient_loading`` defaults to true) every other process
+    gets zeros and FSDP must broadcast the main process's weights when it shards the model. transformers decides
+    from the environment, which only the Trainer's own arguments change afterwards (to the value returned here, as
+    a phase passes it on), so the answer holds for every load of a run.
+    """
+    from transformers.integrations import is_fsdp_enabled
+
+    return is_fsdp_enabled()
+
+
+def shared_modules(model) -> list[torch.nn.Module]:
+    """Modules with trainable parameters of their own that ``model`` holds under more than one name: LoRA-Drop's
+    shared LoRA (:func:`~adaconvert.training.lora_drop.tie_shared`), one ``lora_A`` / ``lora_B`` per module kind."""
+    names: dict[torch.nn.Module, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            names[module] = names.get(module, 0) + 1
+    return [module for module, count in names.items() if count > 1]
+
+
+def average_gradients(params) -> None:
+    """Replace the gradient of each of ``params`` (plain tensors, replicated) by its mean over the processes, in
+    float32 and in one all-reduce: what DDP does, and FSDP for the parameters it shards."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(mean.view_as(grad))
+
+
 def world_size() -> int:
     """Processes of a ``torchrun`` / ``accelerate launch`` run (1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -161,17 +161,51 @@ def accelerate_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
 
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage of an ``accelerate launch`` with DeepSpeed (None without DeepSpeed, or when its DeepSpeed
+    config file cannot be read: accelerate then stops on it itself): from the DeepSpeed config file that the
+    accelerate config names, else from its ``zero_stage`` (default 2, as in accelerate's plugin)."""
+    if not accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file == "none":
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    try:
+        return int(json.loads(Path(config_file).read_text(encoding="utf-8"))["zero_optimization"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def accelerate_started_one_process() -> bool:
+    """Whether ``accelerate launch`` was asked for several processes and started this one alone: its single-process
+    launcher (the one it picks on CPU, or on one GPU, without ``--multi_gpu`` / ``--use_fsdp``) sets a main
+    process address only when more than one process was asked for, and never the world size."""
+    return "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def check_launch(opts: TrainOptions) -> None:
     """Refuse, before any work, what this launch cannot train.
 
     Raises:
-        InvalidConfigError: ``fsdp`` without a distributed launch, with DeepSpeed or with ``quantize``, FSDP with
-            LoRA-Drop's shared LoRA, or AdaLoRA under DeepSpeed.
+        InvalidConfigError: ``fsdp`` without a distributed launch, with DeepSpeed or with ``quantize``; AdaLoRA
+            under DeepSpeed, any method under DeepSpeed ZeRO-3; an ``accelerate launch`` that started one process
+            where several were asked for.
     """
     if opts.method == "adalora" and accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError(
             "AdaLoRA under DeepSpeed is not supported: DeepSpeed steps and clears the gradients inside backward, "
             "so the rank budget would score zeros; launch with DDP (torchrun) or --fsdp"
+        )
+    if deepspeed_zero_stage() == 3:
+        raise InvalidConfigError(
+            "DeepSpeed ZeRO-3 is not supported: it partitions the adapter's weights, which training reads whole and "
+            "saves (they would be written empty); use ZeRO stage 1 or 2, --fsdp (accelerate launch --use_fsdp) or "
+            "DDP"
+        )
+    if accelerate_started_one_process():
+        raise InvalidConfigError(
+            "accelerate launch started a single process, not the several asked for: without an `accelerate config` "
+            "and with fewer than 2 GPUs it starts several only with --multi_gpu (DDP; gloo on CPU) or --use_fsdp"
         )
     if not opts.fsdp:
         return
@@ -187,11 +221,6 @@ def check_launch(opts: TrainOptions) -> None:
         )
     if accelerate_flag("ACCELERATE_USE_DEEPSPEED"):
         raise InvalidConfigError("--fsdp and DeepSpeed exclude each other; drop one")
-    if opts.method == "lora-drop" and opts.policy == "share":
-        raise InvalidConfigError(
-            "--fsdp cannot shard LoRA-Drop's shared LoRA (one set of weights used by several layers, each layer a "
-            "separate FSDP unit); use --policy drop, or DDP"
-        )
 
 
 def check_base(opts: TrainOptions) -> None:
