@@ -17,8 +17,7 @@ import pytest
 
 from adaconvert.compat.layout import is_safe_layout
 from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SERVE_MANIFEST_NAME
-from adaconvert.serving.server import _digest
-from adaconvert.serving.store import cached_conversion, manifest_problem, store_path, store_signature
+from adaconvert.serving.store import cached_conversion, manifest_problem, source_digest, store_path, store_signature
 from tests.helpers.adapter_edits import edit_config, wrong_prefix
 from tests.helpers.needs import require
 
@@ -68,7 +67,7 @@ def test_names_and_org_names_map_into_the_store(store):
 def test_a_conversion_is_made_once_and_reused(adalora_llama, tmp_path):
     cache = tmp_path / "cache"
     entry, reused = cached_conversion(adalora_llama, cache)
-    assert not reused and entry == cache / _digest(adalora_llama) and is_safe_layout(entry)
+    assert not reused and entry == cache / source_digest(adalora_llama) and is_safe_layout(entry)
     assert manifest_problem(entry) is None
     stamp = (entry / ADAPTER_WEIGHTS_NAME).stat().st_mtime_ns
     again, reused = cached_conversion(adalora_llama, cache)  # nothing held in memory: as after a restart

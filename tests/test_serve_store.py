@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from adaconvert.cli import main
-from adaconvert.serving.server import VllmServer, _digest, plan_serve
+from adaconvert.serving.server import VllmServer, plan_serve
+from adaconvert.serving.store import source_digest
 from tests.helpers.adapter_edits import edited_copy, set_config, wrong_prefix
 from tests.helpers.needs import require
 from tests.helpers.peft_utils import peft_greedy
@@ -184,7 +185,7 @@ def test_an_edited_adapter_is_converted_again(server, store, adalora_llama, adal
     shutil.rmtree(store / "swap")
     shutil.copytree(edited, store / "swap")
     _expect(server, "swap", tiny_llama, edited, prompts)
-    assert (store.parent / "cache" / _digest(edited)).is_dir()
+    assert (store.parent / "cache" / source_digest(edited)).is_dir()
 
 
 def test_bad_adapters_get_400_with_the_reason_and_the_server_keeps_serving(server, originals, tiny_llama, prompts):

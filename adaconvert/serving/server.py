@@ -17,7 +17,6 @@ store resolver (``serving/resolver.py``) answering requests for names in the sto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -343,21 +342,6 @@ def _prepare(name: str, src, *, base: BaseModel, cache: Path) -> ServedAdapter:
             path=src,
         )
     return ServedAdapter(name, str(src), str(Path(path).resolve()), kind, converted, cached, rank)
-
-
-def _digest(root: Path) -> str:
-    """16 hex digits of sha256 over the adapter's config and weights bytes and adaconvert's version."""
-    from adaconvert import __version__
-
-    h = hashlib.sha256(__version__.encode())
-    from adaconvert.serving.store import is_read_for_serving
-
-    for name in sorted(p.name for p in root.iterdir() if is_read_for_serving(p.name)):
-        h.update(name.encode())
-        with open(root / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def check_port_free(host: str, port: int) -> None:

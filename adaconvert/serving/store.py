@@ -6,7 +6,7 @@ letters, digits and ``._-`` (no leading dot, so no ``..``), and only when the di
 is read, lies inside the store once symlinks are resolved. Anything else is "no such adapter".
 
 The **cache** holds every conversion made for serving under the hash of the source's config and weights bytes (and
-adaconvert's version; :func:`adaconvert.serving.server._digest`): an edited adapter gets a new entry, an unchanged
+adaconvert's version; :func:`source_digest`): an edited adapter gets a new entry, an unchanged
 one is found again, also by another process or after a restart. Each entry carries a manifest (size and sha256 of
 every file) that is checked before the entry is used; a truncated or edited entry is removed and rebuilt, never
 served. One lock file per entry makes concurrent first requests (threads or processes) convert once.
@@ -92,9 +92,8 @@ def cached_conversion(root: Path, cache: Path) -> tuple[Path, bool]:
         plus ``to_lora``'s errors for a source that cannot be read or converted.
     """
     from adaconvert.conversion.peft_lora import to_lora
-    from adaconvert.serving.server import _digest
 
-    digest = _digest(root)
+    digest = source_digest(root)
     entry = cache / digest
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / f".{digest}.lock"):
@@ -105,11 +104,24 @@ def cached_conversion(root: Path, cache: Path) -> tuple[Path, bool]:
             logger.warning("cached conversion %s is damaged (%s): converting again", entry, problem)
             shutil.rmtree(entry)
         to_lora(root, entry)
-        if _digest(root) != digest:  # edited while we read it: the entry would not hold what its name says
+        if source_digest(root) != digest:  # edited while we read it: the entry would not hold what its name says
             shutil.rmtree(entry)
             raise InvalidConfigError("the adapter changed while it was being converted; ask again", path=root)
         _write_manifest(entry)
     return entry, False
+
+
+def source_digest(root: Path) -> str:
+    """16 hex digits of sha256 over the adapter's config and weights bytes and adaconvert's version: the cache key."""
+    from adaconvert import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(p.name for p in root.iterdir() if is_read_for_serving(p.name)):
+        h.update(name.encode())
+        with open(root / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def manifest_problem(entry: Path) -> str | None:
