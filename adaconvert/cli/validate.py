@@ -29,6 +29,7 @@ from adaconvert.cli.options import common_options, emit, name_value
     "--double-quant/--no-double-quant", default=True, show_default=True, help="With a 4-bit --quantize: as trained."
 )
 @click.option("--vllm", is_flag=True, help="Also run the converted adapters in a real vLLM engine.")
+@click.option("--kv-cache-gib", type=float, help="With --vllm: the engine's KV cache in GiB (default: sized here).")
 @click.option(
     "--vllm-static",
     "static",

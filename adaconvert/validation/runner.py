@@ -19,6 +19,7 @@ from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
 from adaconvert.io.source import read_json
 from adaconvert.readers import read_adapter
+from adaconvert.serving.cpu_memory import check_kv_cache_gib
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
 from adaconvert.validation.checks import Check, Tolerances, ValidationReport
@@ -38,6 +39,7 @@ def validate(
     double_quant: bool = True,
     vllm: bool = False,
     llm=None,
+    kv_cache_gib: float | None = None,
     prompts: Sequence[str] | str | Path | None = None,
     tolerances: dict[str, float] | None = None,
     max_new_tokens: int = 8,
@@ -72,6 +74,8 @@ def validate(
         vllm: run the vLLM level.
         llm: an existing ``vllm.LLM`` with LoRA enabled to use for the vLLM level (else one is started and
             stopped here); its ``max_lora_rank`` must fit the adapters.
+        kv_cache_gib: the KV cache of the engine started here, in GiB (default: sized by
+            :func:`~adaconvert.validation.vllm_level.make_engine`).
         prompts: a list of prompts or a file (JSON list, or one prompt per line); default: built-in prompts.
         tolerances: overrides of :class:`Tolerances` fields (``{"logit_abs": 1e-2}``); the defaults depend on the
             dtypes (the converted adapter's and the merged model's; float32 tight, bfloat16 loosest).
@@ -88,6 +92,7 @@ def validate(
         ValidationError: some check failed (with ``raise_on_failure``); ``fields['problems']`` lists them all and
             ``fields['report']`` holds the report.
         InvalidConfigError, SourceNotFoundError: bad arguments, or a base model that cannot be read.
+        ServeError: the vLLM engine could not start (vLLM's one-line reason).
 
     Example:
         >>> r = validate("models/base", "runs/adalora", "runs/adalora-lora", vllm=True)
@@ -107,6 +112,7 @@ def validate(
         raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_list = logits_level.read_prompts(prompts)
     Tolerances.for_dtypes(overrides=tolerances)  # reject bad overrides before any work
+    check_kv_cache_gib(kv_cache_gib)
     quantization = None
     if quantize is not None:
         check_bitsandbytes(quantize)
@@ -198,7 +204,7 @@ def validate(
         result.levels.append("vllm")
         # the engine's context: the longest prompt (vLLM adds no special tokens HF would not) plus the new tokens
         context = int(ids.shape[1]) + max_new_tokens + 8
-        engine_options = {"max_model_len": context, "quiet": not progress}
+        engine_options = {"max_model_len": context, "quiet": not progress, "kv_cache_gib": kv_cache_gib}
         _run_vllm(base, llm, runner, pair_list, labels, tols, tolerances, result, prompt_list, modules, max_new_tokens,
                   engine_options)  # fmt: skip
 
