@@ -12,7 +12,7 @@ from adaconvert.cli.options import common_options, emit, name_value
 
 
 @click.command("validate")
-@click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL CONVERTED]")
+@click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL [CONVERTED]]")
 @click.option("--pair", "pairs", multiple=True, metavar="ORIG=CONV", help="Another original/converted pair (repeat).")
 @click.option(
     "--merged",
@@ -46,7 +46,8 @@ from adaconvert.cli.options import common_options, emit, name_value
 def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, merged, **options):
     """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
 
-    Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
+    With --merged DIR, CONVERTED may be left out (BASE ORIGINAL --merged DIR). Exit status 0 only if every level
+    passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
     """
     if static:
         from adaconvert.base.modules import base_modules
@@ -67,8 +68,10 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, mer
             problems = {a: [str(p) for p in ps] for a, ps in failed.items()}
             raise errors.ValidationError(f"vLLM would not load it: {failed[first][0]}", path=first, problems=problems)
         return
-    if len(paths) not in (1, 3) or (len(paths) == 1 and not pairs):
-        raise click.UsageError("give BASE ORIGINAL CONVERTED, or BASE with --pair ORIG=CONV (repeatable)")
+    if not (len(paths) == 3 or (len(paths) == 2 and merged) or (len(paths) == 1 and pairs)):
+        raise click.UsageError(
+            "give BASE ORIGINAL CONVERTED, BASE ORIGINAL --merged DIR, or BASE with --pair ORIG=CONV (repeatable)"
+        )
     from adaconvert.validation import validate
     from adaconvert.validation.runner import failure
 

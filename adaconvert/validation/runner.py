@@ -92,6 +92,8 @@ def validate(
         ValidationError: some check failed (with ``raise_on_failure``); ``fields['problems']`` lists them all and
             ``fields['report']`` holds the report.
         InvalidConfigError, SourceNotFoundError: bad arguments, or a base model that cannot be read.
+        plus the readers' errors for an adapter they refuse (the same error and message as ``to_lora``), before
+            any model is loaded.
         ServeError: the vLLM engine could not start (vLLM's one-line reason).
 
     Example:
@@ -118,6 +120,9 @@ def validate(
         check_bitsandbytes(quantize)
         quantization = bnb_config(quantize, double_quant=double_quant)
     merges = _merged_subjects(merged_dirs, quantize, double_quant)
+    # every adapter through the readers `to-lora` uses, before any model is loaded: one that they refuse (a bad
+    # config, a malformed pattern, NaN...) stops here with their one-line error, never reaching PEFT
+    read = {src: read_adapter(src) for pair in pair_list for src in pair if src is not None}
     modules = base_modules(base)
     labels = _labels(pair_list)
     result = ValidationReport(
@@ -129,20 +134,18 @@ def validate(
         merged=_str(merged_dirs[0]) if len(merged_dirs) == 1 else [str(m) for m in merged_dirs] or None,
     )
 
-    # weights: read everything once; a pair whose original cannot be read is reported and left out of the rest
     result.levels.append("weights")
-    adapters: dict[str, tuple[Adapter | None, Adapter | None]] = {}
+    adapters: dict[str, tuple[Adapter, Adapter | None]] = {}
     tols: dict[str, Tolerances] = {}
     for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
-        orig = _read(orig_dir, result, label, role="original")
-        conv = _read(conv_dir, result, label, role="conversion") if conv_dir is not None else None
+        orig, conv = read[orig_dir], read.get(conv_dir)
         tols[label] = Tolerances.for_dtypes(_dtype(conv), overrides=tolerances)
         result.tolerances[label] = tols[label].to_dict()
         reported: set[str] = set()
         for adapter, role in ((orig, "original"), (conv, "conversion")):
             if adapter is not None:
                 reported |= weights_level.check_against_base(adapter, modules, result, subject=label, role=role)
-        if orig is not None and conv is not None:
+        if conv is not None:
             result.modules[label] = weights_level.compare_adapters(
                 orig, conv, result, subject=label, tol=tols[label], reported=reported
             )
@@ -159,19 +162,17 @@ def validate(
         tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
         result.tolerances[subject] = tol.to_dict()
         merged_tols[subject] = tol if held else None
-        orig = adapters[labels[0]][0]
-        if orig is not None:
-            method, dq = requant or (None, None)
-            weights_level.compare_merged(
-                orig,
-                base_ckpt,
-                merged_ckpt,
-                result,
-                tol=tol,
-                subject=subject,
-                requantize=method,
-                double_quant=bool(dq),
-            )
+        method, dq = requant or (None, None)
+        weights_level.compare_merged(
+            adapters[labels[0]][0],
+            base_ckpt,
+            merged_ckpt,
+            result,
+            tol=tol,
+            subject=subject,
+            requantize=method,
+            double_quant=bool(dq),
+        )
 
     # logits: one base model, adapters attached one at a time
     result.levels.append("logits")
@@ -322,14 +323,6 @@ def _labels(pair_list) -> list[str]:
         name = (converted or original).name or str(converted or original)
         labels.append(name if name not in labels else f"{name}#{len(labels) + 1}")
     return labels
-
-
-def _read(src, report: ValidationReport, label: str, *, role: str) -> Adapter | None:
-    try:
-        return read_adapter(src)
-    except AdaconvertError as exc:
-        report.fail("weights", label, f"cannot read the {role}: {exc}")
-        return None
 
 
 def _peft_logits(runner, ids, mask, adapter_dir, report, label, *, role) -> torch.Tensor | None:
