@@ -23,11 +23,9 @@ from adaconvert.cli import main
 from adaconvert.io import atomic
 from tests.helpers.adapter_edits import write_adalora
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, **extra}
 
 
 def cli(*args) -> list[str]:
