@@ -127,6 +127,7 @@ def test_cli_refuses_to_replace_a_summary_before_any_work(sources, tmp_path, cap
     assert main([*argv, "--overwrite"]) == 0
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_a_summary_appearing_during_the_run_is_kept(sources, tmp_path):
     """The summary is checked before the conversions and published without replacing one written meanwhile."""
     out, release = tmp_path / "out", tmp_path / "release"

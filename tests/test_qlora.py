@@ -253,6 +253,7 @@ def _no_exit_noise(stderr: str) -> None:
     assert "nanobind" not in stderr and "leaked" not in stderr, stderr[-2000:]
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_quiet_qlora_commands_print_nothing(qlora, bases, tmp_path):
     root, _ = qlora
     for argv in (
@@ -263,6 +264,7 @@ def test_quiet_qlora_commands_print_nothing(qlora, bases, tmp_path):
         assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_bitsandbytes_warns_once_after_our_output(qlora, bases, tmp_path):
     """Without -q, each bitsandbytes warning once (it logs the int8 one on every matmul), after our own lines."""
     root, _ = qlora
@@ -283,6 +285,7 @@ def test_bitsandbytes_warns_once_after_our_output(qlora, bases, tmp_path):
     assert any(BNB_INT8_CAST in line for line in train.stderr.splitlines())  # on every matmul before: now once
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 def test_commands_run_in_one_process_leave_no_leak_report_at_exit(qlora, bases, tmp_path):
     """main() called twice in one process (a script, a notebook): triton, loaded by bitsandbytes in the first
     command, is not frozen by the second, so nothing is left alive for nanobind to report at exit."""

@@ -147,6 +147,7 @@ def _gguf_base(tmp_path: Path) -> Path:
     return base
 
 
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
 @pytest.mark.parametrize("overwrite", [False, True], ids=["first-wins", "overwrite"])
 def test_two_to_gguf_runs_into_one_directory_never_mix_their_files(tmp_path, src, overwrite):
     """A GGUF and its side files (NAME.report.json, NAME.README.md) are published as one group: racing runs leave
