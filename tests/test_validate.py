@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +16,8 @@ from adaconvert.errors import InvalidConfigError, SourceNotFoundError, Validatio
 from adaconvert.validation import Tolerances, validate
 from adaconvert.validation.logits import DEFAULT_PROMPTS, read_prompts
 from tests.helpers.adapter_edits import drop_module, first_module, misscaled, wrong_prefix
-from tests.helpers.vllm_utils import PROMPTS
+from tests.helpers.needs import require
+from tests.helpers.vllm_utils import PROMPTS, user_env
 
 
 def _peft_merge(base_dir, adapter_dir, out):
@@ -242,6 +245,19 @@ def test_an_adapter_to_lora_refuses_gets_the_same_error_and_exit_code(
         assert main(["validate", *argv, "-q"]) == 2, argv
         captured = capsys.readouterr()
         assert captured.err == expected and captured.out == "", argv
+
+
+@pytest.mark.vllm
+def test_cli_vllm_engine_that_cannot_start_is_one_line(tiny_llama, adalora_llama, conv_adalora):
+    """validate --vllm starts its own engine from a user's environment (no VLLM_* setting); one that vLLM refuses
+    (a KV cache larger than the machine) is vLLM's reason in one line, exit status 9, no traceback."""
+    require("vllm", purpose="the vLLM tests")
+    argv = [sys.executable, "-m", "adaconvert.cli", "validate", str(tiny_llama), str(adalora_llama)]
+    argv += [str(conv_adalora), "--vllm", "--kv-cache-gib", "100000", "-q"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=user_env(), timeout=600)
+    assert run.returncode == 9, run.stderr[-3000:]
+    assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.startswith(f"error: {tiny_llama}: vLLM could not start: ValueError: Available memory on node")
 
 
 def test_prompts_from_files(tmp_path):

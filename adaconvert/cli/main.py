@@ -11,7 +11,6 @@ import click
 
 from adaconvert import errors
 from adaconvert.cli import convert, inspect, merge, push, serve, train, validate
-from adaconvert.process import deferred_log_records
 
 # exit codes by error family, so scripts can tell "bad input" from "not found" without parsing text
 EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
@@ -50,13 +49,7 @@ for command in (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; turn our errors into one line on stderr and an exit code. bitsandbytes' warnings come once each,
-    after our output (and not at all with ``-q``: logging is then at ERROR)."""
-    with deferred_log_records("bitsandbytes"):
-        return _main(argv)
-
-
-def _main(argv: list[str] | None) -> int:
+    """Entry point: run the CLI; turn our errors into one line on stderr and an exit code."""
     try:
         cli.main(args=argv, prog_name="adaconvert", standalone_mode=False)
     except click.exceptions.Abort:

@@ -30,6 +30,8 @@ _PROCESS_OVERHEAD = GIB
 _SHARE = 0.8
 _BLOCK_TOKENS = 128  # vLLM's CPU block size: a sequence's cache is allocated in blocks of this many tokens
 _NODE_ROOT = Path("/sys/devices/system/node")
+# engine options by which the caller sizes vLLM's memory itself (then we do not)
+SIZING_OPTIONS = ("kv_cache_memory_bytes", "gpu_memory_utilization")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from adaconvert.compat.vllm import (
 from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
 from adaconvert.io.source import read_json, resolve_source
-from adaconvert.serving.cpu_memory import kv_cache_bytes
+from adaconvert.serving.cpu_memory import SIZING_OPTIONS, kv_cache_bytes
 from adaconvert.serving.vllm_log import failure_reason
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ _OWN_FLAGS = {
     "--api-key": "use adaconvert's --api-key or VLLM_API_KEY, which stay out of the command line",
 }
 # vLLM flags that size its memory: given after `--`, the KV cache is the user's to size
-_USER_SIZED = {"--kv-cache-memory-bytes", "--gpu-memory-utilization"}
+_USER_SIZED = {"--" + option.replace("_", "-") for option in SIZING_OPTIONS}
 _SERVER_MAX_NUM_SEQS = 128  # vLLM's default for its OpenAI server on CPU (EngineArgs, usage context OPENAI_API_SERVER)
 # environment variables the server never gets from us: runtime adapter loading lets any client that reaches the
 # server load any path on this machine (and LoRA resolver plugins only act when it is on)
@@ -477,7 +477,7 @@ class VllmServer:
 
         Raises:
             ServeError: port taken, vLLM missing, the server exited or was not ready within ``ready_timeout``
-                seconds (it is stopped then; the message ends with the last lines of its log, when logged).
+                seconds (it is stopped then; the message ends with vLLM's one-line reason, when logged).
         """
         check_port_free(self.plan.host, self.plan.port)
         command = launch_command(self.plan.command + engine_memory_args(self.plan))

@@ -7,8 +7,10 @@ tokens, which gives both the greedy agreement and the |Δlogprob| of every gener
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from adaconvert.compat.vllm import bucket_for, check_vllm_compat
 from adaconvert.errors import ServeError
-from adaconvert.process import env_defaults
+from adaconvert.process import env_defaults, stderr_to
 from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 from adaconvert.validation.logits import PEFT_LOAD_ERRORS, HFRunner
 
@@ -56,15 +58,16 @@ def make_engine(
     and this machine's free memory (:func:`~adaconvert.serving.cpu_memory.kv_cache_bytes`), unless
     ``kv_cache_gib``, ``VLLM_CPU_KVCACHE_SPACE`` or ``engine_args`` size it.
 
-    ``engine_args`` go to ``vllm.LLM`` unchanged (``gpu_memory_utilization`` ...). ``quiet`` keeps vLLM's own
-    logging to warnings (only effective before vLLM is first imported).
+    ``engine_args`` go to ``vllm.LLM`` unchanged (``gpu_memory_utilization`` ...). ``quiet`` (a ``-q`` or
+    ``--json`` command) keeps vLLM's own logging to errors (only effective before vLLM is first imported) and what
+    its start-up prints besides (torch's C++ warnings, loading progress bars) off stderr.
 
     Raises:
         RankLimitError: an adapter's rank is above every bucket.
         ServeError: vLLM could not start (its one-line reason; the traceback with ``--debug``).
         ImportError: vLLM is not installed.
     """
-    from adaconvert.serving.cpu_memory import kv_cache_bytes
+    from adaconvert.serving.cpu_memory import SIZING_OPTIONS, kv_cache_bytes
     from adaconvert.serving.vllm_log import exception_reason
 
     # in-process engine core: nothing spawned, nothing to leak; vLLM logs on stdout by default, where results (the
@@ -73,7 +76,7 @@ def make_engine(
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-        **({"VLLM_LOGGING_LEVEL": "WARNING"} if quiet else {}),
+        **({"VLLM_LOGGING_LEVEL": "ERROR"} if quiet else {}),
     }
     options = {
         "enable_lora": True,
@@ -89,7 +92,7 @@ def make_engine(
     with env_defaults(env):
         from vllm import LLM
 
-        if kv_cache_gib is not None or not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_args):
+        if kv_cache_gib is not None or not set(SIZING_OPTIONS) & set(engine_args):
             kv_bytes = kv_cache_bytes(
                 base_dir,
                 dtype=dtype,
@@ -101,7 +104,8 @@ def make_engine(
                 options["kv_cache_memory_bytes"] = kv_bytes
         logger.info("starting vLLM on %s (max_lora_rank %d)", base_dir, options["max_lora_rank"])
         try:
-            return LLM(model=str(base_dir), **options)
+            with stderr_to(os.devnull) if quiet else contextlib.nullcontext():
+                return LLM(model=str(base_dir), **options)
         except Exception as exc:  # vLLM raises ValueError, RuntimeError, pydantic errors...: all mean "cannot start"
             raise ServeError(f"vLLM could not start: {exception_reason(exc)}", path=str(base_dir)) from exc
 
