@@ -152,6 +152,33 @@ def quiet_third_party(enabled: bool):
             sys.modules["transformers"].logging.set_verbosity(before)
 
 
+@contextlib.contextmanager
+def deferred_log_records(logger_name: str) -> Iterator[None]:
+    """Hold back what logger ``logger_name`` and its children log during the block; when it ends, replay each
+    distinct message once. bitsandbytes warns once per process about a kernel package on CPU and again on every
+    8-bit matmul: the user then reads each warning once, after the command's own output. The logger is restored.
+    """
+    logger = logging.getLogger(logger_name)
+    held: dict[tuple, logging.LogRecord] = {}
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.setdefault((record.name, record.levelno, record.getMessage()), record)
+
+    handler, propagate = Hold(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        for record in held.values():
+            replay = logging.getLogger(record.name)
+            if replay.isEnabledFor(record.levelno):  # the level may have been set (-q) after it was logged
+                replay.handle(record)
+
+
 def import_torch(*, one_thread: bool = False) -> None:
     """Import torch with Python's cycle collector paused, then freeze what the import made.
 
@@ -161,9 +188,15 @@ def import_torch(*, one_thread: bool = False) -> None:
     ``one_thread``: use one torch thread unless OMP_NUM_THREADS says otherwise. Conversion and inspection are
     memory-bound passes over many small tensors: one thread is as fast on an idle machine, and OpenMP's thread
     hand-offs made them 10-20× slower on a busy one.
+
+    Only the call that imports torch freezes: a later one (``main`` run again in one process) would also freeze
+    what the commands since have made, and objects never collected are still alive when the interpreter exits,
+    where extension modules report them (triton's nanobind "leaked N instances" once bitsandbytes loaded it).
     """
+    first = "torch" not in sys.modules
     with paused_gc():
         import torch
-    gc.freeze()  # objects alive now are never collected: later collections skip them
+    if first:
+        gc.freeze()  # objects alive now are never collected: later collections skip them
     if one_thread and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)

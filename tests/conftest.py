@@ -9,7 +9,10 @@ import pytest
 from adaconvert.demo.tiny import build_tiny_model
 from tests.helpers.peft_utils import adalora_config, lora_config, train_peft
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite runs in a user's environment: whatever vLLM needs, the program sets up itself (a developer's own VLLM_*
+# settings would hide a missing one)
+for _name in [name for name in os.environ if name.startswith("VLLM_")]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")

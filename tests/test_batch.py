@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +114,39 @@ def test_existing_outputs_fail_per_adapter_without_overwrite(sources, tmp_path):
     result = to_lora_many(sources[:3], out, raise_on_failure=False)
     assert [f.error_type for f in result.failures] == ["OutputExistsError"] * 3
     assert to_lora_many(sources[:3], out, overwrite=True).ok
+
+
+def test_cli_refuses_to_replace_a_summary_before_any_work(sources, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["to-lora", *map(str, sources[:3]), "--output-dir", str(out), "-q"]
+    assert main(argv) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main(argv) == 4
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {out / SUMMARY_JSON}: output already exists; pass --overwrite to replace it\n"
+    assert captured.out == "" and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
+    assert main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
+def test_a_summary_appearing_during_the_run_is_kept(sources, tmp_path):
+    """The summary is checked before the conversions and published without replacing one written meanwhile."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    env = {**os.environ, "ADACONVERT_PAUSE_AT": "before-publish", "ADACONVERT_PAUSE_FILE": str(release)}
+    argv = [sys.executable, "-m", "adaconvert.cli", "to-lora", str(sources[0]), "--output-dir", str(out), "-q"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("release.*")) and time.monotonic() < deadline:  # paused at the first publish
+        time.sleep(0.05)
+    (out / SUMMARY_JSON).write_text("mine\n")
+    release.touch()
+    assert proc.wait(timeout=120) == 4
+    assert (
+        proc.stderr.read() == f"error: {out / SUMMARY_JSON}: output already exists; pass --overwrite to replace it\n"
+    )
+    assert (out / SUMMARY_JSON).read_text() == "mine\n" and not (out / SUMMARY_MD).exists()
+    assert list(out.glob("*/adapter_config.json"))  # the conversion itself is done and kept
 
 
 def test_sources_from_glob_and_list_file(sources, tmp_path, monkeypatch):

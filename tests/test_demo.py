@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,7 @@ from adaconvert.constants import DEMO_SUMMARY_NAME, THIRD_PARTY_LOG_NAME, VALIDA
 from adaconvert.demo.demo import OWNER_MARK, run_demo
 from adaconvert.errors import OutputExistsError
 from tests.helpers.needs import expect_installed
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.vllm_utils import user_env
 
 
 @pytest.mark.slow
@@ -23,8 +21,8 @@ def test_demo_end_to_end(tmp_path):
     with_vllm = expect_installed("vllm", purpose="the demo's vLLM part")
     directory = tmp_path / "demo"
     cmd = [sys.executable, "-m", "adaconvert.cli", "demo", "--dir", str(directory), "--steps", "40"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    # a user's environment: the installed package, no VLLM_* setting
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=user_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     story = proc.stdout
     # third-party logs (vLLM start-up, PEFT's warnings) go to a file in the demo directory, not to the terminal

@@ -352,7 +352,6 @@ def test_stride_zero_bin_is_refused_without_materialising_it(tmp_path):
         [sys.executable, "-c", code, str(src), str(tmp_path / "dst")],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     rc, peak_kib = map(int, run.stdout.split())
     assert rc == 2
@@ -432,7 +431,6 @@ def test_quiet_silences_third_party_warnings(tmp_path, adalora_llama, tiny_llama
         [sys.executable, "-m", "adaconvert.cli", "validate", str(tiny_llama), str(adalora_llama), str(bad), "-q"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert run.returncode == 6
     lines = run.stderr.strip().splitlines()

@@ -345,7 +345,7 @@ def test_vllm_serves_the_merged_model_like_peft(arch, vllm_available, bases, ada
     """A plain vLLM engine (no LoRA) on the merged directory greedy-decodes what PEFT decodes with the adapter.
 
     The engine runs in-process beside the session's LoRA engine, if any (two in-process engines coexist)."""
-    from tests.helpers.vllm_utils import assert_same_generation, greedy, prompt_token_ids
+    from tests.helpers.vllm_utils import assert_same_generation, greedy, make_engine, prompt_token_ids
 
     base = bases(arch)
     adaconvert.merge(base, [adaloras[arch]], tmp_path / "merged")
@@ -353,18 +353,7 @@ def test_vllm_serves_the_merged_model_like_peft(arch, vllm_available, bases, ada
     expected = peft_greedy(base, adaloras[arch], prompts)
     assert expected != peft_greedy(base, None, prompts), "the adapter must change the generation"
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(tmp_path / "merged"),
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=8,
-        enforce_eager=True,
-        seed=0,
-    )
+    llm = make_engine(tmp_path / "merged", lora=False)
     try:
         got = greedy(llm, prompts)
     finally:

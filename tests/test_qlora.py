@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -239,3 +240,64 @@ def test_quantize_under_accelerate_fsdp_is_refused(bases, tmp_path, monkeypatch)
     with pytest.raises(adaconvert.AdaconvertError, match="--quantize nf4 and FSDP cannot be combined"):
         quick_train("lora", bases / "f32", tmp_path / "d.jsonl", tmp_path / "out", quantize="nf4")
     assert not (tmp_path / "out").exists()
+
+
+# --- what a QLoRA command prints besides its own output (real stderr: the CLI in a subprocess) --------------------
+
+BNB_CPU_KERNEL = "Failed to load CPU gemm_4bit_forward"
+BNB_INT8_CAST = "MatMul8bitLt: inputs will be cast"
+
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaconvert.cli", *map(str, argv)], capture_output=True, text=True)
+
+
+def _no_exit_noise(stderr: str) -> None:
+    assert "nanobind" not in stderr and "leaked" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
+def test_quiet_qlora_commands_print_nothing(qlora, bases, tmp_path):
+    root, _ = qlora
+    for argv in (
+        ["merge", bases / "f32", root / "lora", tmp_path / "merged", "--requantize", "nf4"],
+        ["validate", bases / "f32", root / "lora", root / "converted", "--quantize", "nf4"],
+    ):
+        run = _cli(*argv, "-q")
+        assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]
+
+
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
+def test_bitsandbytes_warns_once_after_our_output(qlora, bases, tmp_path):
+    """Without -q, each bitsandbytes warning once (it logs the int8 one on every matmul), after our own lines."""
+    root, _ = qlora
+    data = write_jsonl(tmp_path / "data.jsonl")
+    merge = _cli("merge", bases / "f32", root / "lora", tmp_path / "merged", "--requantize", "nf4")
+    train = _cli(
+        "train", "lora-drop", "--model", bases / "f32", "--data", data, "--output", tmp_path / "int8", "--quantize",
+        "int8", "--steps", "6", "--batch-size", "8", "--max-length", "16",
+    )  # fmt: skip
+    for run, warnings in ((merge, [BNB_CPU_KERNEL]), (train, [BNB_CPU_KERNEL, BNB_INT8_CAST])):
+        assert run.returncode == 0, run.stderr[-2000:]
+        lines = run.stderr.splitlines()
+        ours = max(i for i, line in enumerate(lines) if "INFO adaconvert." in line)
+        for warning in warnings:
+            found = [i for i, line in enumerate(lines) if warning in line]
+            assert len(found) <= 1 and all(i > ours for i in found), run.stderr[-3000:]
+        _no_exit_noise(run.stderr)
+    assert any(BNB_INT8_CAST in line for line in train.stderr.splitlines())  # on every matmul before: now once
+
+
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
+def test_commands_run_in_one_process_leave_no_leak_report_at_exit(qlora, bases, tmp_path):
+    """main() called twice in one process (a script, a notebook): triton, loaded by bitsandbytes in the first
+    command, is not frozen by the second, so nothing is left alive for nanobind to report at exit."""
+    root, _ = qlora
+    code = (
+        "import sys; from adaconvert.cli import main\n"
+        "assert main(['merge', sys.argv[1], sys.argv[2], sys.argv[3], '--requantize', 'nf4', '-q']) == 0\n"
+        "assert main(['to-lora', sys.argv[2], sys.argv[4], '-q']) == 0\n"
+    )
+    argv = [bases / "f32", root / "lora", tmp_path / "merged", tmp_path / "converted"]
+    run = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]

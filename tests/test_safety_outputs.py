@@ -23,11 +23,9 @@ from adaconvert.cli import main
 from adaconvert.io import atomic
 from tests.helpers.adapter_edits import write_adalora
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, **extra}
 
 
 def cli(*args) -> list[str]:
@@ -137,6 +135,57 @@ def test_two_runs_racing_for_one_dst_exactly_one_wins(tmp_path, src):
     assert loser_err.strip() == f"error: {dst}: output appeared while this run was writing it; left untouched"
     assert converted_from(dst) == str(winner)
     assert leftovers(dst) == []
+
+
+def _gguf_base(tmp_path: Path) -> Path:
+    """A llama config that ``write_adalora``'s 16 × 16 modules fit (to-gguf reads only config.json)."""
+    base = tmp_path / "gguf-base"
+    base.mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "vocab_size": 32}
+    config |= {"intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1}
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
+@pytest.mark.slow  # a CLI subprocess or worker processes, each importing torch: seconds
+@pytest.mark.parametrize("overwrite", [False, True], ids=["first-wins", "overwrite"])
+def test_two_to_gguf_runs_into_one_directory_never_mix_their_files(tmp_path, src, overwrite):
+    """A GGUF and its side files (NAME.report.json, NAME.README.md) are published as one group: racing runs leave
+    the three files of one run, never a GGUF of one and a report or card of the other."""
+    other, base = write_adalora(tmp_path / "ada2", seed=1), _gguf_base(tmp_path)
+    files = ("x.gguf", "x.report.json", "x.README.md")
+
+    def written(directory: Path) -> tuple:
+        """What tells the runs apart: the GGUF's and the card's bytes, the source the report names."""
+        report = json.loads((directory / "x.report.json").read_text())
+        return (directory / "x.gguf").read_bytes(), (directory / "x.README.md").read_bytes(), report["source"]
+
+    expected = {}
+    for source in (src, other):  # what each run writes alone
+        alone = tmp_path / f"alone-{source.name}"
+        assert main(["to-gguf", str(source), str(alone / "x.gguf"), "--base", str(base), "-q"]) == 0
+        expected[str(source)] = written(alone)
+    assert expected[str(src)][0] != expected[str(other)][0]
+    race, release = tmp_path / "race", tmp_path / "release"
+    hold = env(ADACONVERT_PAUSE_AT="before-publish", ADACONVERT_PAUSE_FILE=str(release))
+    argv = [["to-gguf", s, race / "x.gguf", "--base", base, "-q", *(["--overwrite"] if overwrite else [])]
+            for s in (src, other)]  # fmt: skip
+    procs = [subprocess.Popen(cli(*a), env=hold, stderr=subprocess.PIPE, text=True) for a in argv]
+    _wait_for(lambda: len(list(tmp_path.glob("release.*"))) == 2, "both runs to reach the publishing step")
+    release.touch()
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == ([0, 0] if overwrite else [0, 4]), results
+    published = written(race)
+    assert published in expected.values()  # all three from one run
+    if not overwrite:
+        winner = next(str(s) for s, (code, _) in zip((src, other), results, strict=True) if code == 0)
+        assert published == expected[winner]
+        loser_err = next(err for code, err in results if code == 4)
+        assert (
+            loser_err.strip()
+            == f"error: {race / 'x.gguf'}: output appeared while this run was writing it; left untouched"
+        )
+    assert sorted(p.name for p in race.iterdir()) == sorted(files)  # no temporary left
 
 
 def test_a_directory_appearing_at_dst_during_the_run_is_kept(tmp_path, src):

@@ -27,12 +27,14 @@ from adaconvert.serving.server import (
     ServePlan,
     VllmServer,
     check_port_free,
+    engine_memory_args,
     is_loopback,
     plan_serve,
     serve,
 )
 from tests.helpers.adapter_edits import wrong_prefix
 from tests.helpers.needs import require
+from tests.helpers.vllm_utils import user_env
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +185,9 @@ def server(tiny_llama, adapters, tmp_path_factory):
     argv += ["--cache-dir", str(work / "cache"), "--log-file", str(work / "vllm.log")]
     argv += ["--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "8"]
     out = open(work / "cli.log", "wb")  # noqa: SIM115 - closed below
-    # the key as a user keeps it out of `ps`; runtime adapter loading asked for, which vLLM must not get
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": KEY, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    # a user's environment: no VLLM_* setting (serve sizes vLLM's CPU KV cache itself), but the key as a user keeps
+    # it out of `ps`, and runtime adapter loading asked for, which vLLM must not get
+    env = user_env(VLLM_API_KEY=KEY, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     cli = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     spawned: list = []
@@ -237,6 +240,7 @@ def test_server_reports_readiness_and_lists_every_model(server, tiny_llama):
     url, _, work, _ = server
     log = (work / "cli.log").read_text()
     assert "adapter raw (adalora): not in the safe layout, converting into" in log
+    assert "KV cache for vLLM on CPU: " in log and " --kv-cache-memory-bytes " in log
     assert f"vLLM ready at {url}/v1" in log
     ids = {m["id"] for m in _get(f"{url}/v1/models")["data"]}
     assert ids == {str(tiny_llama.resolve()), "ada", "plain", "raw"}
@@ -310,6 +314,47 @@ def test_ctrl_c_stops_the_server_cleanly(server):
         assert not child.is_running() or child.status() == "zombie", child
     check_port_free("127.0.0.1", int(url.rsplit(":", 1)[1]))
     assert "vLLM stopped" in (work / "cli.log").read_text()
+
+
+@pytest.mark.vllm
+def test_vllm_that_cannot_start_gives_its_one_line_reason(tiny_llama, adapters, tmp_path):
+    """A KV cache larger than the machine: vLLM refuses after loading the model; the user gets vLLM's reason in one
+    line and exit status 9, the traceback stays in the log."""
+    require("vllm", purpose="the vLLM tests")
+    argv = [sys.executable, "-m", "adaconvert.cli", "serve", str(tiny_llama), f"ada={adapters['ada'][0]}", "-q"]
+    argv += ["--port", str(_free_port()), "--cache-dir", str(tmp_path), "--kv-cache-gib", "100000"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=user_env(), timeout=600)
+    assert run.returncode == 9, run.stderr[-3000:]
+    assert run.stdout == "" and len(run.stderr.splitlines()) == 1, run.stderr[-3000:]
+    assert run.stderr.startswith("error: vLLM exited with code 1 before it was ready: ValueError: Available memory on")
+    assert "less than requested memory for kv (100000.0 GiB)" in run.stderr
+    (log,) = (tmp_path / "logs").glob("vllm-*.log")
+    assert f"(full log: {log})" in run.stderr and "Traceback (most recent call last)" in log.read_text()
+
+
+def test_kv_cache_options(tiny_llama, adapters, tmp_path, monkeypatch):
+    """--kv-cache-gib goes into the command as bytes; sized on CPU unless the user sized it (flags after `--`, the
+    environment variable); bad values are refused before anything starts."""
+    require("vllm", purpose="the KV cache sizing (it asks vLLM which platform it runs on)")
+    ada = {"ada": adapters["ada"][0]}
+    plan = plan_serve(tiny_llama, ada, cache_dir=tmp_path, kv_cache_gib=1.5)
+    assert plan.command[plan.command.index("--kv-cache-memory-bytes") + 1] == str(3 << 29)
+    assert engine_memory_args(plan) == []
+    auto = plan_serve(tiny_llama, ada, cache_dir=tmp_path, extra_args=["--max-model-len", "128", "--dtype=float32"])
+    assert "--kv-cache-memory-bytes" not in auto.command
+    flag, size = engine_memory_args(auto)
+    # 128 sequences (vLLM's server default) of 128 tokens × 2 layers × 1 KV head × 32 dims × K and V × 4 bytes
+    assert (flag, int(size)) == ("--kv-cache-memory-bytes", 128 * 128 * 2 * 1 * 32 * 2 * 4)
+    for extra in (["--gpu-memory-utilization", "0.5"], ["--kv-cache-memory-bytes=1000000"]):
+        assert engine_memory_args(plan_serve(tiny_llama, ada, cache_dir=tmp_path, extra_args=extra)) == []
+    with pytest.raises(InvalidConfigError, match="--kv-cache-gib must be positive"):
+        plan_serve(tiny_llama, ada, cache_dir=tmp_path, kv_cache_gib=0)
+    with pytest.raises(InvalidConfigError, match="clashes with the KV cache"):
+        plan_serve(tiny_llama, ada, cache_dir=tmp_path, kv_cache_gib=1, extra_args=["--gpu-memory-utilization", "1"])
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert engine_memory_args(auto) == []  # vLLM uses the user's variable
+    with pytest.raises(InvalidConfigError, match="unset VLLM_CPU_KVCACHE_SPACE"):
+        plan_serve(tiny_llama, ada, cache_dir=tmp_path, kv_cache_gib=1)
 
 
 # --- exposure: API key, non-loopback hosts, runtime adapter loading; the process left as it was -------------------

@@ -4,6 +4,9 @@ broken ones. The vLLM level reuses the session's engine (one in-process engine p
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +16,8 @@ from adaconvert.errors import InvalidConfigError, SourceNotFoundError, Validatio
 from adaconvert.validation import Tolerances, validate
 from adaconvert.validation.logits import DEFAULT_PROMPTS, read_prompts
 from tests.helpers.adapter_edits import drop_module, first_module, misscaled, wrong_prefix
-from tests.helpers.vllm_utils import PROMPTS
+from tests.helpers.needs import require
+from tests.helpers.vllm_utils import PROMPTS, user_env
 
 
 def _peft_merge(base_dir, adapter_dir, out):
@@ -217,13 +221,48 @@ def test_missing_base_is_an_error(adalora_llama, conv_adalora, tmp_path):
         validate(tmp_path, adalora_llama, conv_adalora)
 
 
-def test_unreadable_conversion_is_reported_not_raised(tiny_llama, adalora_llama, tmp_path):
+def test_unreadable_conversion_is_the_readers_error(tiny_llama, adalora_llama, tmp_path):
     (tmp_path / "empty").mkdir()
-    report = validate(tiny_llama, adalora_llama, tmp_path / "empty", prompts=PROMPTS, raise_on_failure=False)
-    assert not report.passed
-    messages = [str(p) for p in report.problems]
-    assert any("weights [empty]: cannot read the conversion" in m and "adapter_config.json" in m for m in messages)
-    assert any(m.startswith("logits [empty]: PEFT cannot load the conversion") for m in messages)
+    with pytest.raises(SourceNotFoundError, match=r"adapter_config\.json"):
+        validate(tiny_llama, adalora_llama, tmp_path / "empty", prompts=PROMPTS, raise_on_failure=False)
+
+
+def test_an_adapter_to_lora_refuses_gets_the_same_error_and_exit_code(
+    tiny_llama, adalora_llama, conv_adalora, lora_variants, merged_right, tmp_path, capsys
+):
+    """A malformed regular expression in the conversion's rank_pattern (PEFT raised re.error, a traceback): every
+    adapter validate opens goes through to-lora's readers first, before any model is loaded."""
+    bad = tmp_path / "bad-pattern"
+    shutil.copytree(conv_adalora, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"model.layers.0.self_attn.q_proj[": 2, **config["rank_pattern"]}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["to-lora", str(bad), str(tmp_path / "out"), "-q"]) == 2
+    expected = capsys.readouterr().err
+    assert expected.startswith(f"error: {bad / 'adapter_config.json'}: field 'rank_pattern' key")
+    assert "is not a valid regular expression" in expected and len(expected.splitlines()) == 1
+    for argv in (
+        [str(tiny_llama), str(adalora_llama), str(bad)],
+        [str(tiny_llama), str(bad), str(conv_adalora)],  # as the original
+        [str(tiny_llama), "--pair", f"{lora_variants['plain']}={bad}"],
+        [str(tiny_llama), str(bad), "--merged", str(merged_right)],
+    ):
+        assert main(["validate", *argv, "-q"]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err == expected and captured.out == "", argv
+
+
+@pytest.mark.vllm
+def test_cli_vllm_engine_that_cannot_start_is_one_line(tiny_llama, adalora_llama, conv_adalora):
+    """validate --vllm starts its own engine from a user's environment (no VLLM_* setting); one that vLLM refuses
+    (a KV cache larger than the machine) is vLLM's reason in one line, exit status 9, no traceback."""
+    require("vllm", purpose="the vLLM tests")
+    argv = [sys.executable, "-m", "adaconvert.cli", "validate", str(tiny_llama), str(adalora_llama)]
+    argv += [str(conv_adalora), "--vllm", "--kv-cache-gib", "100000", "-q"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=user_env(), timeout=600)
+    assert run.returncode == 9, run.stderr[-3000:]
+    assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.startswith(f"error: {tiny_llama}: vLLM could not start: ValueError: Available memory on node")
 
 
 def test_prompts_from_files(tmp_path):
@@ -290,11 +329,15 @@ def test_cli_vllm_static(tiny_llama, adalora_llama, conv_adalora, capsys):
     assert captured.err.startswith(f"error: {adalora_llama}: vLLM would not load it: [rank-pattern]")
 
 
-def test_merged_only_without_a_conversion(tiny_llama, adalora_llama, merged_right):
-    """What a merge (issue 4) needs: ORIGINAL against a merged checkpoint, no CONVERTED."""
+def test_merged_only_without_a_conversion(tiny_llama, adalora_llama, merged_right, capsys):
+    """What a merge (issue 4) needs: ORIGINAL against a merged checkpoint, no CONVERTED (API and CLI)."""
     report = validate(tiny_llama, adalora_llama, merged=merged_right, prompts=PROMPTS)
     assert report.passed, report.table()
     assert {c.subject for c in report.checks} == {adalora_llama.name, "merged"}
+    argv = ["validate", str(tiny_llama), str(adalora_llama), "--merged", str(merged_right), "--json", "-q"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is True and result["pairs"][0]["converted"] is None
 
 
 def test_gpt2_conv1d_adapter_and_merge(tiny_gpt2, adalora_gpt2, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -9,14 +10,16 @@ import sys
 
 import click
 
-from adaconvert.process import import_torch, quiet_third_party
+from adaconvert.process import deferred_log_records, import_torch, quiet_third_party
 
 
-def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
+def common_options(*, overwrite: bool = False, one_torch_thread: bool = False, library_log_here: bool = False):
     """The flags every command shares: --json, --debug, --quiet (and --overwrite for commands that write).
 
     Every command needs torch: it is imported here (:func:`import_torch`), once the arguments are parsed, so that
-    ``--help`` stays instant; ``one_torch_thread`` as in :func:`import_torch`.
+    ``--help`` stays instant; ``one_torch_thread`` as in :func:`import_torch`. bitsandbytes' warnings are held back
+    and shown once each after the command's output (:func:`deferred_log_records`; none with ``-q``), unless
+    ``library_log_here``: the command routes third-party output itself (the demo's log file).
     """
 
     def decorate(fn):
@@ -28,7 +31,8 @@ def common_options(*, overwrite: bool = False, one_torch_thread: bool = False):
             level = logging.DEBUG if debug else logging.ERROR if quiet or as_json else logging.INFO
             logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
             import_torch(one_thread=one_torch_thread)
-            with quiet_third_party(level >= logging.ERROR):
+            held = contextlib.nullcontext() if library_log_here else deferred_log_records("bitsandbytes")
+            with held, quiet_third_party(level >= logging.ERROR):
                 return fn(*args, as_json=as_json, **kwargs)
 
         if overwrite:

@@ -46,7 +46,16 @@ class _PassThroughCommand(click.Command):
 @click.option("--print-command", is_flag=True, help="Print the exact `vllm serve` command instead of running it.")
 @click.option("--dry-run", is_flag=True, help="Read, check and convert everything, check the port; start nothing.")
 @click.option("--ready-timeout", type=float, default=1800, show_default=True, help="Seconds to wait for readiness.")
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Send vLLM's output to this file.")
+@click.option(
+    "--kv-cache-gib",
+    type=float,
+    help="vLLM's KV cache size in GiB (default on a CPU: sized from the model and the free memory; on a GPU: vLLM's).",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append vLLM's output to this file (default: a new file under the cache directory's logs/).",
+)
 @common_options()
 def serve_cmd(base, adapters, *, as_json, print_command, dry_run, **options):
     """Serve NAME=ADAPTER pairs and/or every adapter of --adapter-store on BASE with vLLM's OpenAI-compatible

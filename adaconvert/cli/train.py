@@ -51,7 +51,7 @@ def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
 @click.option("--steps", type=click.IntRange(min=10), help="Optimizer steps per training run (default 300).")
 @click.option("--vllm/--no-vllm", default=None, help="Serve both adapters under vLLM (default: if installed).")
 @click.option("--verbose", is_flag=True, help="Show third-party logs (else they go to DIR/third_party.log).")
-@common_options(overwrite=True)
+@common_options(overwrite=True, library_log_here=True)
 def demo_cmd(*, as_json, directory, steps, vllm, verbose, overwrite):
     """Tiny model, AdaLoRA and LoRA-Drop trained on an embedded dataset, converted, validated and served."""
     from adaconvert.demo.demo import run_demo

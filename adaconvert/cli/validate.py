@@ -11,7 +11,7 @@ from adaconvert.cli.options import common_options, emit, name_value
 
 
 @click.command("validate")
-@click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL CONVERTED]")
+@click.argument("paths", nargs=-1, metavar="BASE [ORIGINAL [CONVERTED]]")
 @click.option("--pair", "pairs", multiple=True, metavar="ORIG=CONV", help="Another original/converted pair (repeat).")
 @click.option(
     "--merged",
@@ -28,6 +28,7 @@ from adaconvert.cli.options import common_options, emit, name_value
     "--double-quant/--no-double-quant", default=True, show_default=True, help="With a 4-bit --quantize: as trained."
 )
 @click.option("--vllm", is_flag=True, help="Also run the converted adapters in a real vLLM engine.")
+@click.option("--kv-cache-gib", type=float, help="With --vllm: the engine's KV cache in GiB (default: sized here).")
 @click.option(
     "--vllm-static",
     "static",
@@ -44,7 +45,8 @@ from adaconvert.cli.options import common_options, emit, name_value
 def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, merged, **options):
     """Prove that CONVERTED computes what ORIGINAL computes on BASE: weights, logits and (--vllm) vLLM outputs.
 
-    Exit status 0 only if every level passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
+    With --merged DIR, CONVERTED may be left out (BASE ORIGINAL --merged DIR). Exit status 0 only if every level
+    passes. `validate --vllm-static ADAPTER [BASE]` only checks vLLM's rules.
     """
     if static:
         from adaconvert.compat.vllm import static_check
@@ -55,8 +57,10 @@ def validate_cmd(paths, *, as_json, pairs, static, max_lora_rank, tolerance, mer
         emit(result.to_dict(), result.text(), as_json=as_json)
         result.raise_for_problems()
         return
-    if len(paths) not in (1, 3) or (len(paths) == 1 and not pairs):
-        raise click.UsageError("give BASE ORIGINAL CONVERTED, or BASE with --pair ORIG=CONV (repeatable)")
+    if not (len(paths) == 3 or (len(paths) == 2 and merged) or (len(paths) == 1 and pairs)):
+        raise click.UsageError(
+            "give BASE ORIGINAL CONVERTED, BASE ORIGINAL --merged DIR, or BASE with --pair ORIG=CONV (repeatable)"
+        )
     from adaconvert.validation import validate
     from adaconvert.validation.runner import failure
 

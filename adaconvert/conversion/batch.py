@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adaconvert.errors import AdaconvertError, BatchConversionError, InvalidConfigError, SourceNotFoundError
-from adaconvert.io.atomic import atomic_output_file, check_no_overlap, check_output
+from adaconvert.io.atomic import atomic_output_files, check_no_overlap, check_output
 from adaconvert.process import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def to_lora_many(
     tasks = [(src, dst, overwrite, options) for src, dst in zip(sources, destinations, strict=True)]
     items = _run(tasks, jobs=jobs, progress=progress)
     result = BatchResult(output_dir=str(output_dir), jobs=jobs, items=items, seconds=time.perf_counter() - start)
-    _write_summary(result, output_dir)
+    _write_summary(result, output_dir, overwrite=overwrite)
     logger.info("converted %d of %d adapters", len(items) - len(result.failures), len(items))
     if raise_on_failure:
         result.raise_for_failures()
@@ -294,11 +294,9 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _write_summary(result: BatchResult, output_dir: Path) -> None:
-    """Both summary files, each written atomically (checked before the conversions: they may be replaced now)."""
-    for name, text in (
-        (SUMMARY_JSON, json.dumps(result.to_dict(), indent=2) + "\n"),
-        (SUMMARY_MD, "# Batch conversion\n\n" + result.table() + "\n"),
-    ):
-        with atomic_output_file(output_dir / name, overwrite=True) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+def _write_summary(result: BatchResult, output_dir: Path, *, overwrite: bool) -> None:
+    """Both summary files, published together (checked before the conversions; one that appeared since is only
+    replaced with ``overwrite``)."""
+    with atomic_output_files([output_dir / SUMMARY_JSON, output_dir / SUMMARY_MD], overwrite=overwrite) as temps:
+        temps[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        temps[1].write_text("# Batch conversion\n\n" + result.table() + "\n", encoding="utf-8")

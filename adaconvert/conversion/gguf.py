@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack
 from pathlib import Path
 
 from adaconvert.conversion.card import gguf_card
 from adaconvert.conversion.pipeline import prepare_conversion
 from adaconvert.conversion.report import ConversionReport, gguf_side_files
 from adaconvert.errors import InvalidConfigError
-from adaconvert.io.atomic import atomic_output_file, check_output
+from adaconvert.io.atomic import atomic_output_files, check_output
 from adaconvert.io.source import read_model_config
 from adaconvert.writers.gguf import OUTTYPES, GGUFBase, gguf_base, write_gguf_lora
 
@@ -58,8 +57,8 @@ def to_gguf(
     :func:`~adaconvert.writers.gguf.write_gguf_lora`: per-module ranks kept compact, ``adapter.lora.alpha = 0`` so
     llama.cpp's scale is exactly 1 for every tensor, q/k rows permuted for llama-family bases. ``dst`` and its two
     side files (:func:`~adaconvert.conversion.report.gguf_side_files`) are each written to a temporary sibling and
-    renamed into place once all three are complete; whatever is refused (options, architecture, module names, q8_0
-    shapes) leaves nothing.
+    renamed into place as one group once all three are complete (:func:`~adaconvert.io.atomic.atomic_output_files`);
+    whatever is refused (options, architecture, module names, q8_0 shapes) leaves nothing.
 
     Args:
         src: adapter directory or Hub repo id.
@@ -100,10 +99,8 @@ def to_gguf(
     gbase = load_gguf_base(base)
     report = prepared.report(dst, layout="gguf")
     report.dtype = outtype
-    with ExitStack() as stack:
-        # entered in order, left in reverse: the card, then the report, then the GGUF itself are renamed in place
-        temps = [stack.enter_context(atomic_output_file(p, overwrite=overwrite, inputs=[src])) for p in outputs]
-        gguf_tmp, report_tmp, card_tmp = temps
+    # the GGUF, then its report and card, published as one group: two runs into one directory never mix their files
+    with atomic_output_files(outputs, overwrite=overwrite, inputs=[src]) as (gguf_tmp, report_tmp, card_tmp):
         write_gguf_lora(adapter, gguf_tmp, base=gbase, outtype=outtype, name=dst.stem, progress=progress)
         report.bytes_after = gguf_tmp.stat().st_size
         report_tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

