@@ -98,14 +98,15 @@ def kv_cache_bytes(
         return int(kv_cache_gib * GIB)
     if user_env or not _vllm_on_cpu():
         return None
-    from adaconvert.base.modules import base_modules, load_base_config
+    from adaconvert.base.model import BaseModel
 
-    config = load_base_config(base)
+    base = BaseModel.resolve(base)
+    config = base.config
     itemsize = 4 if dtype in ("float32", "float") else 2  # "auto" runs float32 models in bfloat16 on CPU
     per_token = kv_bytes_per_token(config, itemsize=itemsize)
     context = max_model_len or getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
     one = per_token * -(-context // _BLOCK_TOKENS) * _BLOCK_TOKENS
-    weights = itemsize * sum(m.in_features * m.out_features for m in base_modules(config).values())
+    weights = itemsize * sum(m.in_features * m.out_features for m in base.modules.values())
     memory = node_memory()
     budget = int(_SHARE * (memory.available - weights - _PROCESS_OVERHEAD))
     size = max(one, min(one * max_num_seqs, budget))
