@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from adaconvert.training.config import AdaLoraSchedule, TrainOptions, adalora_schedule
-from adaconvert.training.sharding import full, is_sharded, shard_like
+from adaconvert.training.sharding import full_tensors, is_sharded, shard_like
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,18 @@ def freeze_ranknum(model) -> int:
 
 def orthogonality_penalty(model) -> torch.Tensor:
     """PEFT's orthogonality regulariser R = mean over every ``lora_A`` / ``lora_B`` P of ‖P Pᵀ − I‖_F (A: r × in,
-    PPᵀ; B: out × r, PᵀP), on whole tensors (gathered from FSDP shards, differentiably)."""
-    terms = []
+    PPᵀ; B: out × r, PᵀP), on whole tensors: under FSDP all the shards are gathered in one collective
+    (differentiably), not one per tensor, since this runs on every micro-batch."""
+    names, params = [], []
     for name, p in model.named_parameters():
         if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
-            whole = full(p)
-            cov = whole @ whole.T if "lora_A" in name else whole.T @ whole
-            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            terms.append(torch.linalg.matrix_norm(cov - eye))
+            names.append(name)
+            params.append(p)
+    terms = []
+    for name, whole in zip(names, full_tensors(params), strict=True):
+        cov = whole @ whole.T if "lora_A" in name else whole.T @ whole
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        terms.append(torch.linalg.matrix_norm(cov - eye))
     return torch.stack(terms).mean()
 
 
@@ -176,12 +180,15 @@ class _WholeAdapter:
 
     def __init__(self, model, adapter: str, *, gradients: bool):
         self.shards = {n: p for n, p in model.named_parameters() if "lora_" in n and adapter in n}
-        self.whole = {}
-        for name, shard in self.shards.items():
-            whole = torch.nn.Parameter(full(shard.detach()).clone(), requires_grad=False)
-            if gradients and shard.grad is not None:
-                whole.grad = full(shard.grad)
-            self.whole[name] = whole
+        with_grad = [n for n, p in self.shards.items() if gradients and p.grad is not None]
+        # one collective for all the tensors and gradients (per dtype), not one each
+        gathered = full_tensors([p.detach() for p in self.shards.values()] + [self.shards[n].grad for n in with_grad])
+        self.whole = {
+            name: torch.nn.Parameter(tensor.clone(), requires_grad=False)
+            for name, tensor in zip(self.shards, gathered, strict=False)
+        }
+        for name, grad in zip(with_grad, gathered[len(self.shards) :], strict=True):
+            self.whole[name].grad = grad
 
     def named_parameters(self):
         return iter(self.whole.items())

@@ -121,7 +121,19 @@ def run_phase(
             # FSDP2 (accelerate's plugin): one shard unit per decoder layer (the model's _no_split_modules) and the
             # root; parameters are gathered for each unit's forward and backward and resharded after
             fsdp=opts.fsdp or None,
-            fsdp_config={"version": 2, "reshard_after_forward": True} if opts.fsdp else None,
+            # only the main process loaded the base (the others hold it on the meta device): sharding broadcasts its
+            # weights, each process keeping its shard. Activation checkpointing is the model's own
+            # (enable_checkpointing), never also FSDP's (accelerate's fsdp_activation_checkpointing becomes
+            # --gradient-checkpointing in train())
+            fsdp_config={
+                "version": 2,
+                "reshard_after_forward": True,
+                "cpu_ram_efficient_loading": True,
+                "cpu_offload": opts.fsdp_offload_params,
+                "activation_checkpointing": False,
+            }
+            if opts.fsdp
+            else None,
             logging_steps=opts.logging_steps,
             save_strategy="no",
             report_to="none",
@@ -191,6 +203,11 @@ class PhaseTrainer(Trainer):
             self.accelerator.state.distributed_type = DistributedType.FSDP
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled and self.args.fsdp_config.get("cpu_offload") and not torch.cuda.is_available():
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            # offloading to the CPU on a CPU keeps the shards where they are; pinning needs a GPU
+            self.accelerator.state.fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
 
     def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None):
         base = self.accelerator.unwrap_model(self.model).get_base_model()

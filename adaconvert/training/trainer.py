@@ -121,6 +121,10 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     opts = load_options(method, config=config, **options)
     if accelerate_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`: the same as --fsdp
         opts = replace(opts, fsdp=True)
+    if opts.fsdp and accelerate_flag("FSDP_ACTIVATION_CHECKPOINTING"):  # the model checkpoints, FSDP does not
+        opts = replace(opts, gradient_checkpointing=True)
+    if opts.fsdp and accelerate_flag("FSDP_OFFLOAD_PARAMS"):  # `--fsdp_offload_params true`
+        opts = replace(opts, fsdp_offload_params=True)
     check_launch(opts)
     check_base(opts)
     on_main_then_all(
@@ -144,6 +148,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
             opts.model,
             precision,
             quantization=quantization_config(opts, precision),
+            weights=not opts.fsdp or main_process,
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
         result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
@@ -296,8 +301,13 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_base_model(model: str, precision: str, *, quantization=None):
+def load_base_model(model: str, precision: str, *, quantization=None, weights: bool = True):
     """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32.
+
+    ``weights=False`` builds it from its config with every parameter on the ``meta`` device (no memory, no read;
+    the buffers, such as rotary frequencies, are real): what the other processes of an FSDP run hold until
+    sharding fills their shards from the main process's weights, so that only one process of a node ever holds the
+    whole base.
 
     With ``quantization`` (a ``BitsAndBytesConfig``) its linear layers are quantised by bitsandbytes while loading,
     on this process's device, and the model is prepared for k-bit training as PEFT documents it
@@ -308,6 +318,8 @@ def load_base_model(model: str, precision: str, *, quantization=None):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     _check_model_exists(model)
+    if not weights:
+        return _empty_base(model, dtype)
     kwargs = {}
     if quantization is not None:
         # this process's GPU (torchrun / accelerate set LOCAL_RANK): bitsandbytes quantises where the weights land
@@ -323,6 +335,19 @@ def load_base_model(model: str, precision: str, *, quantization=None):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         exact_cpu_kernels(base)  # LoRA-Drop scores in eval mode: the same kernels as training
     return base
+
+
+def _empty_base(model: str, dtype):
+    """The causal LM of ``model`` built from its config, parameters on the ``meta`` device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise SourceNotFoundError(f"cannot load the model config ({first_line(exc)})", path=model) from exc
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _set_seed(seed: int) -> None:
@@ -387,8 +412,8 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
 
 def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
-    unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again).
-    With ``keep_layers`` the selection is given: no pilot, straight to the main run."""
+    unloaded pilot base, or, after an FSDP pilot, on a fresh ``load()``: a sharded base cannot be sharded again).
+    With ``keep_layers`` the selection is given: no pilot, straight to the main run on the one base loaded."""
     base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
@@ -406,11 +431,11 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
         raise InvalidConfigError(f"--keep-layers {','.join(opts.keep_layers)} holds none of the target modules")
     logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(units), opts.policy)
 
-    if opts.fsdp:
+    if opts.fsdp and pilot_stats is not None:
         del pilot, base
         gc.collect()  # the pilot's Trainer and accelerator held the sharded model in reference cycles
         base = load()
-    else:
+    else:  # no pilot ran (--keep-layers), or it ran unsharded: its base serves the main run
         base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
         # PEFT hooks the embedding of a base that checkpoints so that its output requires a gradient, a hook the
         # main phase could not see to remove; that phase switches checkpointing on again without it
