@@ -10,8 +10,9 @@ the same mask. It also records the rank of every module at each budget step (``r
   scores whole rows and columns and takes one threshold over all modules. The allocator is given the whole
   tensors instead (:class:`_WholeAdapter`, gathered on every process), so every process computes the budget of a
   single process and applies the same masks to its shards.
-- A step that the fp16 loss scaler skipped (inf/NaN gradients) is not an optimizer step: the schedule does not
-  advance and the importance scores never read those gradients.
+- A step that the fp16 loss scaler skipped (inf/NaN gradients) is not an optimizer step: the schedule counts real
+  steps only, the importance scores never read those gradients, and the budgeting phase is shortened by each
+  skipped step, so that the final ranks (the target budget) are still fixed ``tfinal`` steps before the end.
 - PEFT's dtype casts re-create ``ranknum`` (each module's rank divisor) as a trainable parameter when the base is
   bf16 / fp16: :func:`freeze_ranknum` freezes it, or AdamW would train a divisor the saved adapter does not keep.
 """
@@ -120,7 +121,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Make ``total_step`` the Trainer's real number of optimizer steps (epochs, accumulation, world size)."""
-        if state.max_steps != self.config.total_step:
+        if self.calls == self.skipped == 0 and state.max_steps != self.config.total_step:  # not on a resume
             schedule = adalora_schedule(self.options, state.max_steps)
             logger.warning(
                 "AdaLoRA total_step %d differs from the Trainer's %d optimizer steps; using %d",
@@ -140,6 +141,7 @@ class AdaLoraCallback(TrainerCallback):
         (0-based), unless the loss scaler skipped this one."""
         if getattr(optimizer, "step_was_skipped", False):
             self.skipped += 1
+            self._shorten_schedule()
             logger.info("AdaLoRA: the loss scaler skipped optimizer step %d; the budget waits", state.global_step)
             return
         step = self.calls
@@ -154,6 +156,15 @@ class AdaLoraCallback(TrainerCallback):
             ranks = module_ranks(pattern)
             budget = self.model.base_model.rankallocator.budget_schedule(step)[0]
             self.history.append({"step": step, "budget": budget, "total_rank": sum(ranks.values()), "ranks": ranks})
+
+    def _shorten_schedule(self) -> None:
+        """One real optimizer step fewer than the Trainer counts: the schedule (in real steps) loses one step from
+        its budgeting phase, so that the final allocation still comes ``tfinal`` Trainer steps before the end. It
+        never moves before the next real step, which therefore still makes the final allocation (the budget is
+        reached however many steps were skipped); once the ranks are final, nothing moves."""
+        c = self.config
+        if self.calls <= c.total_step - c.tfinal:
+            c.total_step = max(c.total_step - 1, self.calls + c.tfinal)
 
     def history_record(self) -> dict:
         """The content of ``rank_history.json``: the schedule, then one entry per budget step."""
