@@ -31,5 +31,12 @@ TRAINING_SUMMARY_NAME = "training_summary.json"
 DEMO_SUMMARY_NAME = "demo_summary.json"
 RANK_HISTORY_NAME = "rank_history.json"
 LORA_DROP_NAME = "lora_drop.json"
+# a run's checkpoints (--save-steps, --resume): OUTPUT + CHECKPOINTS_SUFFIX holds the run's options, one folder of
+# HF Trainer checkpoints per phase and LoRA-Drop's selection; each checkpoint gets our state beside the Trainer's
+CHECKPOINTS_SUFFIX = ".checkpoints"
+CHECKPOINT_RUN_NAME = "run.json"
+CHECKPOINT_SELECTION_NAME = "lora_drop_selection.json"
+CHECKPOINT_STATE_NAME = "adaconvert_state.json"  # written last: a checkpoint without it is incomplete
+CHECKPOINT_TENSORS_NAME = "adaconvert_state.safetensors"
 RANK_HEATMAP_NAME = "rank_heatmap.png"
 THIRD_PARTY_LOG_NAME = "third_party.log"

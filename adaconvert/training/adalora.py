@@ -30,6 +30,7 @@ from adaconvert.training.sharding import full_tensors, is_sharded, shard_like
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator: scores and their EMAs, per tensor
 
 
 def adalora_config(options: TrainOptions, schedule: AdaLoraSchedule, target_modules):
@@ -165,6 +166,35 @@ class AdaLoraCallback(TrainerCallback):
         c = self.config
         if self.calls <= c.total_step - c.tfinal:
             c.total_step = max(c.total_step - 1, self.calls + c.tfinal)
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a resumed run needs to continue the budget exactly: the counters and history, the schedule (as
+        skipped steps shortened it) and rank pattern (JSON), and the allocator's importance scores and EMAs."""
+        c, allocator = self.config, self.model.base_model.rankallocator
+        state = {
+            "calls": self.calls,
+            "skipped": self.skipped,
+            "history": self.history,
+            "rank_pattern": c.rank_pattern,
+            "schedule": [c.total_step, c.tinit, c.tfinal, c.deltaT],
+        }
+        tensors = {f"{kind}/{name}": t for kind in _ALLOCATOR_STATE for name, t in getattr(allocator, kind).items()}
+        return state, tensors
+
+    def load_checkpoint_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        c, allocator = self.config, self.model.base_model.rankallocator
+        self.calls, self.skipped, self.history = state["calls"], state["skipped"], state["history"]
+        c.total_step, c.tinit, c.tfinal, c.deltaT = state["schedule"]
+        c.rank_pattern = state["rank_pattern"]
+        self._last_pattern = c.rank_pattern  # already in the history
+        device = next(p.device for p in self.model.parameters())
+        for kind in _ALLOCATOR_STATE:
+            prefix = f"{kind}/"
+            setattr(
+                allocator,
+                kind,
+                {k.removeprefix(prefix): t.to(device) for k, t in tensors.items() if k.startswith(prefix)},
+            )
 
     def history_record(self) -> dict:
         """The content of ``rank_history.json``: the schedule, then one entry per budget step."""
