@@ -279,6 +279,7 @@ def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
     assert budget.history_record()["skipped_steps"] == 1
 
 
+@pytest.mark.slow
 def test_skipped_steps_still_reach_the_budget_tfinal_steps_before_the_end(tiny_llama):
     """More steps skipped (8) than tfinal (5): counted in real steps against the Trainer's 30, the final allocation
     (real step 25) never came and the ranks ended above the budget. Each skip shortens the budgeting phase: the
