@@ -33,5 +33,12 @@ RANK_HISTORY_NAME = "rank_history.json"
 LORA_DROP_NAME = "lora_drop.json"
 # size and sha256 of every file of a conversion cached for serving (adaconvert/serving/store.py)
 SERVE_MANIFEST_NAME = "adaconvert_manifest.json"
+# a run's checkpoints (--save-steps, --resume): OUTPUT + CHECKPOINTS_SUFFIX holds the run's options, one folder of
+# HF Trainer checkpoints per phase and LoRA-Drop's selection; each checkpoint gets our state beside the Trainer's
+CHECKPOINTS_SUFFIX = ".checkpoints"
+CHECKPOINT_RUN_NAME = "run.json"
+CHECKPOINT_SELECTION_NAME = "lora_drop_selection.json"
+CHECKPOINT_STATE_NAME = "adaconvert_state.json"  # written last: a checkpoint without it is incomplete
+CHECKPOINT_TENSORS_NAME = "adaconvert_state.safetensors"
 RANK_HEATMAP_NAME = "rank_heatmap.png"
 THIRD_PARTY_LOG_NAME = "third_party.log"

@@ -223,19 +223,25 @@ def test_ranknum_stays_frozen_with_a_bf16_base(tiny_llama, data, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=1e-4)
 
 
-def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
-    """fp16: GradScaler skips optimizer.step() on inf/NaN gradients. The budget must not count that step, and the
-    importance scores must never read those gradients. A real GradScaler (CPU) behind accelerate's optimizer."""
+def _train_with_skips(tiny_llama, opts, steps: int, skipped: set[int]):
+    """``steps`` optimizer steps (of a schedule over ``opts.steps``) of a real AdaLoRA model through accelerate's
+    optimizer and a real GradScaler (CPU), an fp16 overflow (an inf gradient) injected at the steps in ``skipped``,
+    the budget driven as the Trainer does.
+
+    Returns:
+        (model, AdaLoraCallback, {trainer step: (total kept rank, whether the ranks are final)}).
+    """
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from adaconvert.training.adalora import AdaLoraCallback, adalora_config
+    from adaconvert.training.adalora import AdaLoraCallback, adalora_config, module_ranks
     from adaconvert.training.trainer import _peft
     from tests.helpers.peft_utils import load_base, training_batch
 
-    opts = load_options("adalora", model="m", data="d", output="o", **ADALORA)
     torch.manual_seed(0)
-    model = _peft(load_base(tiny_llama).train(), adalora_config(opts, adalora_schedule(opts, 30), "all-linear"))
+    model = _peft(
+        load_base(tiny_llama).train(), adalora_config(opts, adalora_schedule(opts, opts.steps), "all-linear")
+    )
     budget = AdaLoraCallback(model, opts)
     batch = training_batch(tiny_llama)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -245,17 +251,44 @@ def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), scaler=scaler
     )
     first_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
-    skipped_at = 4
-    for step in range(8):
+    totals = {}
+    for step in range(steps):
         scaler.scale(model(**batch, labels=labels).loss).backward()
-        if step == skipped_at:
+        if step in skipped:
             first_a.grad[0, 0] = float("inf")  # an fp16 overflow
         optimizer.step()
-        assert optimizer.step_was_skipped == (step == skipped_at)
+        assert optimizer.step_was_skipped == (step in skipped)
         budget.on_optimizer_step(None, type("State", (), {"global_step": step})(), None, optimizer=optimizer)
         optimizer.zero_grad()
+        pattern = budget.config.rank_pattern
+        # the final allocation empties the importance scores; they stay empty while the ranks are fixed
+        final = bool(pattern) and not model.base_model.rankallocator.ipt
+        totals[step] = (sum(module_ranks(pattern).values()) if pattern else None, final)
+    return model, budget, totals
+
+
+def test_a_step_the_loss_scaler_skips_leaves_the_budget_alone(tiny_llama):
+    """fp16: GradScaler skips optimizer.step() on inf/NaN gradients. The budget must not count that step, and the
+    importance scores must never read those gradients. A real GradScaler (CPU) behind accelerate's optimizer."""
+    opts = load_options("adalora", model="m", data="d", output="o", **ADALORA)
+    model, budget, _ = _train_with_skips(tiny_llama, opts, 8, {4})
     allocator = model.base_model.rankallocator
     assert allocator.exp_avg_ipt and all(bool(torch.isfinite(t).all()) for t in allocator.exp_avg_ipt.values())
     assert all(bool(torch.isfinite(t).all()) for t in allocator.exp_avg_unc.values())
     assert budget.calls == 7  # the budget's step index counts real optimizer steps only
     assert budget.history_record()["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_skipped_steps_still_reach_the_budget_tfinal_steps_before_the_end(tiny_llama):
+    """More steps skipped (8) than tfinal (5): counted in real steps against the Trainer's 30, the final allocation
+    (real step 25) never came and the ranks ended above the budget. Each skip shortens the budgeting phase: the
+    budget is reached at Trainer step 30 − tfinal, and the ranks stay fixed for the last tfinal steps."""
+    opts = load_options("adalora", model="m", data="d", output="o", **ADALORA)  # 30 steps, tinit 5, tfinal 5
+    _, budget, totals = _train_with_skips(tiny_llama, opts, 30, set(range(8, 16)))
+    record = budget.history_record()
+    assert record["skipped_steps"] == 8 and record["update_and_allocate_calls"] == 22
+    assert record["history"][-1]["total_rank"] == record["target_budget"]
+    final = 30 - opts.tfinal
+    assert not totals[final - 1][1]
+    assert {totals[step] for step in range(final, 30)} == {(record["target_budget"], True)}

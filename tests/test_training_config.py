@@ -76,7 +76,9 @@ def test_every_option_is_settable_from_the_cli_and_a_recipe(tmp_path):
         assert FIELDS[name].metadata["help"], f"{name} has no help text"
 
     values = {name: _other_value(name) for name in FIELDS}
-    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5)  # a consistent set
+    # a consistent set (checkpoints are refused with --fsdp)
+    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5, fsdp=False)
+    values.update(fsdp_offload_params=False)
     recipe = tmp_path / "all.yaml"
     recipe.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in values.items()}))
     from_recipe = load_options(config=recipe)
@@ -181,6 +183,9 @@ ERROR_CASES = [
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "lr: nan\n"}, r"option 'lr' must be float, got 'nan'"),
     (["lora", "--config", "{tmp}/none.yaml"], {}, r"none.yaml: no such recipe file"),
     (["lora", "--fsdp"], {}, r"--fsdp needs a distributed launch of at least 2 processes"),
+    (["lora", "--fsdp-offload-params", "--save-steps", "0"], {}, r"--save-steps must be at least 1.*needs --fsdp"),
+    (["lora", "--resume"], {}, r"out.checkpoints: no checkpoints to resume from \(train with --save-steps\)"),
+    (["lora", "--resume", "{tmp}/elsewhere", "--quiet"], {}, r"elsewhere: no checkpoints to resume from"),
     (["lora", "--config", "{tmp}/r.yaml"], {"r.yaml": "fsdp: true\n"}, r"--fsdp needs a distributed launch"),
 ]
 

@@ -21,7 +21,7 @@ import torch
 from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME
 from tests.helpers.needs import require
 from tests.helpers.peft_utils import peft_model, prompt_ids
-from tests.helpers.training_utils import write_jsonl
+from tests.helpers.training_utils import torchrun, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -77,19 +77,10 @@ def _launch(tmp: Path, base: Path, data: Path, mode: str) -> Path:
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = [str(script), str(base), str(data), str(out), mode]
-    if mode == "single":
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [_torchrun(), "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [sys.executable, *args] if mode == "single" else [torchrun(), "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
-
-
-def _torchrun() -> str:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun (from torch) must be installed"
-    return torchrun
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +191,7 @@ def test_a_refusal_on_the_main_process_stops_every_process(tiny_llama, tmp_path)
     (tmp_path / "out").mkdir()
     data = write_jsonl(tmp_path / "d.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "adaconvert.cli", "train", "lora",
+    cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "adaconvert.cli", "train", "lora",
            "--model", str(tiny_llama), "--data", str(data), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -21,7 +21,9 @@ def _train_options(fn):
             fn = click.option(f"{spelling}/--no-{spelling[2:]}", name, default=None, help=text)(fn)
         else:
             click_type = click.Choice(choices) if choices else {list: str}.get(kind, kind)
-            fn = click.option(flag(name), name, type=click_type, default=None, help=text)(fn)
+            bare = FIELDS[name].metadata["bare"]
+            optional_value = {"is_flag": False, "flag_value": bare} if bare is not None else {}
+            fn = click.option(flag(name), name, type=click_type, default=None, help=text, **optional_value)(fn)
     fn = click.option("--bf16", "precision_flag", flag_value="bf16", help="Same as --precision bf16.")(fn)
     fn = click.option("--fp16", "precision_flag", flag_value="fp16", help="Same as --precision fp16.")(fn)
     return click.option("--config", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")(fn)

@@ -10,8 +10,9 @@ the same mask. It also records the rank of every module at each budget step (``r
   scores whole rows and columns and takes one threshold over all modules. The allocator is given the whole
   tensors instead (:class:`_WholeAdapter`, gathered on every process), so every process computes the budget of a
   single process and applies the same masks to its shards.
-- A step that the fp16 loss scaler skipped (inf/NaN gradients) is not an optimizer step: the schedule does not
-  advance and the importance scores never read those gradients.
+- A step that the fp16 loss scaler skipped (inf/NaN gradients) is not an optimizer step: the schedule counts real
+  steps only, the importance scores never read those gradients, and the budgeting phase is shortened by each
+  skipped step, so that the final ranks (the target budget) are still fixed ``tfinal`` steps before the end.
 - PEFT's dtype casts re-create ``ranknum`` (each module's rank divisor) as a trainable parameter when the base is
   bf16 / fp16: :func:`freeze_ranknum` freezes it, or AdamW would train a divisor the saved adapter does not keep.
 """
@@ -24,11 +25,12 @@ import torch
 from transformers import TrainerCallback
 
 from adaconvert.training.config import AdaLoraSchedule, TrainOptions, adalora_schedule
-from adaconvert.training.sharding import full, is_sharded, shard_like
+from adaconvert.training.sharding import full_tensors, is_sharded, shard_like
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator: scores and their EMAs, per tensor
 
 
 def adalora_config(options: TrainOptions, schedule: AdaLoraSchedule, target_modules):
@@ -69,14 +71,18 @@ def freeze_ranknum(model) -> int:
 
 def orthogonality_penalty(model) -> torch.Tensor:
     """PEFT's orthogonality regulariser R = mean over every ``lora_A`` / ``lora_B`` P of ‖P Pᵀ − I‖_F (A: r × in,
-    PPᵀ; B: out × r, PᵀP), on whole tensors (gathered from FSDP shards, differentiably)."""
-    terms = []
+    PPᵀ; B: out × r, PᵀP), on whole tensors: under FSDP all the shards are gathered in one collective
+    (differentiably), not one per tensor, since this runs on every micro-batch."""
+    names, params = [], []
     for name, p in model.named_parameters():
         if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
-            whole = full(p)
-            cov = whole @ whole.T if "lora_A" in name else whole.T @ whole
-            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            terms.append(torch.linalg.matrix_norm(cov - eye))
+            names.append(name)
+            params.append(p)
+    terms = []
+    for name, whole in zip(names, full_tensors(params), strict=True):
+        cov = whole @ whole.T if "lora_A" in name else whole.T @ whole
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        terms.append(torch.linalg.matrix_norm(cov - eye))
     return torch.stack(terms).mean()
 
 
@@ -116,7 +122,7 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Make ``total_step`` the Trainer's real number of optimizer steps (epochs, accumulation, world size)."""
-        if state.max_steps != self.config.total_step:
+        if self.calls == self.skipped == 0 and state.max_steps != self.config.total_step:  # not on a resume
             schedule = adalora_schedule(self.options, state.max_steps)
             logger.warning(
                 "AdaLoRA total_step %d differs from the Trainer's %d optimizer steps; using %d",
@@ -136,6 +142,7 @@ class AdaLoraCallback(TrainerCallback):
         (0-based), unless the loss scaler skipped this one."""
         if getattr(optimizer, "step_was_skipped", False):
             self.skipped += 1
+            self._shorten_schedule()
             logger.info("AdaLoRA: the loss scaler skipped optimizer step %d; the budget waits", state.global_step)
             return
         step = self.calls
@@ -150,6 +157,44 @@ class AdaLoraCallback(TrainerCallback):
             ranks = module_ranks(pattern)
             budget = self.model.base_model.rankallocator.budget_schedule(step)[0]
             self.history.append({"step": step, "budget": budget, "total_rank": sum(ranks.values()), "ranks": ranks})
+
+    def _shorten_schedule(self) -> None:
+        """One real optimizer step fewer than the Trainer counts: the schedule (in real steps) loses one step from
+        its budgeting phase, so that the final allocation still comes ``tfinal`` Trainer steps before the end. It
+        never moves before the next real step, which therefore still makes the final allocation (the budget is
+        reached however many steps were skipped); once the ranks are final, nothing moves."""
+        c = self.config
+        if self.calls <= c.total_step - c.tfinal:
+            c.total_step = max(c.total_step - 1, self.calls + c.tfinal)
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a resumed run needs to continue the budget exactly: the counters and history, the schedule (as
+        skipped steps shortened it) and rank pattern (JSON), and the allocator's importance scores and EMAs."""
+        c, allocator = self.config, self.model.base_model.rankallocator
+        state = {
+            "calls": self.calls,
+            "skipped": self.skipped,
+            "history": self.history,
+            "rank_pattern": c.rank_pattern,
+            "schedule": [c.total_step, c.tinit, c.tfinal, c.deltaT],
+        }
+        tensors = {f"{kind}/{name}": t for kind in _ALLOCATOR_STATE for name, t in getattr(allocator, kind).items()}
+        return state, tensors
+
+    def load_checkpoint_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        c, allocator = self.config, self.model.base_model.rankallocator
+        self.calls, self.skipped, self.history = state["calls"], state["skipped"], state["history"]
+        c.total_step, c.tinit, c.tfinal, c.deltaT = state["schedule"]
+        c.rank_pattern = state["rank_pattern"]
+        self._last_pattern = c.rank_pattern  # already in the history
+        device = next(p.device for p in self.model.parameters())
+        for kind in _ALLOCATOR_STATE:
+            prefix = f"{kind}/"
+            setattr(
+                allocator,
+                kind,
+                {k.removeprefix(prefix): t.to(device) for k, t in tensors.items() if k.startswith(prefix)},
+            )
 
     def history_record(self) -> dict:
         """The content of ``rank_history.json``: the schedule, then one entry per budget step."""
@@ -176,12 +221,15 @@ class _WholeAdapter:
 
     def __init__(self, model, adapter: str, *, gradients: bool):
         self.shards = {n: p for n, p in model.named_parameters() if "lora_" in n and adapter in n}
-        self.whole = {}
-        for name, shard in self.shards.items():
-            whole = torch.nn.Parameter(full(shard.detach()).clone(), requires_grad=False)
-            if gradients and shard.grad is not None:
-                whole.grad = full(shard.grad)
-            self.whole[name] = whole
+        with_grad = [n for n, p in self.shards.items() if gradients and p.grad is not None]
+        # one collective for all the tensors and gradients (per dtype), not one each
+        gathered = full_tensors([p.detach() for p in self.shards.values()] + [self.shards[n].grad for n in with_grad])
+        self.whole = {
+            name: torch.nn.Parameter(tensor.clone(), requires_grad=False)
+            for name, tensor in zip(self.shards, gathered, strict=False)
+        }
+        for name, grad in zip(with_grad, gathered[len(self.shards) :], strict=True):
+            self.whole[name].grad = grad
 
     def named_parameters(self):
         return iter(self.whole.items())

@@ -23,18 +23,27 @@ IMPORTANCES = ("output", "weight-l1")
 POLICIES = ("share", "drop")
 GRANULARITIES = ("layer", "module")
 QUANT_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+RESUME_LATEST = "latest"  # --resume without a directory: the run's own OUTPUT.checkpoints
 DEFAULT_THRESHOLD = 0.9  # LoRA-Drop's cumulative importance kept when neither threshold nor keep_fraction is given
 
 
-def option(default=None, help: str = "", *, choices: tuple[str, ...] | None = None, flag: str | None = None):
+def option(
+    default=None,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    bare: str | None = None,
+):
     """A :class:`TrainOptions` field: its default, its ``--help`` text and, for text options, the accepted values.
 
     ``flag`` names the command-line spelling when it is not ``--<name-with-dashes>`` (``method`` is the command's
-    argument, ``overwrite`` / ``quiet`` are the shared flags of every command).
+    argument, ``overwrite`` / ``quiet`` are the shared flags of every command). ``bare`` is the value of a text
+    option given on the command line without one (``--resume`` alone).
     """
     # a list option's default is given as a tuple: each TrainOptions gets its own list
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, tuple) else {"default": default}
-    return field(metadata={"help": help, "choices": choices, "flag": flag}, **kwargs)
+    return field(metadata={"help": help, "choices": choices, "flag": flag, "bare": bare}, **kwargs)
 
 
 @dataclass
@@ -122,6 +131,22 @@ class TrainOptions:
         False,
         "Shard the base model, adapters, gradients and optimizer state over the processes of a torchrun / accelerate "
         "launch (FSDP2, one unit per decoder layer); default: DDP, a full copy on each.",
+    )
+    fsdp_offload_params: bool = option(
+        False,
+        "FSDP: keep the parameter shards, their gradients and the optimizer state in CPU memory, moved to the GPU "
+        "for each unit's compute (slower; for bases whose shards do not fit the GPUs).",
+    )
+    save_steps: int | None = option(
+        None,
+        "Save a checkpoint every N optimizer steps in OUTPUT.checkpoints (the last two are kept), to --resume an "
+        "interrupted run.",
+    )
+    resume: str | None = option(
+        None,
+        "Continue an interrupted run from its latest checkpoint, in DIR (a checkpoints directory) or, with no value, "
+        "in OUTPUT.checkpoints; the other options must be the interrupted run's.",
+        bare=RESUME_LATEST,
     )
     time_steps: bool = option(False, "Wait for the GPU after every step so that step times are exact (benchmarks).")
     seed: int = option(0, "Random seed.")
@@ -310,6 +335,13 @@ def check_options(o: TrainOptions) -> None:
     need(o.r >= 1, f"--r must be at least 1, got {o.r}")
     need(0 <= o.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
     need(o.logging_steps >= 1, f"--logging-steps must be at least 1, got {o.logging_steps}")
+    need(o.save_steps is None or o.save_steps >= 1, f"--save-steps must be at least 1, got {o.save_steps}")
+    need(not o.fsdp_offload_params or o.fsdp, "--fsdp-offload-params offloads FSDP's shards: it needs --fsdp")
+    need(
+        not o.fsdp or (o.save_steps is None and o.resume is None),
+        "--save-steps / --resume are not supported with --fsdp yet (checkpoints are written and read whole, by "
+        "one process); use DDP, or train without checkpoints",
+    )
     if o.method == "adalora":
         need(o.target_r >= 1, f"--target-r must be at least 1, got {o.target_r}")
         need(

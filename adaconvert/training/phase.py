@@ -29,19 +29,24 @@ Three things the plain Trainer gets wrong for us are set right here, in :class:`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from adaconvert.errors import InvalidConfigError
 from adaconvert.training.adalora import adalora_peft_config, orthogonality_penalty
+from adaconvert.training.checkpoints import KEPT, PhaseCheckpoints, load_state, save_state
 from adaconvert.training.config import TrainOptions, optimizer_steps
 from adaconvert.training.data import CausalCollator
-from adaconvert.training.sharding import average_gradients, base_on_main_only, shared_modules, world_size
+from adaconvert.training.sharding import adapter_state_dict, average_gradients, shared_modules, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +101,19 @@ class StepClock(TrainerCallback):
 
 
 def run_phase(
-    model, dataset, tokenizer, opts: TrainOptions, *, precision: str, callbacks=(), steps=None, desc: str = "train"
+    model,
+    dataset,
+    tokenizer,
+    opts: TrainOptions,
+    *,
+    precision: str,
+    callbacks=(),
+    steps=None,
+    desc: str = "train",
+    checkpoints: PhaseCheckpoints | None = None,
 ):
-    """One ``Trainer`` run of ``model`` on ``dataset``; ``steps`` overrides ``opts.steps``.
+    """One ``Trainer`` run of ``model`` on ``dataset``; ``steps`` overrides ``opts.steps``. With ``checkpoints``
+    it saves every ``save_steps`` optimizer steps there, and resumes from ``resume_from``.
 
     Returns:
         (PhaseStats, world size).
@@ -113,7 +128,12 @@ def run_phase(
     clock = StepClock(sync=opts.time_steps)
     if opts.gradient_checkpointing:
         enable_checkpointing(model)
-    with tempfile.TemporaryDirectory(prefix="adaconvert-train-") as scratch:
+    saving = checkpoints is not None and checkpoints.save_steps is not None
+    with (
+        tempfile.TemporaryDirectory(prefix="adaconvert-train-")
+        if checkpoints is None
+        else contextlib.nullcontext(str(checkpoints.directory)) as scratch
+    ):
         args = TrainingArguments(
             output_dir=scratch,
             per_device_train_batch_size=opts.batch_size,
@@ -131,13 +151,23 @@ def run_phase(
             # root; parameters are gathered for each unit's forward and backward and resharded after. When only the
             # main process loaded the base, sharding broadcasts its weights (the others hold zeros)
             fsdp=opts.fsdp or None,
-            fsdp_config=(
-                {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": base_on_main_only()}
-                if opts.fsdp
-                else None
-            ),
+            # only the main process loaded the base (the others hold it on the meta device): sharding broadcasts its
+            # weights, each process keeping its shard. Activation checkpointing is the model's own
+            # (enable_checkpointing), never also FSDP's (accelerate's fsdp_activation_checkpointing becomes
+            # --gradient-checkpointing in train())
+            fsdp_config={
+                "version": 2,
+                "reshard_after_forward": True,
+                "cpu_ram_efficient_loading": True,
+                "cpu_offload": opts.fsdp_offload_params,
+                "activation_checkpointing": False,
+            }
+            if opts.fsdp
+            else None,
             logging_steps=opts.logging_steps,
-            save_strategy="no",
+            save_strategy="steps" if saving else "no",
+            save_steps=checkpoints.save_steps if saving else None,
+            save_total_limit=KEPT,
             report_to="none",
             seed=opts.seed,
             disable_tqdm=opts.quiet,
@@ -156,8 +186,11 @@ def run_phase(
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_Progress(quiet=opts.quiet, desc=desc))
+        resume_from = checkpoints.resume_from if checkpoints is not None else None
+        if resume_from is not None:
+            trainer.load_states(resume_from)
         started = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         wall = time.perf_counter() - started
         # accelerate left bf16 / fp16 autocast wrapped around the model's forward: what the caller gets back (and
         # what is compared with the saved adapter) is the plain model again
@@ -218,6 +251,11 @@ class PhaseTrainer(Trainer):
             plugin.mixed_precision_policy = replace(policy, reduce_dtype=torch.float32)
             if self.shared:  # LoRA-Drop share: left out of every shard unit, averaged in training_step
                 plugin.ignored_modules = self.shared
+        if self.is_fsdp_enabled and self.args.fsdp_config.get("cpu_offload") and not torch.cuda.is_available():
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            # offloading to the CPU on a CPU keeps the shards where they are; pinning needs a GPU
+            self.accelerator.state.fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -231,6 +269,46 @@ class PhaseTrainer(Trainer):
         if self.is_fsdp_enabled and self.shared and self.accelerator.sync_gradients:
             average_gradients(p for module in self.shared for p in module.parameters())
         return loss
+
+    # checkpoints (--save-steps, --resume): the adapter's whole tensors and the callbacks' state, beside the Trainer's
+    # optimizer, scheduler and RNG state (adaconvert/training/checkpoints.py)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The model part of a checkpoint: the adapter's whole, full-rank tensors (not PEFT's save, which cuts
+        AdaLoRA's tensors to the kept ranks)."""
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self._adapter = adapter_state_dict(self.model)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            states, tensors = {}, {f"adapter/{k}": v for k, v in self._adapter.items()}
+            for callback in self._stateful():
+                state, own = callback.checkpoint_state()
+                states[type(callback).__name__] = state
+                tensors.update({f"{type(callback).__name__}/{k}": v for k, v in own.items()})
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_state(folder, tensors, states)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer loads the model part itself at the start of a resumed run: :meth:`load_states` did."""
+
+    def load_states(self, checkpoint: Path) -> None:
+        """The adapter's tensors and the callbacks' state of ``checkpoint`` (every process reads them)."""
+        tensors, states = load_state(checkpoint)
+        adapter = {k.removeprefix("adapter/"): v for k, v in tensors.items() if k.startswith("adapter/")}
+        with torch.no_grad():
+            missing = set(adapter) - set(self.model.state_dict())
+            if missing:
+                raise InvalidConfigError(f"the checkpoint's adapter does not fit this model ({sorted(missing)[0]})")
+            self.model.load_state_dict(adapter, strict=False)
+        for callback in self._stateful():
+            name = type(callback).__name__
+            own = {k.removeprefix(f"{name}/"): v for k, v in tensors.items() if k.startswith(f"{name}/")}
+            callback.load_checkpoint_state(states[name], own)
+
+    def _stateful(self):
+        return [cb for cb in self.callback_handler.callbacks if hasattr(cb, "checkpoint_state")]
 
     def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None):
         base = self.accelerator.unwrap_model(self.model).get_base_model()

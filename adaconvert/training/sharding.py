@@ -27,6 +27,88 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def full_tensors(tensors: list) -> list[torch.Tensor]:
+    """The whole tensors of ``tensors``, gathered together: one all-gather for all the FSDP2 shards among them (per
+    dtype), where :func:`full` on each would issue one per tensor. Differentiable like :func:`full`; plain tensors
+    are returned as they are.
+
+    Every process must call this with the same tensors in the same order. Shards sharded on dim 0 of a 1-D mesh
+    (FSDP2's layout) travel in the one gather; any other layout falls back to :func:`full`.
+
+    Args:
+        tensors: plain tensors and ``DTensor`` shards, in any mix.
+
+    Returns:
+        Whole tensors, in the order of ``tensors``.
+    """
+    result = list(tensors)
+    groups: dict = {}
+    for i, tensor in enumerate(tensors):
+        if not is_sharded(tensor):
+            continue
+        if _row_sharded(tensor):
+            groups.setdefault((tensor.dtype, tensor.device_mesh), []).append(i)
+        else:
+            result[i] = tensor.full_tensor()
+    for (_, mesh), indices in groups.items():
+        for i, whole in zip(indices, _gather_rows([tensors[i] for i in indices], mesh), strict=True):
+            result[i] = whole
+    return result
+
+
+def _row_sharded(tensor) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return tensor.device_mesh.ndim == 1 and tuple(tensor.placements) == (Shard(0),)
+
+
+def _rows(size: int, world: int) -> list[int]:
+    """Rows of each process's shard of a dim of ``size`` rows: ``torch.chunk``'s split, as DTensor's ``Shard``."""
+    chunk = -(-size // world)
+    return [max(0, min(chunk, size - r * chunk)) for r in range(world)]
+
+
+def _gather_rows(shards: list, mesh) -> list[torch.Tensor]:
+    """Whole tensors of row-sharded ``DTensor`` s, in one all-gather of all local shards flattened together."""
+    group = mesh.get_group()
+    world, me = mesh.size(), mesh.get_local_rank()
+    rows = [_rows(s.shape[0], world) for s in shards]
+    widths = [s.shape[1:].numel() for s in shards]
+    sizes = [sum(r[p] * w for r, w in zip(rows, widths, strict=True)) for p in range(world)]
+    flat = torch.cat([s.to_local().reshape(-1) for s in shards])
+    if flat.device.type != mesh.device_type:  # shards offloaded to the CPU (fsdp_offload_params) travel on the GPU
+        flat = flat.to(mesh.device_type)
+    gathered = _AllGatherPadded.apply(flat, group, max(sizes), me)  # (world, max size)
+    pieces = []
+    for p in range(world):
+        parts = gathered[p, : sizes[p]].split([r[p] * w for r, w in zip(rows, widths, strict=True)])
+        pieces.append([part.view(r[p], *s.shape[1:]) for part, r, s in zip(parts, rows, shards, strict=True)])
+    return [torch.cat([pieces[p][i] for p in range(world)]) for i in range(len(shards))]
+
+
+class _AllGatherPadded(torch.autograd.Function):
+    """All-gather of one flat tensor per process, each padded to ``width``.
+
+    The backward hands each process the gradient of its own piece without communicating: every process computes
+    the same function of the gathered tensors (as ``DTensor.full_tensor()``'s backward assumes too), so its own
+    gradient is already the gradient of that function.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, group, width, me):
+        import torch.distributed as dist
+
+        ctx.me, ctx.size = me, flat.numel()
+        padded = torch.nn.functional.pad(flat, (0, width - flat.numel())).contiguous()
+        out = padded.new_empty(dist.get_world_size(group) * width)
+        dist.all_gather_into_tensor(out, padded, group=group)
+        return out.view(-1, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.me, : ctx.size], None, None, None
+
+
 def shard_like(whole: torch.Tensor, like) -> torch.Tensor:
     """This process's shard of ``whole`` (the same on every process) in the layout of the ``DTensor`` ``like``,
     cut locally (no communication)."""
@@ -38,23 +120,12 @@ def shard_like(whole: torch.Tensor, like) -> torch.Tensor:
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter's tensors (keys with ``lora_``) of ``model.state_dict()``, whole, on the CPU.
 
-    Under FSDP2 each is gathered from the shards (every process must call this); the base model's weights are
-    not gathered. A tensor shared by several modules (LoRA-Drop ``share``) keeps one entry per module, as a LoRA
-    checkpoint needs.
+    Under FSDP2 they are gathered from the shards in one collective (every process must call this); the base
+    model's weights are not gathered. A tensor shared by several modules (LoRA-Drop ``share``) keeps one entry per
+    module, as a LoRA checkpoint needs.
     """
-    return {key: full(value).detach().cpu() for key, value in model.state_dict().items() if "lora_" in key}
-
-
-def base_on_main_only() -> bool:
-    """Whether transformers' ``from_pretrained`` loads the real weights on the main process only: under
-    ``accelerate launch --use_fsdp`` (its ``fsdp_cpu_ram_efficient_loading`` defaults to true) every other process
-    gets zeros and FSDP must broadcast the main process's weights when it shards the model. transformers decides
-    from the environment, which only the Trainer's own arguments change afterwards (to the value returned here, as
-    a phase passes it on), so the answer holds for every load of a run.
-    """
-    from transformers.integrations import is_fsdp_enabled
-
-    return is_fsdp_enabled()
+    state = {key: value.detach() for key, value in model.state_dict().items() if "lora_" in key}
+    return {key: whole.cpu() for key, whole in zip(state, full_tensors(list(state.values())), strict=True)}
 
 
 def shared_modules(model) -> list[torch.nn.Module]:

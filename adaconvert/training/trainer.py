@@ -30,6 +30,7 @@ from adaconvert.io.location import is_hub_id
 from adaconvert.process import hf_progress
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
+from adaconvert.training.checkpoints import PhaseCheckpoints, RunCheckpoints
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
 from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
 from adaconvert.training.phase import PhaseStats, run_phase
@@ -121,12 +122,21 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     opts = load_options(method, config=config, **options)
     if accelerate_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp`: the same as --fsdp
         opts = replace(opts, fsdp=True)
+    if opts.fsdp and accelerate_flag("FSDP_ACTIVATION_CHECKPOINTING"):  # the model checkpoints, FSDP does not
+        opts = replace(opts, gradient_checkpointing=True)
+    if opts.fsdp and accelerate_flag("FSDP_OFFLOAD_PARAMS"):  # `--fsdp_offload_params true`
+        opts = replace(opts, fsdp_offload_params=True)
     check_launch(opts)
     check_base(opts)
-    on_main_then_all(
-        lambda: check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config]),
-        cuda=torch.cuda.is_available(),
-    )
+    checkpoints = RunCheckpoints.of(opts)
+
+    def check_outputs() -> None:
+        check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config])
+        if checkpoints is not None:
+            checkpoints.check(opts, world_size())
+            checkpoints.start(opts, world_size())
+
+    on_main_then_all(check_outputs, cuda=torch.cuda.is_available())
     main_process = rank() == 0
     precision = resolve_precision(opts.precision)
     _set_seed(opts.seed)
@@ -144,9 +154,12 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
             opts.model,
             precision,
             quantization=quantization_config(opts, precision),
+            weights=not opts.fsdp or main_process,
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
-        result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
+        result = run(
+            load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks), checkpoints=checkpoints
+        )
     result.options = opts.to_dict()
     result.written = main_process
     state = adapter_state_dict(result.model)  # a collective under FSDP: every process gathers
@@ -325,8 +338,13 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_base_model(model: str, precision: str, *, quantization=None):
+def load_base_model(model: str, precision: str, *, quantization=None, weights: bool = True):
     """The frozen base causal LM, in bf16 / fp16 for those precisions (adapters stay float32), else float32.
+
+    ``weights=False`` builds it from its config with every parameter on the ``meta`` device (no memory, no read;
+    the buffers, such as rotary frequencies, are real): what the other processes of an FSDP run hold until
+    sharding fills their shards from the main process's weights, so that only one process of a node ever holds the
+    whole base.
 
     With ``quantization`` (a ``BitsAndBytesConfig``) its linear layers are quantised by bitsandbytes while loading,
     on this process's device, and the model is prepared for k-bit training as PEFT documents it
@@ -337,6 +355,8 @@ def load_base_model(model: str, precision: str, *, quantization=None):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     _check_model_exists(model)
+    if not weights:
+        return _empty_base(model, dtype)
     kwargs = {}
     if quantization is not None:
         # this process's GPU (torchrun / accelerate set LOCAL_RANK): bitsandbytes quantises where the weights land
@@ -352,6 +372,19 @@ def load_base_model(model: str, precision: str, *, quantization=None):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         exact_cpu_kernels(base)  # LoRA-Drop scores in eval mode: the same kernels as training
     return base
+
+
+def _empty_base(model: str, dtype):
+    """The causal LM of ``model`` built from its config, parameters on the ``meta`` device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise SourceNotFoundError(f"cannot load the model config ({first_line(exc)})", path=model) from exc
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _set_seed(seed: int) -> None:
@@ -390,14 +423,16 @@ def _load(load) -> tuple[object, int]:
     return base, sum(p.numel() for p in base.parameters())
 
 
-def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
     base, total = _load(load)
     model = _peft(base, _lora_config(opts, _targets(opts)))
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    stats, world = run_phase(
+        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, checkpoints=_phase(checkpoints)
+    )
     return TrainResult("lora", opts.output, False, world, total, stats, model=model)
 
 
-def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
     base, total = _load(load)
     world = world_size()
     schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
@@ -405,7 +440,15 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     if thawed := freeze_ranknum(model):
         logger.debug("froze %d ranknum parameters that PEFT's dtype cast had made trainable", thawed)
     budget = AdaLoraCallback(model, opts)
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
+    stats, world = run_phase(
+        model,
+        dataset,
+        tokenizer,
+        opts,
+        precision=precision,
+        callbacks=[budget, *callbacks],
+        checkpoints=_phase(checkpoints),
+    )
     history = budget.history_record()
     pattern = budget.config.rank_pattern
     ranks = module_ranks(pattern) if pattern else None
@@ -414,32 +457,43 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     )
 
 
-def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
-    unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again).
-    With ``keep_layers`` the selection is given: no pilot, straight to the main run."""
+    unloaded pilot base, or, after an FSDP pilot, on a fresh ``load()``: a sharded base cannot be sharded again).
+    With ``keep_layers`` the selection is given: no pilot, straight to the main run on the one base loaded; so it
+    is when a resumed run finds the pilot's selection among its checkpoints."""
     base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
     units = list(lora_drop.unit_scores(dict.fromkeys(modules, 0.0), opts.granularity))
     record: dict = {"method": "lora-drop", "granularity": opts.granularity, "policy": opts.policy}
-    pilot_stats = None
+    pilot_stats, pilot_trained = None, False
+    selection = checkpoints.selection() if checkpoints is not None else None
     if opts.keep_layers is not None:
         kept = [u for u in units if u in set(opts.keep_layers)]
         record.update(importance="given (--keep-layers)", pilot=None)
+    elif selection is not None:  # a resumed run whose pilot was done
+        kept, pilot_stats = selection["kept"], PhaseStats(**selection["pilot_stats"])
+        record.update(selection["record"])
     else:
-        kept, pilot_stats = _pilot_selection(pilot, dataset, tokenizer, opts, record, precision, callbacks)
+        pilot_phase = _phase(checkpoints, "pilot")
+        kept, pilot_stats = _pilot_selection(
+            pilot, dataset, tokenizer, opts, record, precision, callbacks, pilot_phase
+        )
+        pilot_trained = True
+        if checkpoints is not None and rank() == 0:
+            checkpoints.save_selection({"kept": kept, "record": record, "pilot_stats": asdict(pilot_stats)})
     rest = [u for u in units if u not in set(kept)]
     drop_plan = lora_drop.plan(modules, kept, policy=opts.policy, granularity=opts.granularity)
     if not drop_plan.kept_modules:  # only a given selection can miss every target module
         raise InvalidConfigError(f"--keep-layers {','.join(opts.keep_layers)} holds none of the target modules")
     logger.info("LoRA-Drop keeps %s of %d units; %s the rest", kept, len(units), opts.policy)
 
-    if opts.fsdp:
+    if opts.fsdp and pilot_trained:
         del pilot, base
         gc.collect()  # the pilot's Trainer and accelerator held the sharded model in reference cycles
         base = load()
-    else:
+    else:  # no pilot ran (--keep-layers), or it ran unsharded: its base serves the main run
         base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
         # PEFT hooks the embedding of a base that checkpoints so that its output requires a gradient, a hook the
         # main phase could not see to remove; that phase switches checkpointing on again without it
@@ -447,7 +501,9 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
     _set_seed(opts.seed)
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    stats, world = run_phase(
+        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, checkpoints=_phase(checkpoints)
+    )
     record.update(
         kept=kept,
         shared=rest if opts.policy == "share" else [],
@@ -462,7 +518,7 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
     )
 
 
-def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, callbacks):
+def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, callbacks, checkpoints):
     """Train ``pilot`` on a fraction of the data and steps, score its modules and select the units to keep.
 
     Returns:
@@ -474,7 +530,15 @@ def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, c
     pilot_data = TokenizedDataset([dataset.examples[i] for i in order[:n_pilot]])
     pilot_steps = max(1, math.ceil(opts.pilot_fraction * opts.steps)) if opts.steps is not None else None
     pilot_stats, _ = run_phase(
-        pilot, pilot_data, tokenizer, opts, precision=precision, callbacks=callbacks, steps=pilot_steps, desc="pilot"
+        pilot,
+        pilot_data,
+        tokenizer,
+        opts,
+        precision=precision,
+        callbacks=callbacks,
+        steps=pilot_steps,
+        desc="pilot",
+        checkpoints=checkpoints,
     )
     module_scores = _same_on_every_process(_importance(pilot, pilot_data, tokenizer, opts))
     scores = lora_drop.unit_scores(module_scores, opts.granularity)
@@ -497,6 +561,10 @@ def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, c
         },
     )
     return kept, pilot_stats
+
+
+def _phase(checkpoints: RunCheckpoints | None, name: str = "train") -> PhaseCheckpoints | None:
+    return checkpoints.phase(name) if checkpoints is not None else None
 
 
 def _importance(model, data: TokenizedDataset, tokenizer, opts: TrainOptions) -> dict[str, float]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 from adaconvert.demo.tiny import SENTENCES
@@ -18,6 +20,13 @@ def write_jsonl(path: Path, texts=None, *, column: str = "text", repeat: int = 4
     texts = texts if texts is not None else SENTENCES * repeat
     path.write_text("".join(json.dumps({column: t}) + "\n" for t in texts), encoding="utf-8")
     return path
+
+
+def torchrun() -> str:
+    """The ``torchrun`` of this environment's torch."""
+    found = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert found, "torchrun (from torch) must be installed"
+    return found
 
 
 def quick_train(method: str, base, data, output, **options):
