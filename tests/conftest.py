@@ -20,6 +20,15 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pretrained_tiny(request):
+    """The demo's tiny llama pretrained on the general half of the embedded data (forgetting and ROUGE mean something
+    on it), cached in pytest's cache directory across sessions: rebuilt only when its recipe changes."""
+    from adaconvert.demo.pretrain import pretrained_tiny_base
+
+    return pretrained_tiny_base(request.config.cache.mkdir("pretrained-tiny-llama") / "base")
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     build_tiny_model(path, "gpt2")

@@ -126,6 +126,13 @@ class TrainOptions:
     time_steps: bool = option(False, "Wait for the GPU after every step so that step times are exact (benchmarks).")
     seed: int = option(0, "Random seed.")
     logging_steps: int = option(10, "Log the loss every N steps.")
+    eval_data: str | None = option(
+        None, "Held-out data (any format --data takes, same --text-column): its loss is measured during training."
+    )
+    eval_fraction: float | None = option(None, "Hold out this fraction of --data (seeded) for the held-out loss.")
+    eval_steps: int | None = option(
+        None, "Held-out loss every N optimizer steps, and at the end (default: 10 evaluations per run)."
+    )
     overwrite: bool = option(False, "Replace the output directory if it exists.", flag="--overwrite")
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
@@ -296,6 +303,15 @@ def check_options(o: TrainOptions) -> None:
     need(o.r >= 1, f"--r must be at least 1, got {o.r}")
     need(0 <= o.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {o.lora_dropout}")
     need(o.logging_steps >= 1, f"--logging-steps must be at least 1, got {o.logging_steps}")
+    need(o.eval_data is None or o.eval_fraction is None, "give --eval-data or --eval-fraction, not both")
+    need(
+        o.eval_fraction is None or 0 < o.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {o.eval_fraction}"
+    )
+    need(o.eval_steps is None or o.eval_steps >= 1, f"--eval-steps must be at least 1, got {o.eval_steps}")
+    need(
+        o.eval_steps is None or o.eval_data is not None or o.eval_fraction is not None,
+        "--eval-steps needs held-out data: --eval-data FILE or --eval-fraction F",
+    )
     if o.method == "adalora":
         need(o.target_r >= 1, f"--target-r must be at least 1, got {o.target_r}")
         need(

@@ -32,6 +32,7 @@ from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
 from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
+from adaconvert.training.heldout import eval_record, split_heldout
 from adaconvert.training.phase import PhaseStats, run_phase
 from adaconvert.training.sharding import adapter_state_dict, on_main_then_all, rank, world_size
 
@@ -52,6 +53,7 @@ class TrainResult:
     rank_history: dict | None = None
     ranks: dict[str, int] | None = None
     lora_drop: dict | None = None
+    eval: dict | None = None  # held-out loss curve and jitter (heldout.eval_record), with --eval-data / -fraction
     options: dict = field(default_factory=dict)
     model: object = field(default=None, repr=False)
 
@@ -92,6 +94,15 @@ class TrainResult:
                 f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
                 f"parameters {pilot}{drop['main']['trainable_params']:,} in the main run; details in lora_drop.json"
             )
+        if self.eval is not None and self.eval["curve"]:
+            curve, jitter = self.eval["curve"], self.eval["jitter"]
+            lines.append(
+                f"held-out loss ({self.eval['examples']} examples, {self.eval['tokens']:,} tokens): "
+                f"{curve[0]['loss']:.4f} at step {curve[0]['step']} → {curve[-1]['loss']:.4f} at step "
+                f"{curve[-1]['step']} ({len(curve)} evaluations); jitter "
+                + (f"{jitter:.4f} from step {self.eval['jitter_from_step']}" if jitter is not None else "n/a")
+                + f"; curve in {TRAINING_SUMMARY_NAME}"
+            )
         lines.append(f"next: adaconvert to-lora {self.output} {self.output}-lora")
         return "\n".join(lines)
 
@@ -124,7 +135,9 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     check_launch(opts)
     check_base(opts)
     on_main_then_all(
-        lambda: check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config]),
+        lambda: check_output(
+            opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, opts.eval_data, config]
+        ),
         cuda=torch.cuda.is_available(),
     )
     main_process = rank() == 0
@@ -134,6 +147,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         tokenizer = load_tokenizer(opts.model)
         texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
         dataset = tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.data)
+        dataset, eval_dataset = _heldout(dataset, tokenizer, opts)
         logger.info("%d training examples, %d tokens", len(dataset), dataset.num_tokens)
         # impossible settings are refused before the (large) model is loaded
         check_world_fits(opts, len(dataset), world_size())
@@ -146,13 +160,42 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
             quantization=quantization_config(opts, precision),
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
-        result = run(load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks))
+        result = run(
+            load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks), eval_dataset=eval_dataset
+        )
+    if eval_dataset is not None:
+        result.eval = eval_record(
+            result.main.eval_curve,
+            start_step=_settle_step(result),
+            eval_steps=opts.eval_steps or max(1, result.main.optimizer_steps // 10),
+            examples=len(eval_dataset),
+            tokens=eval_dataset.num_tokens,
+        )
     result.options = opts.to_dict()
     result.written = main_process
     state = adapter_state_dict(result.model)  # a collective under FSDP: every process gathers
     if main_process:
         _write(result, opts, state)
     return result
+
+
+def _heldout(dataset: TokenizedDataset, tokenizer, opts: TrainOptions):
+    """(training examples, held-out examples or None): ``eval_data`` tokenised like the training data, or
+    ``eval_fraction`` of the training examples set aside."""
+    if opts.eval_fraction is not None:
+        return split_heldout(dataset, opts.eval_fraction, seed=opts.seed)
+    if opts.eval_data is None:
+        return dataset, None
+    texts = load_texts(opts.eval_data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
+    return dataset, tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.eval_data)
+
+
+def _settle_step(result: TrainResult) -> int:
+    """Where the jitter window starts: AdaLoRA's final fine-tuning (ranks fixed, ``total_step − tfinal``);
+    LoRA-Drop's main run starts after the drop and LoRA has no schedule, so theirs is the whole curve."""
+    if result.rank_history is not None:
+        return result.rank_history["total_step"] - result.rank_history["tfinal"]
+    return 0
 
 
 def accelerate_flag(name: str) -> bool:
@@ -361,14 +404,16 @@ def _load(load) -> tuple[object, int]:
     return base, sum(p.numel() for p in base.parameters())
 
 
-def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks, eval_dataset=None) -> TrainResult:
     base, total = _load(load)
     model = _peft(base, _lora_config(opts, _targets(opts)))
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    stats, world = run_phase(
+        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, eval_dataset=eval_dataset
+    )
     return TrainResult("lora", opts.output, False, world, total, stats, model=model)
 
 
-def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks, eval_dataset=None) -> TrainResult:
     base, total = _load(load)
     world = world_size()
     schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
@@ -376,7 +421,9 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     if thawed := freeze_ranknum(model):
         logger.debug("froze %d ranknum parameters that PEFT's dtype cast had made trainable", thawed)
     budget = AdaLoraCallback(model, opts)
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks])
+    stats, world = run_phase(
+        model, dataset, tokenizer, opts, precision=precision, callbacks=[budget, *callbacks], eval_dataset=eval_dataset
+    )
     history = budget.history_record()
     pattern = budget.config.rank_pattern
     ranks = module_ranks(pattern) if pattern else None
@@ -385,10 +432,11 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks) -> Tra
     )
 
 
-def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> TrainResult:
+def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks, eval_dataset=None) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
     unloaded pilot base, or, under FSDP, on a fresh ``load()``: a sharded base cannot be sharded again).
-    With ``keep_layers`` the selection is given: no pilot, straight to the main run."""
+    With ``keep_layers`` the selection is given: no pilot, straight to the main run. The held-out loss is
+    measured in the main run only (after the drop)."""
     base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
@@ -418,7 +466,9 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks) -> T
     _set_seed(opts.seed)
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
-    stats, world = run_phase(model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks)
+    stats, world = run_phase(
+        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, eval_dataset=eval_dataset
+    )
     record.update(
         kept=kept,
         shared=rest if opts.policy == "share" else [],
