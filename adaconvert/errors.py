@@ -93,6 +93,11 @@ class BatchConversionError(AdaconvertError, RuntimeError):
     """Some adapters of a batch failed; ``fields['failures']`` maps each source to its one-line error."""
 
 
+class ComparisonError(AdaconvertError, RuntimeError):
+    """Some methods of a ``compare`` failed (the others' results are written); ``fields['failures']`` maps each
+    method to its one-line error."""
+
+
 class ServeError(AdaconvertError, OSError):
     """The vLLM server cannot start or stopped: port in use, vLLM missing, exited early, not ready in time."""
 

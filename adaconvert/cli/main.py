@@ -10,7 +10,7 @@ import sys
 import click
 
 from adaconvert import errors
-from adaconvert.cli import convert, inspect, merge, push, serve, train, validate
+from adaconvert.cli import compare, convert, inspect, merge, push, serve, train, validate
 
 # exit codes by error family, so scripts can tell "bad input" from "not found" without parsing text
 EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
@@ -21,6 +21,7 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
     errors.HubError: 7,
     errors.BatchConversionError: 8,
     errors.ServeError: 9,
+    errors.ComparisonError: 10,
     errors.OutputWriteError: 1,  # the environment (disk full, read-only), as for any OSError below
     errors.AdaconvertError: 2,
 }
@@ -44,6 +45,7 @@ for command in (
     train.demo_cmd,
     serve.serve_cmd,
     merge.merge_cmd,
+    compare.compare_cmd,
 ):
     cli.add_command(command)
 
