@@ -216,7 +216,7 @@ class VllmEngine:
                 if own:
                     gc.collect()
         for subject in (s for s in subjects if s.kind == MERGED):
-            llm = self._start(subject.path, [], work, enable_lora=False)
+            llm = self._start(subject.path, [], work, lora=False)
             try:
                 outputs.update(self._run(llm, [subject], {}, work))
             finally:
@@ -231,6 +231,7 @@ class VllmEngine:
 
         for directory in adapter_dirs:
             require_vllm_compat(directory, base_config=self.base, what="the adapter as served to vLLM")
+        targets = lora_targets(adapter_dirs)
         if self.llm is None:
             return self._start(self.base.root, adapter_dirs, work), True
         max_lora_rank, _ = engine_settings(self.llm)
@@ -239,6 +240,13 @@ class VllmEngine:
         need = bucket_for(adapter_dirs, minimum=1) if adapter_dirs else 0
         if adapter_dirs and need > max_lora_rank:
             raise RankLimitError(f"the adapters need max_lora_rank {need}; the engine given has {max_lora_rank}")
+        lora_config = self.llm.llm_engine.vllm_config.lora_config
+        served = getattr(lora_config, "target_modules", None)
+        if adapter_dirs and (served is None or "lm_head" in served or not set(targets) <= set(served)):
+            raise InvalidConfigError(
+                f"the vLLM engine given must be started with lora_target_modules={targets} (it has {served}): "
+                "vLLM's prompt log-probabilities fail with a LoRA on lm_head (start it with start_engine)"
+            )
         limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
         if work.context > limit:
             raise InvalidConfigError(
@@ -246,17 +254,15 @@ class VllmEngine:
             )
         return self.llm, False
 
-    def _start(self, model_dir, adapter_dirs, work: Workload, **engine_args):
-        from adaconvert.validation.vllm_level import make_engine
-
-        return make_engine(
-            str(model_dir),
+    def _start(self, model_dir, adapter_dirs, work: Workload, *, lora: bool = True):
+        return start_engine(
+            model_dir,
             adapter_dirs,
             dtype=self.dtype,
             max_model_len=work.context + 8,
             max_num_seqs=self.max_num_seqs,
             quiet=not self.progress,
-            **engine_args,
+            lora=lora,
         )
 
     def _run(self, llm, subjects: list[Subject], served: dict[str, Path], work: Workload):
@@ -311,3 +317,51 @@ def _servable(subject: Subject, tmp: Path) -> Path:
     logger.info("%s (%s): converting with to-lora for vLLM into %s", subject.label, subject.method, out)
     to_lora(subject.path, out)
     return out
+
+
+def lora_targets(adapter_dirs) -> list[str]:
+    """The module kinds (name suffixes: ``q_proj``, ``down_proj``...) the adapters adapt, sorted.
+
+    Raises:
+        InvalidConfigError: an adapter adapts ``lm_head``: vLLM's prompt log-probabilities leave its delta out
+            (vLLM issue 51594), so the loss would be wrong.
+    """
+    from adaconvert.compat.vllm import parse_lora_key, tensor_shapes
+
+    found = {
+        parsed[0].rsplit(".", 1)[-1] for d in adapter_dirs for k in tensor_shapes(d) if (parsed := parse_lora_key(k))
+    }
+    if "lm_head" in found:
+        raise InvalidConfigError(
+            "an adapter adapts lm_head: vLLM's prompt log-probabilities leave that delta out; use --engine hf"
+        )
+    return sorted(found)
+
+
+def start_engine(
+    model_dir: str | Path,
+    adapter_dirs: list[Path],
+    *,
+    max_model_len: int,
+    dtype: str = "float32",
+    max_num_seqs: int = 32,
+    quiet: bool = False,
+    lora: bool = True,
+):
+    """A vLLM engine for ``eval`` (:func:`~adaconvert.validation.vllm_level.make_engine`), LoRA restricted to the
+    module kinds the adapters adapt (``lora_target_modules``).
+
+    Why restricted: with LoRA on, vLLM also wraps the output head (lm_head) for LoRA, and its prompt
+    log-probabilities then fail on a batch of several requests (vLLM 0.32: the head's LoRA indices are per request,
+    the prompt positions per token; vLLM issue 29955). Adapters that adapt no lm_head lose nothing by it.
+
+    Args:
+        model_dir: the base (``lora``) or a merged model (``lora=False``: a plain engine).
+        adapter_dirs: the adapters to serve, in vLLM's format (they size ``max_lora_rank`` and the targets).
+    """
+    from adaconvert.validation.vllm_level import make_engine
+
+    options = {"max_model_len": max_model_len, "dtype": dtype, "max_num_seqs": max_num_seqs, "quiet": quiet}
+    if not lora:
+        return make_engine(str(model_dir), [], enable_lora=False, **options)
+    return make_engine(str(model_dir), adapter_dirs, lora_target_modules=lora_targets(adapter_dirs) or None, **options)
