@@ -20,12 +20,15 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pretrained_tiny(request):
+def pretrained_tiny(request, tmp_path_factory):
     """The demo's tiny llama pretrained on the general half of the embedded data (forgetting and ROUGE mean something
-    on it), cached in pytest's cache directory across sessions: rebuilt only when its recipe changes."""
+    on it), cached in pytest's cache directory across sessions (rebuilt only when its recipe changes), or built once
+    per session under ``-p no:cacheprovider``."""
     from adaconvert.demo.pretrain import pretrained_tiny_base
 
-    return pretrained_tiny_base(request.config.cache.mkdir("pretrained-tiny-llama") / "base")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    where = cache.mkdir("pretrained-tiny-llama") if cache is not None else tmp_path_factory.mktemp("pretrained")
+    return pretrained_tiny_base(where / "base")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from pathlib import Path
 # model: LoRA-Drop keeps half of them, as `adaconvert demo` does
 DEMO_OPTIONS = {
     "steps": 200,
-    "eval_steps": 10,
     "batch_size": 16,
     "max_length": 32,
     "lr": 5e-3,

@@ -157,7 +157,7 @@ def _read_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise InvalidConfigError("a recipe must be a mapping of option names to values", path=path)
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    known = {"methods", "reference_data", "split_on", "engine", "max_new_tokens", *FIELDS} - set(RULE_SET)
+    known = {"methods", "reference_data", "split_on", "engine", "max_new_tokens", *FIELDS}
     unknown = sorted(set(values) - known - {"method"})
     if unknown or "method" in values:
         bad = ", ".join(unknown + (["method"] if "method" in values else []))

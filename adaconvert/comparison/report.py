@@ -131,6 +131,9 @@ class CompareReport:
             won = [m for m, v in values.items() if v == best]
             others = ", ".join(f"{m} {_fmt(key, v)}" for m, v in values.items() if m not in won)
             who = " and ".join(won) + (" (tie)" if len(won) > 1 else "")
+            if len(won) == len(values):
+                lines.append(f"{what}: a tie ({_fmt(key, best)} each)")
+                continue
             lines.append(f"{what}: {who} ({_fmt(key, best)}; {others or 'no other'})")
         return lines
 

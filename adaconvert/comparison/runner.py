@@ -263,10 +263,15 @@ def _quality(plan: ComparePlan, root: Path, records: dict, *, progress: bool) ->
     pairs = [(root / m / m, root / m / f"{m}-lora") for m in done]
     use_vllm = plan.engine == "vllm" or (plan.engine == "auto" and importlib.util.find_spec("vllm") is not None)
     quality: dict = {"engine": "vllm" if use_vllm else "hf"}
+    clock = time.perf_counter
     try:
+        started = clock()
         llm = _engine(plan, [c for _, c in pairs]) if use_vllm else None
+        quality["engine_start_s"], started = clock() - started, clock()
         quality["validation"] = _validate(base, pairs, llm, root, progress=progress)
+        quality["validation_s"], started = clock() - started, clock()
         quality["evaluation"] = _evaluate(plan, [c for _, c in pairs], llm, progress=progress)
+        quality["evaluation_s"] = clock() - started
     except Exception as exc:  # the trained and converted adapters are kept whatever happens here
         logger.debug("validation / evaluation failed", exc_info=True)
         quality["error"] = first_line(exc)
@@ -305,8 +310,8 @@ def _validate(base, pairs, llm, root: Path, *, progress: bool) -> dict:
 def _evaluate(plan: ComparePlan, converted: list[Path], llm, *, progress: bool) -> dict:
     """The evaluation's rows by converted directory name (and ``base``): loss, ROUGE-L, forgetting.
 
-    The one call into ``adaconvert.evaluation``: ``evaluate(base, adapters, data=...) -> EvalReport`` whose rows
-    come base first, then the adapters in the order given.
+    The one call into ``adaconvert.evaluation``: ``evaluate(base, adapters, data=...) -> EvalReport``, one row per
+    subject labelled by its directory name.
     """
     from adaconvert.evaluation import evaluate
 
@@ -323,10 +328,9 @@ def _evaluate(plan: ComparePlan, converted: list[Path], llm, *, progress: bool) 
         llm=llm,
         progress=progress,
     )
-    names = ["base", *(c.name for c in converted)]
     rows = {}
-    for name, row in zip(names, report.rows, strict=True):
-        rows[name] = {
+    for row in report.rows:  # labelled by directory name: ``base``, ``<method>-lora``
+        rows[row.label] = {
             "loss": row.loss,
             "perplexity": row.perplexity,
             "rougeL": row.rougeL,
