@@ -18,10 +18,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
-from adaconvert.training.config import FIELDS, METHODS, load_options
+from adaconvert.errors import InvalidConfigError
+from adaconvert.training.config import FIELDS, METHODS, load_options, read_recipe
 
 ENGINES = ("auto", "vllm", "hf")
+COMPARE_KEYS = ("methods", "reference_data", "split_on", "engine", "max_new_tokens")  # beside train's options
 # options the budget rule sets from r: given explicitly, the three methods would no longer share one budget
 RULE_SET = ("init_r", "target_r")
 # options compare sets for each run itself
@@ -145,21 +146,8 @@ def _opt_str(value) -> str | None:
 
 
 def _read_recipe(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise SourceNotFoundError("no such recipe file", path=path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise InvalidConfigError(f"not valid YAML ({first_line(exc, None)})", path=path) from exc
-    if not isinstance(data, dict):
-        raise InvalidConfigError("a recipe must be a mapping of option names to values", path=path)
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    known = {"methods", "reference_data", "split_on", "engine", "max_new_tokens", *FIELDS}
-    unknown = sorted(set(values) - known - {"method"})
-    if unknown or "method" in values:
-        bad = ", ".join(unknown + (["method"] if "method" in values else []))
-        raise InvalidConfigError(f"not a compare option: {bad} (compare runs every method itself)", path=path)
+    """A compare recipe: ``train``'s recipe format, with compare's own options and without ``method``."""
+    values = read_recipe(path, known={*COMPARE_KEYS, *FIELDS})
+    if "method" in values:
+        raise InvalidConfigError("not a compare option: method (compare runs every method itself)", path=path)
     return values

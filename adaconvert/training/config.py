@@ -211,8 +211,9 @@ def load_options(method: str | None = None, *, config: str | Path | None = None,
     return options
 
 
-def read_recipe(path: str | Path) -> dict:
-    """The options of a YAML recipe, names normalised (``max-length`` → ``max_length``).
+def read_recipe(path: str | Path, *, known=None) -> dict:
+    """The options of a YAML recipe, names normalised (``max-length`` → ``max_length``); ``known``: the accepted
+    names (default: the :class:`TrainOptions` fields; ``compare`` adds its own).
 
     Raises:
         SourceNotFoundError: no such file.
@@ -232,11 +233,11 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise InvalidConfigError("a recipe must be a mapping of option names to values", path=path)
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - set(FIELDS))
+    known = set(FIELDS if known is None else known)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise InvalidConfigError(
-            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}", path=path
-        )
+        known_names = ", ".join(sorted(known))
+        raise InvalidConfigError(f"unknown option(s) {', '.join(unknown)}; known: {known_names}", path=path)
     return values
 
 
