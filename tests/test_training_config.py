@@ -77,7 +77,8 @@ def test_every_option_is_settable_from_the_cli_and_a_recipe(tmp_path):
         assert FIELDS[name].metadata["help"], f"{name} has no help text"
 
     values = {name: _other_value(name) for name in FIELDS}
-    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5, eval_fraction=None)  # consistent
+    # a consistent set
+    values.update(method="adalora", init_r=6, target_r=3, epochs=None, keep_fraction=0.5, eval_fraction=None)
     recipe = tmp_path / "all.yaml"
     recipe.write_text(yaml.safe_dump({k.replace("_", "-"): v for k, v in values.items()}))
     from_recipe = load_options(config=recipe)
