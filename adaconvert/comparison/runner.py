@@ -145,6 +145,13 @@ def _prepare(plan: ComparePlan, *, resume: bool, overwrite: bool, own_inputs: bo
             raise OutputExistsError(
                 "output already exists; pass --overwrite to replace it, or --resume to continue it", path=root
             )
+        where = root.resolve()
+        if where in (Path.home().resolve(), Path(where.anchor)) or where in (
+            Path.cwd().resolve(),
+            *Path.cwd().parents,
+        ):
+            # --overwrite replaces the whole directory: never the home directory, a root or one holding the cwd
+            raise OutputExistsError("is the home directory, a root, or holds the working directory", path=root)
         shutil.rmtree(root) if root.is_dir() and not root.is_symlink() else root.unlink()
     root.mkdir(parents=True)
     _write_json(root / PLAN_NAME, plan.to_dict())
