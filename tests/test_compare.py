@@ -26,6 +26,10 @@ QUICK = ["--steps", "40", "--eval-steps", "5", "--batch-size", "16", "--max-leng
          "--r", "4", "--keep-fraction", "0.5", "--pilot-fraction", "0.25", "--max-new-tokens", "8"]  # fmt: skip
 
 
+# inputs of the refusals: each is refused before any input is read
+UNREAD = {"model": "base", "data": "train.jsonl", "eval_data": "eval.jsonl", "reference_data": "general.jsonl"}
+
+
 @pytest.fixture(scope="module")
 def inputs(pretrained_tiny, tmp_path_factory):
     """The demo's data splits beside the session's pretrained base."""
@@ -106,9 +110,9 @@ def test_a_failing_method_keeps_the_others_results(inputs, tmp_path, capsys):
         ("method: lora\n", [], "not a compare option: method (compare runs every method itself)"),
     ],
 )
-def test_bad_options_are_one_line_before_any_work(inputs, tmp_path, capsys, recipe, extra, message):
+def test_bad_options_are_one_line_before_any_work(tmp_path, capsys, recipe, extra, message):
     (tmp_path / "recipe.yaml").write_text(recipe or "r: 4\n")
-    assert main(_args(inputs, tmp_path / "cmp", "--config", str(tmp_path / "recipe.yaml"), *extra)) == 2
+    assert main(_args(UNREAD, tmp_path / "cmp", "--config", str(tmp_path / "recipe.yaml"), *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cmp").exists()
@@ -121,9 +125,9 @@ def test_the_shipped_recipe_is_a_valid_plan():
     assert plan.budget_rule() == "LoRA rank 8; AdaLoRA init_r 16 → target_r 8; LoRA-Drop rank 8 on its kept layers"
 
 
-def test_existing_output_is_refused_without_overwrite(inputs, tmp_path, capsys):
+def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
     (tmp_path / "cmp").mkdir()
-    assert main(_args(inputs, tmp_path / "cmp")) == 4
+    assert main(_args(UNREAD, tmp_path / "cmp")) == 4
     assert "pass --overwrite to replace it, or --resume to continue it" in capsys.readouterr().err
 
 

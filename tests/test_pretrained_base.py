@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from adaconvert.demo.pretrain import MARK_NAME, demo_texts, pretrained_tiny_base
@@ -23,6 +24,7 @@ def _loss(model_dir, texts) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_the_pretrained_base_knows_the_general_text_better_than_a_random_one(pretrained_tiny, tmp_path):
     _, general = demo_texts()
     record = json.loads((pretrained_tiny / MARK_NAME).read_text())
@@ -31,6 +33,7 @@ def test_the_pretrained_base_knows_the_general_text_better_than_a_random_one(pre
     assert _loss(pretrained_tiny, general[:20]) < _loss(random_base, general[:20]) / 2
 
 
+@pytest.mark.slow
 def test_it_is_built_once_per_recipe(tmp_path):
     base = pretrained_tiny_base(tmp_path / "base", steps=3)
     weights = base / "model.safetensors"
