@@ -30,6 +30,7 @@ CRITERIA = (
     ("train_wall_s", "shortest wall time (pilot included)", True),
     ("rank_bucket", "smallest vLLM rank bucket", True),
 )
+UNITS = {"median_step_ms": " ms", "tokens_per_s": " tokens/s", "peak_memory_mib": " MiB", "train_wall_s": " s"}
 
 
 @dataclass
@@ -129,12 +130,13 @@ class CompareReport:
                 continue
             best = min(values.values()) if lower else max(values.values())
             won = [m for m, v in values.items() if v == best]
+            unit = UNITS.get(key, "")
+            if len(won) == len(values):
+                lines.append(f"{what}: a tie ({_fmt(key, best)}{unit} each)")
+                continue
             others = ", ".join(f"{m} {_fmt(key, v)}" for m, v in values.items() if m not in won)
             who = " and ".join(won) + (" (tie)" if len(won) > 1 else "")
-            if len(won) == len(values):
-                lines.append(f"{what}: a tie ({_fmt(key, best)} each)")
-                continue
-            lines.append(f"{what}: {who} ({_fmt(key, best)}; {others or 'no other'})")
+            lines.append(f"{what}: {who} ({_fmt(key, best)}{unit}; {others})")
         return lines
 
     def table(self) -> str:
@@ -236,9 +238,10 @@ class CompareReport:
         """The held-out loss of every method against the optimizer step, on one chart."""
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for r in self.rows:
+        for i, r in enumerate(self.rows):
             if r.curve:
-                ax.plot([p["step"] for p in r.curve], [p["loss"] for p in r.curve], marker="o", ms=3, label=r.method)
+                steps, losses = [p["step"] for p in r.curve], [p["loss"] for p in r.curve]
+                ax.plot(steps, losses, marker="o", ms=3, color=f"C{i}", label=r.method)
         if self.jitter_from_step:
             ax.axvline(self.jitter_from_step, color="grey", ls=":", lw=1, label="jitter window")
         ax.set_xlabel("optimizer step (LoRA-Drop: main run, after its pilot)")
@@ -250,16 +253,21 @@ class CompareReport:
     def plot_quality(self, path: Path) -> None:
         """Held-out loss (and ROUGE-L where measured) against the adapter's parameters, one point per method."""
         plt = _pyplot()
-        points = [(r.method, r.final_params, r.eval_loss, r.rougeL) for r in self.rows if r.final_params is not None]
+        # each method in the colour of its curve (plot_curves), the base in black
+        points = [
+            (r.method, r.final_params, r.eval_loss, r.rougeL, f"C{i}")
+            for i, r in enumerate(self.rows)
+            if r.final_params is not None
+        ]
         if self.base is not None:
-            points.insert(0, ("base", 0, self.base["loss"], self.base["rougeL"]))
+            points.insert(0, ("base", 0, self.base["loss"], self.base["rougeL"], "black"))
         with_rouge = any(p[3] is not None for p in points)
         fig, axes = plt.subplots(1, 2 if with_rouge else 1, figsize=(10 if with_rouge else 5.5, 4.0), squeeze=False)
         for ax, index, label in zip(axes[0], (2, 3), ("held-out loss (lower is better)", "ROUGE-L (higher is better)"),
                                     strict=False):  # fmt: skip
             for point in points:
                 if point[index] is not None:
-                    ax.scatter(point[1], point[index])
+                    ax.scatter(point[1], point[index], color=point[4])
                     ax.annotate(point[0], (point[1], point[index]), textcoords="offset points", xytext=(4, 4))
             ax.set_xlabel("adapter parameters (converted, served)")
             ax.set_ylabel(label)
