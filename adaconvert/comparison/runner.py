@@ -286,10 +286,12 @@ def _quality(plan: ComparePlan, root: Path, records: dict, *, progress: bool) ->
 
 
 def _engine(plan: ComparePlan, converted: list[Path]):
-    from adaconvert.validation.vllm_level import make_engine
+    """One vLLM engine serving every conversion, started the way ``eval`` needs it (LoRA on the adapted module kinds
+    only: vLLM's prompt log-probabilities fail with a LoRA-wrapped head); long enough for any eval request."""
+    from adaconvert.evaluation.engines import start_engine
 
     max_length = plan.train.get("max_length") or 512
-    return make_engine(plan.train["model"], converted, max_model_len=max_length + plan.max_new_tokens, quiet=True)
+    return start_engine(plan.train["model"], converted, max_model_len=max_length + plan.max_new_tokens, quiet=True)
 
 
 def _validate(base, pairs, llm, root: Path, *, progress: bool) -> dict:
