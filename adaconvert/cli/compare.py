@@ -40,3 +40,7 @@ def compare_cmd(*, as_json, config, overwrite, precision_flag, **options):
     if report.failures:
         failed = "; ".join(f"{m}: {e}" for m, e in report.failures.items())
         raise ComparisonError(f"{len(report.failures)} method(s) failed ({failed}); the others' results are written")
+    if report.quality.get("error"):
+        raise ComparisonError(
+            f"validation / evaluation failed ({report.quality['error']}); the trained adapters are written"
+        )
