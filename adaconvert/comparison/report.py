@@ -74,7 +74,8 @@ class CompareReport:
         budget_rule: how the three budgets were made equal.
         memory_kind: what ``peak_memory_mib`` measures (``peak RSS`` on CPU, ``CUDA max_memory_allocated``).
         jitter_from_step: the common window of the jitter column (AdaLoRA's final fine-tuning, when it ran).
-        seconds: the whole comparison; ``train_seconds``: the training runs within it.
+        seconds: the whole comparison; ``train_seconds``: the training runs within it; ``inputs_s``: building the
+            ``--demo`` inputs (pretraining its tiny base) within it.
         quality: the engine and any validation / evaluation error.
     """
 
@@ -88,9 +89,10 @@ class CompareReport:
     train_seconds: float
     quality: dict
     options: dict = field(default_factory=dict)
+    inputs_s: float = 0.0
 
     @classmethod
-    def build(cls, plan, records: dict, quality: dict, *, seconds: float) -> CompareReport:
+    def build(cls, plan, records: dict, quality: dict, *, seconds: float, inputs_s: float = 0.0) -> CompareReport:
         ok = [r for r in records.values() if r["status"] == "ok"]
         window = next((r["eval"]["jitter_from_step"] for r in ok if r["method"] == "adalora" and r["eval"]), 0)
         evaluation = (quality.get("evaluation") or {}).get("rows", {})
@@ -107,6 +109,7 @@ class CompareReport:
             train_seconds=sum(r["train_wall_s"] for r in ok),
             quality={k: v for k, v in quality.items() if k != "evaluation"},
             options=plan.to_dict(),
+            inputs_s=inputs_s,
         )
 
     @property
@@ -116,9 +119,11 @@ class CompareReport:
 
     @property
     def overhead(self) -> float:
-        """The comparison's time beyond its training runs (conversion, validation, evaluation, reports), as a
-        fraction of the training runs' wall time."""
-        return (self.seconds - self.train_seconds) / self.train_seconds if self.train_seconds else math.nan
+        """The comparison's time beyond its training runs (conversion, validation, evaluation, reports; not the
+        ``--demo`` inputs, which a user's own base and data do not need), as a fraction of the training runs' wall
+        time."""
+        extra = self.seconds - self.train_seconds - self.inputs_s
+        return extra / self.train_seconds if self.train_seconds else math.nan
 
     def winners(self) -> list[str]:
         """One line per criterion: which method did best IN THIS RUN (ties named), or why none is named."""
@@ -209,9 +214,10 @@ class CompareReport:
         if self.quality.get("error"):
             notes.append(f"validation / evaluation failed: {self.quality['error']}")
         notes += [f"in this run, {line}" for line in self.winners()]
+        inputs = f", {self.inputs_s:.0f} s building the demo's inputs" if self.inputs_s else ""
         notes.append(
-            f"{self.seconds:.0f} s in all, {self.train_seconds:.0f} s training (compare's own overhead "
-            f"{self.overhead:.0%})"
+            f"{self.seconds:.0f} s in all, {self.train_seconds:.0f} s training{inputs} (compare's own overhead: "
+            f"{self.overhead:.0%} of the training time)"
         )
         return notes
 

@@ -108,13 +108,14 @@ def compare(
     if demo:
         say(f"building the demo's inputs in {root / DEMO_DIR}: data splits, a tiny base pretrained on general text")
         build_demo_inputs(root)
+    inputs_s = time.perf_counter() - started
     say(f"comparing {', '.join(plan.methods)} on {plan.train['model']}; budget: {plan.budget_rule()}")
     records = {}
     for i, method in enumerate(plan.methods, start=1):
         records[method] = _method(plan, root, method, quiet=quiet, say=say, step=f"[{i}/{len(plan.methods) + 1}]")
     say(f"[{len(plan.methods) + 1}/{len(plan.methods) + 1}] validating and evaluating the converted adapters")
     quality = _quality(plan, root, records, progress=not quiet)
-    report = CompareReport.build(plan, records, quality, seconds=time.perf_counter() - started)
+    report = CompareReport.build(plan, records, quality, seconds=time.perf_counter() - started, inputs_s=inputs_s)
     report.write(root)
     return report
 
