@@ -129,7 +129,7 @@ class CompareReport:
         """One line per criterion: which method did best IN THIS RUN (ties named), or why none is named."""
         lines = []
         for key, what, lower in CRITERIA:
-            values = {r.method: _value(r, key) for r in self.rows if r.status == "ok"}
+            values = {r.method: getattr(r, key) for r in self.rows if r.status == "ok"}
             values = {m: v for m, v in values.items() if v is not None and math.isfinite(v)}
             if len(values) < 2:
                 continue
@@ -308,10 +308,6 @@ def _row(record: dict, evaluation: dict, passed: dict, window: int) -> MethodRow
         validated=passed.get(f"{method}-lora"),
         curve=curve,
     )
-
-
-def _value(row: MethodRow, key: str):
-    return getattr(row, key)
 
 
 def _fmt(key: str, value) -> str:
