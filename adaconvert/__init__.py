@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 # the CLI imports torch itself, the way that costs least (cli.import_torch).
 _LAZY = {
     "Adapter": "adaconvert.adapter",
+    "compare": "adaconvert.comparison",
+    "evaluate": "adaconvert.evaluation",
     "LowRankDelta": "adaconvert.adapter",
     "inspect": "adaconvert.inspection",
     "lora_drop_plan": "adaconvert.inspection",

@@ -19,6 +19,7 @@ MLX_ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
 MODEL_CONFIG_NAME = "config.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"
 MODEL_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 # the model card (Hub and local)
 CARD_NAME = "README.md"

@@ -81,6 +81,11 @@ class ValidationError(AdaconvertError, ValueError):
     """A validation found differences beyond tolerance; ``fields['problems']`` lists every one."""
 
 
+class BaseMismatchError(AdaconvertError, ValueError):
+    """An adapter or merged model was made for another base model: a module it adapts is missing from the base or
+    of another shape, or the merged model is another architecture."""
+
+
 class InvalidDataError(AdaconvertError, ValueError):
     """Training data cannot be used: empty, malformed (line number in ``fields['line']``), or a column is missing."""
 
@@ -91,6 +96,11 @@ class HubError(AdaconvertError, ConnectionError):
 
 class BatchConversionError(AdaconvertError, RuntimeError):
     """Some adapters of a batch failed; ``fields['failures']`` maps each source to its one-line error."""
+
+
+class ComparisonError(AdaconvertError, RuntimeError):
+    """Some methods of a ``compare`` failed (the others' results are written); ``fields['failures']`` maps each
+    method to its one-line error."""
 
 
 class ServeError(AdaconvertError, OSError):

@@ -93,6 +93,21 @@ def peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_bytes` afresh from the current RSS (Linux ≥ 4.0: ``5`` written to
+    /proc/self/clear_refs resets ``VmHWM``), so that a peak can be measured per stage of one process.
+
+    Returns:
+        whether the peak was reset (False elsewhere: the peak is then the process's so far).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def env_defaults(values: dict[str, str]) -> Iterator[None]:
     """Set each of ``values`` that the environment does not set yet; on exit, remove exactly those again.

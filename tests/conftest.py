@@ -23,6 +23,18 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pretrained_tiny(request, tmp_path_factory):
+    """The demo's tiny llama pretrained on the general half of the embedded data (forgetting and ROUGE mean something
+    on it), cached in pytest's cache directory across sessions (rebuilt only when its recipe changes), or built once
+    per session under ``-p no:cacheprovider``."""
+    from adaconvert.demo.pretrain import pretrained_tiny_base
+
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    where = cache.mkdir("pretrained-tiny-llama") if cache is not None else tmp_path_factory.mktemp("pretrained")
+    return pretrained_tiny_base(where / "base")
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     build_tiny_model(path, "gpt2")

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "serve": ("bench_serve.py", []),
     "resolver": ("bench_resolver.py", []),
     "qlora": ("bench_qlora.py", []),
+    "compare": ("bench_compare.py", []),
 }
 HEADER = """# Benchmarks
 

@@ -9,11 +9,17 @@ One command, a few minutes on one machine:
     python tools/gpu_check.py --size tiny --steps 8   # the same code on CPU, small (what CI-like machines run)
     python tools/gpu_check.py --fsdp-only --size tiny --steps 8 --nproc 2   # only the FSDP path (gloo on CPU)
     python tools/gpu_check.py --qlora-only --size tiny --steps 8  # only the QLoRA path
+    python tools/gpu_check.py --compare-only --size tiny --steps 20  # only `adaconvert compare`
 
 The QLoRA path (run by default where bitsandbytes is installed) trains AdaLoRA on the base loaded in NF4, converts
 it, merges it plainly and QLoRA-faithfully (``merge --requantize nf4``), validates the conversion and the faithful
 merge against PEFT on the NF4 base, serves the conversion through vLLM where it is installed (on the 16-bit base,
 as ``adaconvert serve`` does, against PEFT on that base), and prints each step's time, peak GPU memory and verdict.
+
+The compare path (run by default) is ``adaconvert compare`` on the same real-shaped base and random-word data: LoRA,
+AdaLoRA and LoRA-Drop at one budget, converted, validated and evaluated (vLLM where installed, the held-out loss
+every few steps, forgetting on other random-word text), its table printed: this is where the README's GPU figures
+for ``compare`` come from (tiny-model figures on CPU show the mechanism, not the methods).
 
 Without a GPU it runs unchanged on CPU with the ``small`` size (fp32). Needs only torch, transformers, peft and
 adaconvert (no vLLM). The measurements are ``tools/bench_train.py``'s (step times with the GPU synchronised).
@@ -187,6 +193,38 @@ def qlora_check(size: str, steps: int) -> str:
     return "\n".join(lines)
 
 
+def compare_check(size: str, steps: int) -> str:
+    """``adaconvert compare`` of the three methods on a ``size`` base; its table."""
+    from adaconvert.comparison import compare
+
+    s = SIZES[size]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-compare-") as tmp:
+        root = Path(tmp)
+        build_base(root / "base", size)
+        for name, examples in (("train", 40 * s["batch"]), ("eval", 2 * s["batch"]), ("general", 2 * s["batch"])):
+            write_data(root / f"{name}.jsonl", size, examples=examples)
+        started = time.perf_counter()
+        report = compare(
+            model=str(root / "base"),
+            data=str(root / "train.jsonl"),
+            eval_data=str(root / "eval.jsonl"),
+            reference_data=str(root / "general.jsonl"),
+            output=str(root / "compare"),
+            steps=steps,
+            eval_steps=max(1, steps // 10),
+            batch_size=s["batch"],
+            max_length=s["seq"],
+            r=8,
+            keep_fraction=0.5,
+            quiet=True,
+        )
+        seconds = time.perf_counter() - started
+    lines = [f"compare path ({size}, {steps} steps per method, {seconds:.0f} s):", report.table()]
+    if report.failures:
+        lines.append(f"FAILED: {report.failures}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -200,11 +238,16 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, help="FSDP processes (default: every GPU; FSDP needs 2 or more)")
     parser.add_argument("--fsdp-only", action="store_true", help="only the FSDP path")
     parser.add_argument("--qlora-only", action="store_true", help="only the QLoRA path")
+    parser.add_argument("--compare-only", action="store_true", help="only the compare path")
     args = parser.parse_args(argv)
     size = args.size or ("gpu" if torch.cuda.is_available() else "small")
     nproc = args.nproc or torch.cuda.device_count()
     print(environment(), flush=True)
     started = time.perf_counter()
+    if args.compare_only:
+        print(compare_check(size, args.steps), flush=True)
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        return 0
     if not (args.fsdp_only or args.qlora_only):
         rows, info = run_all(size, args.steps)
         print(table(rows, info), flush=True)
@@ -220,6 +263,8 @@ def main(argv=None) -> int:
             print("\n" + qlora_check(size, args.steps), flush=True)
         else:
             print("\nQLoRA path: bitsandbytes is not installed (pip install 'adaconvert[qlora]')")
+    if not (args.fsdp_only or args.qlora_only):
+        print("\n" + compare_check(size, args.steps), flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

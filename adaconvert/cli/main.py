@@ -10,7 +10,7 @@ import sys
 import click
 
 from adaconvert import errors
-from adaconvert.cli import convert, inspect, merge, push, serve, train, validate
+from adaconvert.cli import compare, convert, evaluate, inspect, merge, push, serve, train, validate
 
 # exit codes by error family, so scripts can tell "bad input" from "not found" without parsing text
 EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
@@ -21,6 +21,8 @@ EXIT_CODES: dict[type[errors.AdaconvertError], int] = {
     errors.HubError: 7,
     errors.BatchConversionError: 8,
     errors.ServeError: 9,
+    errors.BaseMismatchError: 10,
+    errors.ComparisonError: 11,
     errors.OutputWriteError: 1,  # the environment (disk full, read-only), as for any OSError below
     errors.AdaconvertError: 2,
 }
@@ -40,10 +42,12 @@ for command in (
     inspect.inspect_cmd,
     push.push_cmd,
     validate.validate_cmd,
+    evaluate.eval_cmd,
     train.train_cmd,
     train.demo_cmd,
     serve.serve_cmd,
     merge.merge_cmd,
+    compare.compare_cmd,
 ):
     cli.add_command(command)
 

@@ -8,12 +8,15 @@ from adaconvert.cli.options import common_options, emit
 from adaconvert.training.config import FIELDS, METHODS, flag, option_help, option_kind
 
 
-def _train_options(fn):
+def train_flags(fn=None, *, exclude: tuple[str, ...] = ()):
     """The ``train`` flags, one per :class:`~adaconvert.training.config.TrainOptions` field (its type, choices and
-    help). Every flag defaults to unset, so that a ``--config`` recipe can set it; fields with their own spelling
-    (the METHOD argument, the shared ``--overwrite`` / ``--quiet``) are declared where that spelling lives."""
+    help), but those named in ``exclude``. Every flag defaults to unset, so that a ``--config`` recipe can set it;
+    fields with their own spelling (the METHOD argument, the shared ``--overwrite`` / ``--quiet``) are declared
+    where that spelling lives. ``compare`` takes the same flags."""
+    if fn is None:
+        return lambda f: train_flags(f, exclude=exclude)
     for name in reversed(list(FIELDS)):
-        if FIELDS[name].metadata["flag"] is not None:
+        if FIELDS[name].metadata["flag"] is not None or name in exclude:
             continue
         kind, choices, text = option_kind(name), FIELDS[name].metadata["choices"], option_help(name)
         if kind is bool:
@@ -31,7 +34,7 @@ def _train_options(fn):
 
 @click.command("train")
 @click.argument("method", type=click.Choice(METHODS))
-@_train_options
+@train_flags
 @common_options(overwrite=True)
 def train_cmd(method, *, as_json, config, overwrite, precision_flag, **options):
     """Train a METHOD adapter (lora, adalora, lora-drop) on top of the HF Trainer; DDP or --fsdp via torchrun.

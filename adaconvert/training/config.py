@@ -151,6 +151,13 @@ class TrainOptions:
     time_steps: bool = option(False, "Wait for the GPU after every step so that step times are exact (benchmarks).")
     seed: int = option(0, "Random seed.")
     logging_steps: int = option(10, "Log the loss every N steps.")
+    eval_data: str | None = option(
+        None, "Held-out data (any format --data takes, same --text-column): its loss is measured during training."
+    )
+    eval_fraction: float | None = option(None, "Hold out this fraction of --data (seeded) for the held-out loss.")
+    eval_steps: int | None = option(
+        None, "Held-out loss every N optimizer steps, and at the end (default: 10 evaluations per run)."
+    )
     overwrite: bool = option(False, "Replace the output directory if it exists.", flag="--overwrite")
     quiet: bool = option(False, "No progress bars.", flag="--quiet")
 
@@ -229,8 +236,9 @@ def load_options(method: str | None = None, *, config: str | Path | None = None,
     return options
 
 
-def read_recipe(path: str | Path) -> dict:
-    """The options of a YAML recipe, names normalised (``max-length`` → ``max_length``).
+def read_recipe(path: str | Path, *, known=None) -> dict:
+    """The options of a YAML recipe, names normalised (``max-length`` → ``max_length``); ``known``: the accepted
+    names (default: the :class:`TrainOptions` fields; ``compare`` adds its own).
 
     Raises:
         SourceNotFoundError: no such file.
@@ -250,11 +258,11 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise InvalidConfigError("a recipe must be a mapping of option names to values", path=path)
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - set(FIELDS))
+    known = set(FIELDS if known is None else known)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise InvalidConfigError(
-            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}", path=path
-        )
+        known_names = ", ".join(sorted(known))
+        raise InvalidConfigError(f"unknown option(s) {', '.join(unknown)}; known: {known_names}", path=path)
     return values
 
 
@@ -341,6 +349,15 @@ def check_options(o: TrainOptions) -> None:
         not o.fsdp or (o.save_steps is None and o.resume is None),
         "--save-steps / --resume are not supported with --fsdp yet (checkpoints are written and read whole, by "
         "one process); use DDP, or train without checkpoints",
+    )
+    need(o.eval_data is None or o.eval_fraction is None, "give --eval-data or --eval-fraction, not both")
+    need(
+        o.eval_fraction is None or 0 < o.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {o.eval_fraction}"
+    )
+    need(o.eval_steps is None or o.eval_steps >= 1, f"--eval-steps must be at least 1, got {o.eval_steps}")
+    need(
+        o.eval_steps is None or o.eval_data is not None or o.eval_fraction is not None,
+        "--eval-steps needs held-out data: --eval-data FILE or --eval-fraction F",
     )
     if o.method == "adalora":
         need(o.target_r >= 1, f"--target-r must be at least 1, got {o.target_r}")

@@ -41,36 +41,62 @@ def load_texts(data: str | Path, *, text_column: str = "text", split: str = "tra
         SourceNotFoundError: no such file, or a Hub dataset that cannot be loaded.
         InvalidDataError: empty data, malformed line, missing column, or a non-text value.
     """
+    texts = load_columns(data, {text_column: "--text-column"}, split=split, data_config=data_config)[text_column]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise InvalidDataError("no training text (the data is empty or every text is blank)", path=data)
+    return texts
+
+
+def load_columns(
+    data: str | Path, columns: dict[str, str], *, split: str = "train", data_config=None
+) -> dict[str, list[str]]:
+    """Some text columns of ``data``, row-aligned, blank values kept (the caller decides which rows it can use).
+
+    Args:
+        data: any source :func:`load_texts` reads; a ``.txt`` file has one column, ``text``.
+        columns: ``{column: the flag that chooses it}``, the flag named in the message when the column is missing.
+        split, data_config: as for :func:`load_texts`.
+
+    Returns:
+        ``{column: [value of each row]}``, every list of the same length (``None`` values of a dataset as "").
+
+    Raises:
+        SourceNotFoundError, InvalidDataError: as :func:`load_texts`.
+    """
     path = Path(data)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            texts = _read_text_lines(path)
-        elif suffix in JSON_SUFFIXES:
-            texts = _column(_read_json_records(path), text_column, path=path)
-        elif suffix in TABLE_SUFFIXES:
-            texts = _from_datasets(
+            lines = _read_text_lines(path)
+            return {column: _text_lines(lines, column, flag, path=path) for column, flag in columns.items()}
+        if suffix in JSON_SUFFIXES:
+            records = _read_json_records(path)
+            return {column: _column(records, column, flag, path=path) for column, flag in columns.items()}
+        if suffix in TABLE_SUFFIXES:
+            return _from_datasets(
                 TABLE_SUFFIXES[suffix],
-                text_column,
+                columns,
                 split="train",
                 data_files=str(path),
                 where=path,
                 **TABLE_OPTIONS.get(suffix, {}),
             )
-        else:
-            raise InvalidDataError(
-                f"unknown data file type {suffix!r}; use .jsonl, .json, .txt, .csv, .tsv or .parquet", path=path
-            )
-    elif path.is_dir():
-        texts = _from_datasets(str(path), text_column, split=split, where=path)
-    elif not is_hub_id(str(data)):
+        raise InvalidDataError(
+            f"unknown data file type {suffix!r}; use .jsonl, .json, .txt, .csv, .tsv or .parquet", path=path
+        )
+    if path.is_dir():
+        return _from_datasets(str(path), columns, split=split, where=path)
+    if not is_hub_id(str(data)):
         raise SourceNotFoundError("no such data file", path=path)
-    else:
-        texts = _from_datasets(str(data), text_column, split=split, name=data_config, where=str(data))
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise InvalidDataError("no training text (the data is empty or every text is blank)", path=data)
-    return texts
+    return _from_datasets(str(data), columns, split=split, name=data_config, where=str(data))
+
+
+def _text_lines(lines: list[str], column: str, flag: str, *, path: Path) -> list[str]:
+    """A ``.txt`` file's one column: its lines, called ``text`` whatever ``--text-column`` says (as for training)."""
+    if flag != "--text-column" and column != "text":
+        raise InvalidDataError(f"a .txt file has one column, 'text', not {column!r} ({flag})", path=path)
+    return lines
 
 
 def _read_text(path: Path) -> str:
@@ -107,7 +133,7 @@ def _read_json_records(path: Path) -> list[dict]:
     return records
 
 
-def _column(records: list[dict], column: str, *, path) -> list[str]:
+def _column(records: list[dict], column: str, flag: str, *, path) -> list[str]:
     if not records:
         raise InvalidDataError("no training text (the file is empty)", path=path)
     texts = []
@@ -115,7 +141,7 @@ def _column(records: list[dict], column: str, *, path) -> list[str]:
         if column not in record:
             raise InvalidDataError(
                 f"record {number} has no column {column!r} (it has: {', '.join(sorted(record)) or 'nothing'}); "
-                "choose one with --text-column",
+                f"choose one with {flag}",
                 path=path,
                 line=number,
             )
@@ -128,7 +154,7 @@ def _column(records: list[dict], column: str, *, path) -> list[str]:
     return texts
 
 
-def _from_datasets(source: str, column: str, *, split: str, where, **kwargs) -> list[str]:
+def _from_datasets(source: str, columns: dict[str, str], *, split: str, where, **kwargs) -> dict[str, list[str]]:
     import datasets
 
     try:
@@ -137,16 +163,20 @@ def _from_datasets(source: str, column: str, *, split: str, where, **kwargs) -> 
         raise SourceNotFoundError(f"cannot load the dataset ({first_line(exc)})", path=where) from exc
     except ValueError as exc:  # unknown split or configuration
         raise InvalidDataError(f"cannot load the dataset ({first_line(exc)})", path=where) from exc
-    if column not in dataset.column_names:
-        raise InvalidDataError(
-            f"no column {column!r} (columns: {', '.join(dataset.column_names)}); choose one with --text-column",
-            path=where,
-        )
-    texts = dataset[column]
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) and t is not None), None)
-    if bad is not None:
-        raise InvalidDataError(f"row {bad}: column {column!r} holds {type(texts[bad]).__name__}, not text", path=where)
-    return [t for t in texts if t is not None]
+    found = {}
+    for column, flag in columns.items():
+        if column not in dataset.column_names:
+            raise InvalidDataError(
+                f"no column {column!r} (columns: {', '.join(dataset.column_names)}); choose one with {flag}",
+                path=where,
+            )
+        values = dataset[column]
+        bad = next((i for i, t in enumerate(values) if not isinstance(t, str) and t is not None), None)
+        if bad is not None:
+            kind = type(values[bad]).__name__
+            raise InvalidDataError(f"row {bad}: column {column!r} holds {kind}, not text", path=where)
+        found[column] = [t if t is not None else "" for t in values]
+    return found
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

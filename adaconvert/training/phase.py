@@ -34,7 +34,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from adaconvert.training.adalora import adalora_peft_config, orthogonality_penal
 from adaconvert.training.checkpoints import KEPT, PhaseCheckpoints, load_state, save_state
 from adaconvert.training.config import TrainOptions, optimizer_steps
 from adaconvert.training.data import CausalCollator
+from adaconvert.training.heldout import EvalCurve, token_loss_step, token_weighted_metrics
 from adaconvert.training.sharding import adapter_state_dict, average_gradients, shared_modules, world_size
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class PhaseStats:
     tokens: int
     train_loss: float
     wall_s: float
+    eval_curve: list[dict] = field(default_factory=list)  # [{"step", "loss"}]: held-out loss, token-weighted
+    eval_s: float = 0.0  # of wall_s, spent measuring the held-out loss
 
     @property
     def median_step_s(self) -> float:
@@ -70,7 +73,9 @@ class PhaseStats:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+        """Training tokens per second of training (held-out evaluations left out of both)."""
+        seconds = self.wall_s - self.eval_s
+        return self.tokens / seconds if seconds > 0 else float("nan")
 
 
 class StepClock(TrainerCallback):
@@ -111,9 +116,12 @@ def run_phase(
     steps=None,
     desc: str = "train",
     checkpoints: PhaseCheckpoints | None = None,
+    eval_dataset=None,
 ):
     """One ``Trainer`` run of ``model`` on ``dataset``; ``steps`` overrides ``opts.steps``. With ``checkpoints``
-    it saves every ``save_steps`` optimizer steps there, and resumes from ``resume_from``.
+    it saves every ``save_steps`` optimizer steps there, and resumes from ``resume_from``. With ``eval_dataset``
+    the Trainer measures the held-out loss every ``opts.eval_steps`` optimizer steps (default: a tenth of the run)
+    and at the end, token-weighted (:mod:`adaconvert.training.heldout`), into ``PhaseStats.eval_curve``.
 
     Returns:
         (PhaseStats, world size).
@@ -126,6 +134,14 @@ def run_phase(
     total = optimizer_steps(replace(opts, steps=steps), len(dataset), world)
     collator = _CountingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
     clock = StepClock(sync=opts.time_steps)
+    curve = EvalCurve()
+    evaluating = {}
+    if eval_dataset is not None:
+        evaluating = {
+            "eval_strategy": "steps",
+            "eval_steps": opts.eval_steps or max(1, total // 10),
+            "per_device_eval_batch_size": opts.batch_size,
+        }
     if opts.gradient_checkpointing:
         enable_checkpointing(model)
     saving = checkpoints is not None and checkpoints.save_steps is not None
@@ -177,10 +193,17 @@ def run_phase(
             use_cpu=not torch.cuda.is_available(),
             ddp_backend=None if torch.cuda.is_available() or world == 1 else "gloo",
             dataloader_pin_memory=torch.cuda.is_available(),
+            **evaluating,
         )
         args.mixed_precision = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")  # not the launcher's
         trainer = PhaseTrainer(
-            model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock, *callbacks]
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collator,
+            callbacks=[clock, curve, *callbacks],
+            compute_metrics=token_weighted_metrics if eval_dataset is not None else None,
         )
         # Trainer prints its logs on stdout, where our results go: log them, and show progress on stderr instead
         trainer.remove_callback(PrinterCallback)
@@ -202,6 +225,8 @@ def run_phase(
         tokens=collator.tokens,
         train_loss=float(output.training_loss),
         wall_s=wall,
+        eval_curve=curve.points,
+        eval_s=trainer.eval_s,
     )
     return stats, args.world_size
 
@@ -229,6 +254,17 @@ class PhaseTrainer(Trainer):
             # causal-LM loss is the model's own loss function, the penalty is added in compute_loss
             kwargs["compute_loss_func"] = self._causal_lm_loss
         super().__init__(*args, model=model, **kwargs)
+        self.eval_s = 0.0
+
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation, timed, its batches left out of the collator's count of training tokens."""
+        started, counting = time.perf_counter(), self.data_collator.counting
+        self.data_collator.counting = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator.counting = counting
+            self.eval_s += time.perf_counter() - started
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -319,6 +355,10 @@ class PhaseTrainer(Trainer):
             num_items_in_batch=num_items_in_batch,
         )
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The held-out loss's step: per-example loss sums and token counts (:func:`token_loss_step`)."""
+        return token_loss_step(self, model, inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         config = adalora_peft_config(self.model)
@@ -380,10 +420,12 @@ class _CountingCollator(CausalCollator):
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of=None):
         super().__init__(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.tokens = 0
+        self.counting = True  # off while the Trainer evaluates (same collator, held-out batches)
 
     def __call__(self, features):
         batch = super().__call__(features)
-        self.tokens += int(batch["attention_mask"].sum())
+        if self.counting:
+            self.tokens += int(batch["attention_mask"].sum())
         return batch
 
 

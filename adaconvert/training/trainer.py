@@ -33,6 +33,7 @@ from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_
 from adaconvert.training.checkpoints import PhaseCheckpoints, RunCheckpoints
 from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_schedule, load_options, optimizer_steps
 from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
+from adaconvert.training.heldout import eval_record, split_heldout
 from adaconvert.training.phase import PhaseStats, run_phase
 from adaconvert.training.sharding import adapter_state_dict, on_main_then_all, rank, world_size
 
@@ -53,6 +54,7 @@ class TrainResult:
     rank_history: dict | None = None
     ranks: dict[str, int] | None = None
     lora_drop: dict | None = None
+    eval: dict | None = None  # held-out loss curve and jitter (heldout.eval_record), with --eval-data / -fraction
     options: dict = field(default_factory=dict)
     model: object = field(default=None, repr=False)
 
@@ -93,6 +95,15 @@ class TrainResult:
                 f"LoRA-Drop: kept {drop['kept']}, {drop['policy']} {drop['shared'] or drop['dropped']}; trainable "
                 f"parameters {pilot}{drop['main']['trainable_params']:,} in the main run; details in lora_drop.json"
             )
+        if self.eval is not None and self.eval["curve"]:
+            curve, jitter = self.eval["curve"], self.eval["jitter"]
+            lines.append(
+                f"held-out loss ({self.eval['examples']} examples, {self.eval['tokens']:,} tokens): "
+                f"{curve[0]['loss']:.4f} at step {curve[0]['step']} → {curve[-1]['loss']:.4f} at step "
+                f"{curve[-1]['step']} ({len(curve)} evaluations); jitter "
+                + (f"{jitter:.4f} from step {self.eval['jitter_from_step']}" if jitter is not None else "n/a")
+                + f"; curve in {TRAINING_SUMMARY_NAME}"
+            )
         lines.append(f"next: adaconvert to-lora {self.output} {self.output}-lora")
         return "\n".join(lines)
 
@@ -131,7 +142,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     checkpoints = RunCheckpoints.of(opts)
 
     def check_outputs() -> None:
-        check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, config])
+        check_output(opts.output, overwrite=opts.overwrite, inputs=[opts.model, opts.data, opts.eval_data, config])
         if checkpoints is not None:
             checkpoints.check(opts, world_size())
             checkpoints.start(opts, world_size())
@@ -144,6 +155,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         tokenizer = load_tokenizer(opts.model)
         texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
         dataset = tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.data)
+        dataset, eval_dataset = _heldout(dataset, tokenizer, opts)
         logger.info("%d training examples, %d tokens", len(dataset), dataset.num_tokens)
         # impossible settings are refused before the (large) model is loaded
         check_world_fits(opts, len(dataset), world_size())
@@ -158,7 +170,22 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
         result = run(
-            load, dataset, tokenizer, opts, precision=precision, callbacks=list(callbacks), checkpoints=checkpoints
+            load,
+            dataset,
+            tokenizer,
+            opts,
+            precision=precision,
+            callbacks=list(callbacks),
+            checkpoints=checkpoints,
+            eval_dataset=eval_dataset,
+        )
+    if eval_dataset is not None:
+        result.eval = eval_record(
+            result.main.eval_curve,
+            start_step=_settle_step(result),
+            eval_steps=opts.eval_steps or max(1, result.main.optimizer_steps // 10),
+            examples=len(eval_dataset),
+            tokens=eval_dataset.num_tokens,
         )
     result.options = opts.to_dict()
     result.written = main_process
@@ -166,6 +193,25 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     if main_process:
         _write(result, opts, state)
     return result
+
+
+def _heldout(dataset: TokenizedDataset, tokenizer, opts: TrainOptions):
+    """(training examples, held-out examples or None): ``eval_data`` tokenised like the training data, or
+    ``eval_fraction`` of the training examples set aside."""
+    if opts.eval_fraction is not None:
+        return split_heldout(dataset, opts.eval_fraction, seed=opts.seed)
+    if opts.eval_data is None:
+        return dataset, None
+    texts = load_texts(opts.eval_data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
+    return dataset, tokenize(texts, tokenizer, max_length=opts.max_length, where=opts.eval_data)
+
+
+def _settle_step(result: TrainResult) -> int:
+    """Where the jitter window starts: AdaLoRA's final fine-tuning (ranks fixed, ``total_step − tfinal``);
+    LoRA-Drop's main run starts after the drop and LoRA has no schedule, so theirs is the whole curve."""
+    if result.rank_history is not None:
+        return result.rank_history["total_step"] - result.rank_history["tfinal"]
+    return 0
 
 
 def accelerate_flag(name: str) -> bool:
@@ -423,16 +469,25 @@ def _load(load) -> tuple[object, int]:
     return base, sum(p.numel() for p in base.parameters())
 
 
-def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
+def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None) -> TrainResult:
     base, total = _load(load)
     model = _peft(base, _lora_config(opts, _targets(opts)))
     stats, world = run_phase(
-        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, checkpoints=_phase(checkpoints)
+        model,
+        dataset,
+        tokenizer,
+        opts,
+        precision=precision,
+        callbacks=callbacks,
+        checkpoints=_phase(checkpoints),
+        eval_dataset=eval_dataset,
     )
     return TrainResult("lora", opts.output, False, world, total, stats, model=model)
 
 
-def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
+def _run_adalora(
+    load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None
+) -> TrainResult:
     base, total = _load(load)
     world = world_size()
     schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
@@ -448,6 +503,7 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks, checkp
         precision=precision,
         callbacks=[budget, *callbacks],
         checkpoints=_phase(checkpoints),
+        eval_dataset=eval_dataset,
     )
     history = budget.history_record()
     pattern = budget.config.rank_pattern
@@ -457,11 +513,14 @@ def _run_adalora(load, dataset, tokenizer, opts, *, precision, callbacks, checkp
     )
 
 
-def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints) -> TrainResult:
+def _run_lora_drop(
+    load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None
+) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
     unloaded pilot base, or, after an FSDP pilot, on a fresh ``load()``: a sharded base cannot be sharded again).
     With ``keep_layers`` the selection is given: no pilot, straight to the main run on the one base loaded; so it
-    is when a resumed run finds the pilot's selection among its checkpoints."""
+    is when a resumed run finds the pilot's selection among its checkpoints. The held-out loss is measured in
+    the main run only (after the drop)."""
     base, total = _load(load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
@@ -502,7 +561,14 @@ def _run_lora_drop(load, dataset, tokenizer, opts, *, precision, callbacks, chec
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
     stats, world = run_phase(
-        model, dataset, tokenizer, opts, precision=precision, callbacks=callbacks, checkpoints=_phase(checkpoints)
+        model,
+        dataset,
+        tokenizer,
+        opts,
+        precision=precision,
+        callbacks=callbacks,
+        checkpoints=_phase(checkpoints),
+        eval_dataset=eval_dataset,
     )
     record.update(
         kept=kept,

@@ -6,8 +6,10 @@ at most one copy of the base weights is in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -98,6 +100,37 @@ class HFRunner:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         return batch["input_ids"], batch["attention_mask"]
 
+    @contextlib.contextmanager
+    def attached(self, adapter: str | Path | None) -> Iterator[torch.nn.Module]:
+        """The base model with ``adapter`` attached through PEFT (the bare base for None), in eval mode; the adapter
+        is detached again on exit (``unload``), so that one copy of the base weights serves every adapter.
+
+        Raises:
+            the PEFT errors of :data:`PEFT_LOAD_ERRORS` when the adapter does not load.
+        """
+        if adapter is None:
+            yield self.model
+            return
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
+        try:
+            yield peft_model
+        finally:
+            self.model = peft_model.unload()
+
+    @contextlib.contextmanager
+    def merged(self, merged_dir: str | Path) -> Iterator[torch.nn.Module]:
+        """A merged checkpoint, loaded in the compute dtype for the block and freed afterwards."""
+        from transformers import AutoModelForCausalLM
+
+        with hf_progress(self.progress):
+            model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=self.dtype).eval()
+        try:
+            yield model
+        finally:
+            del model
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | Path | None = None):
         """Logits (prompts, tokens, vocab), float32, of the base model with ``adapter`` attached (None: bare base).
@@ -105,27 +138,14 @@ class HFRunner:
         Raises:
             the PEFT errors of :data:`PEFT_LOAD_ERRORS` when the adapter does not load.
         """
-        if adapter is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
-        try:
-            return peft_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        finally:
-            self.model = peft_model.unload()
+        with self.attached(adapter) as model:
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     @torch.no_grad()
     def merged_logits(self, merged_dir: str | Path, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Logits of a merged checkpoint, loaded in the compute dtype and freed afterwards."""
-        from transformers import AutoModelForCausalLM
-
-        with hf_progress(self.progress):
-            model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=self.dtype).eval()
-        try:
+        with self.merged(merged_dir) as model:
             return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        finally:
-            del model
 
 
 def logit_metrics(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> dict:

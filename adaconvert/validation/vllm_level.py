@@ -117,6 +117,13 @@ def engine_settings(llm) -> tuple[int | None, str]:
     return (lora.max_lora_rank if lora is not None else None), str(config.model_config.dtype).removeprefix("torch.")
 
 
+def lora_request(name: str, adapter_dir: str | Path):
+    """A ``LoRARequest`` for ``adapter_dir`` whose id no other user of a shared engine takes."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, next(_LORA_IDS), str(Path(adapter_dir).resolve()))
+
+
 def run_vllm_level(
     llm,
     runner: HFRunner,
@@ -144,7 +151,7 @@ def run_vllm_level(
     for pair in pairs:
         for problem in check_vllm_compat(pair.converted, max_lora_rank=max_lora_rank, base_config=base):
             report.fail(LEVEL, pair.label, f"static check [{problem.rule}]: {problem.message}", module=problem.module)
-        request = LoRARequest(pair.label, next(_LORA_IDS), str(Path(pair.converted).resolve()))
+        request = lora_request(pair.label, pair.converted)
         try:
             llm.llm_engine.add_lora(request)
         except Exception as exc:  # vLLM raises ValueError, RuntimeError, KeyError...: all mean "refused"
