@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
@@ -59,10 +59,17 @@ class AdapterFacts:
     modules: dict[str, ModuleShape]
     path: Path
     vllm_problems: list | None = None
+    # module → intended scale, filled as the rules ask (each pattern lookup scans every key: 224 modules × 224 keys)
+    _scales: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def intended_scale(self, module: str) -> float:
         """The scale PEFT (the reference) applies to ``module``: alpha_m / r_m or alpha_m / √r_m (rsLoRA), with
         PEFT's pattern matching (``peft/tuners/lora/model.py`` ``_create_and_replace`` via ``get_pattern_key``)."""
+        if module not in self._scales:
+            self._scales[module] = self._intended_scale(module)
+        return self._scales[module]
+
+    def _intended_scale(self, module: str) -> float:
         c = self.config
         rank, alpha = lora_rank_and_alpha(
             module,
@@ -104,7 +111,16 @@ class Verdict:
         return (min(self.factors.values()), max(self.factors.values())) if self.factors else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "factor_range": self.factor_range, "notes": list(self.notes)}
+        # not dataclasses.asdict: it deep-copies every float of ``factors`` one by one
+        return {
+            "runtime": self.runtime,
+            "status": self.status,
+            "reason": self.reason,
+            "factors": dict(self.factors),
+            "notes": list(self.notes),
+            "source": self.source,
+            "factor_range": self.factor_range,
+        }
 
 
 def read_facts(adapter_dir: str | Path) -> AdapterFacts:
