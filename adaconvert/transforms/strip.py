@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.linalg import vector_norm
 
 from adaconvert.adapter import Adapter, LowRankDelta
 
@@ -17,9 +16,8 @@ def strip_empty(adapter: Adapter) -> Adapter:
     """
     deltas: dict[str, LowRankDelta] = {}
     for name, delta in adapter.deltas.items():
-        # Σ|x| per component (one fused pass) is 0 only for zeros, whatever the order of the sum (no squares to
-        # underflow; overflow gives Inf), and NaN-safe (NaN != 0 keeps it, never dropped)
-        keep = (vector_norm(delta.A, 1, dim=1) != 0) & (vector_norm(delta.B, 1, dim=0) != 0)
+        # Σ|x| per component is exact (no squares to underflow) and NaN-safe (NaN != 0 keeps it, never dropped)
+        keep = (delta.A.abs().sum(dim=1) != 0) & (delta.B.abs().sum(dim=0) != 0)
         if not keep.any():
             continue
         if keep.all():

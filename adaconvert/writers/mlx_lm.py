@@ -135,11 +135,15 @@ def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *,
     with SafetensorsWriter(directory / MLX_ADAPTER_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
         for name, key in names.items():
             fan_in, fan_out = plan.shapes[key]
-            a, b = torch.zeros(fan_in, rank, dtype=dtype), torch.zeros(rank, fan_out, dtype=dtype)
             found = adapter.deltas.get(name)
-            if found is not None:  # padded, transposed and cast in one copy
-                a[:, : found.rank].copy_(found.A.T)
-                b[: found.rank].copy_(found.B.T)
+            r = found.rank if found is not None else 0
+            # transposed and cast in one copy, only the padding zeroed
+            a, b = torch.empty(fan_in, rank, dtype=dtype), torch.empty(rank, fan_out, dtype=dtype)
+            a[:, r:].zero_()
+            b[r:].zero_()
+            if found is not None:
+                a[:, :r].copy_(found.A.T)
+                b[:r].copy_(found.B.T)
             writer.write(f"{name}.lora_a", a)
             writer.write(f"{name}.lora_b", b)
     config = mlx_config_dict(plan, rank)
