@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -304,6 +304,9 @@ def write_merged(
     """
     from tqdm.auto import tqdm
 
+    workers = threads or min(usable_cpus(), MAX_DEFAULT_THREADS)
+    if requant is not None:  # a worker requantising a tensor holds up the others, which wait for its blocks
+        requant = replace(requant, threads=workers)
     tasks = plan_tasks(checkpoint, shards, updates, requant)
     computed = [t for t in tasks if t.updates or t.requant or t.out_dtype != t.info.dtype]
     sizes = {
@@ -311,7 +314,7 @@ def write_merged(
         "out_bytes": max((t.nbytes for t in tasks), default=0),
         "work_numel": max((t.numel for t in computed), default=0),
     }
-    n_threads = max(1, min(threads or min(usable_cpus(), MAX_DEFAULT_THREADS), len(tasks) or 1))
+    n_threads = max(1, min(workers, len(tasks) or 1))
     with (
         ShardFiles(directory, shards) as files,
         TensorReader() as reader,
@@ -432,7 +435,7 @@ def plan_tasks(
             blocks = row_blocks(info)
             whole = None
             if requant is not None and name in requant.tensors:
-                whole = WholeTensor(info, requant.method, requant.double_quant, requant.tensors[name], len(blocks))
+                whole = WholeTensor(info, requant, transposed=requant.tensors[name], blocks=len(blocks))
             tasks += [RowBlock(info, out_dtype, tuple(updates.get(name, ())), a, b, whole) for a, b in blocks]
     return tasks
 
@@ -440,11 +443,12 @@ def plan_tasks(
 @dataclass(frozen=True)
 class RequantSpec:
     """The QLoRA-faithful merge: ``tensors`` (name → stored transposed, as Conv1D) become dequant(quant(W)) by
-    ``method`` (``nf4`` or ``fp4``) before the updates are added."""
+    ``method`` (``nf4`` or ``fp4``) before the updates are added, each quantised by ``threads`` threads."""
 
     method: str
     double_quant: bool
     tensors: dict[str, bool]
+    threads: int = 1
 
 
 class WholeTensor:
@@ -456,8 +460,8 @@ class WholeTensor:
     so only the tensors whose blocks are in flight are held, a few at a time.
     """
 
-    def __init__(self, info: TensorInfo, method: str, double_quant: bool, transposed: bool, blocks: int):
-        self.info, self.method, self.double_quant, self.transposed = info, method, double_quant, transposed
+    def __init__(self, info: TensorInfo, spec: RequantSpec, *, transposed: bool, blocks: int):
+        self.info, self.spec, self.transposed = info, spec, transposed
         self._left = blocks
         self._value: torch.Tensor | None = None
         self._lock = threading.Lock()
@@ -469,8 +473,13 @@ class WholeTensor:
                 info = self.info
                 raw = reader.read_into(info, 0, info.nbytes, torch.empty(info.nbytes, dtype=torch.uint8))
                 weight = raw.view(info.dtype).view(info.shape)
+                spec = self.spec
                 self._value = requantized(
-                    weight, self.method, double_quant=self.double_quant, transposed=self.transposed
+                    weight,
+                    spec.method,
+                    double_quant=spec.double_quant,
+                    transposed=self.transposed,
+                    threads=spec.threads,
                 )
             value = self._value
             self._left -= 1

@@ -193,6 +193,66 @@ def test_dynamic_methods_on_a_4bit_base(bases, tmp_path, method):
     assert report.passed
 
 
+def _hard_weights(shape, dtype, seed) -> torch.Tensor:
+    """Random weights whose first blocks put values exactly on, and one float32 step either side of, every 4-bit
+    midpoint (absmax 1 there, so the scaled value is the weight itself), plus an all-zero block."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).reshape(-1) * 0.02
+    edges = []
+    for quant_type in ("nf4", "fp4"):
+        mids = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))[0]
+        edges += [mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))]
+    edges = torch.cat(edges)
+    for i, start in enumerate(range(0, min(w.numel(), edges.numel() * 2), 64)):
+        block = edges[i * 63 : (i + 1) * 63]
+        if block.numel() == 0 or start + 64 > w.numel():
+            break
+        w[start] = 1.0
+        w[start + 1 : start + 1 + block.numel()] = block
+    if w.numel() >= 64 * 8:
+        w[64 * 7 : 64 * 8] = 0.0
+    return w.reshape(shape).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_our_4bit_quantisation_is_bitsandbytes(method, dtype):
+    """The merge's faster 4-bit quantisation (``base/fourbit.py``) gives bitsandbytes' own codes, statistics and
+    dequantised weights, bit for bit: over shapes with a short last block and an odd element count, with and
+    without double quantisation, in one and in several threads, with values on the midpoints between codes."""
+    from adaconvert.base.quantization import quantize_4bit
+
+    for i, shape in enumerate([(256, 1024), (64, 4100), (96, 70), (3, 21), (1, 64), (0, 64)]):
+        w = _hard_weights(shape, dtype, seed=i)
+        for double_quant in (True, False):
+            packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=method)
+            for threads in (1, 3):
+                ours, our_state = quantize_4bit(w, method, double_quant=double_quant, threads=threads)
+                assert torch.equal(ours, packed), (shape, double_quant, threads)
+                theirs, mine = state.as_dict(packed=True), our_state.as_dict(packed=True)
+                assert theirs.keys() == mine.keys()
+                for key, value in theirs.items():
+                    assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) else mine[key] == value, (
+                        key
+                    )
+                if shape[-1] % 2 == 0:  # (bitsandbytes compiles its dequantisation of an odd row length: slow)
+                    dense = requantized(w, method, double_quant=double_quant, threads=threads)
+                    assert torch.equal(dense, F.dequantize_4bit(packed, state))
+
+
+def test_4bit_quantisation_of_non_finite_weights_is_bitsandbytes():
+    """A block holding NaN or Inf has no table cell: bitsandbytes quantises that tensor itself."""
+    w = torch.randn(64, 128) * 0.02
+    w[3, 5], w[40, 7] = float("nan"), float("inf")
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = requantized(w, "nf4", threads=2)
+    theirs = F.dequantize_4bit(packed, state)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
 def test_int8_base(bases, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl")
     quick_train("lora", bases / "f32", data, tmp_path / "lora", quantize="int8", steps=6)

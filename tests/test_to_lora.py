@@ -168,3 +168,31 @@ def test_lora_on_a_tied_lm_head(tiny_qwen2, tmp_path):
     written = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert "base_model.model.lm_head.lora_B.weight" in written and not any("base_layer" in k for k in written)
     assert_matches_peft(tiny_qwen2, original, tmp_path / "out")
+
+
+@pytest.mark.parametrize("bucket", [None, 16])
+def test_the_static_vllm_check_runs_once(bucket, tmp_path, monkeypatch):
+    """to-lora checks the files it wrote against vLLM's rules once: that one check both guards the output and gives
+    the report's vLLM verdict, which is the verdict a fresh portability check of the output gives."""
+    from adaconvert.cli.main import main
+    from adaconvert.compat import vllm
+    from adaconvert.compat.runtimes import check_runtimes, runtimes_dict
+    from adaconvert.testing.synthetic import write_synthetic_adalora
+
+    src = write_synthetic_adalora(tmp_path / "adalora", init_r=8, target_r=4)
+    checked = []
+    real = vllm.check_vllm_compat
+
+    def spy(adapter_dir, **options):
+        checked.append(adapter_dir)
+        return real(adapter_dir, **options)
+
+    monkeypatch.setattr(vllm, "check_vllm_compat", spy)
+    argv = ["to-lora", str(src), str(tmp_path / "lora"), "-q"]
+    assert main(argv + ([] if bucket is None else ["--vllm-max-lora-rank", str(bucket)])) == 0
+    assert len(checked) == 1
+    monkeypatch.undo()
+    report = json.loads((tmp_path / "lora" / "conversion_report.json").read_text())
+    fresh = json.loads(json.dumps(runtimes_dict(check_runtimes(tmp_path / "lora"))))  # tuples become lists
+    assert report["runtimes"] == fresh
+    assert report["runtimes"]["vllm"]["status"] == "exact"

@@ -26,7 +26,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 # name → (script, arguments): the sizes documented in each script's docstring as its defaults
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "convert": ("bench_convert.py", []),
-    "merge": ("bench_merge.py", []),
+    "merge": ("bench_merge.py", ["--requantize", "nf4"]),
     "batch": ("bench_batch.py", []),
     "train": ("bench_train.py", []),
     "serve": ("bench_serve.py", []),

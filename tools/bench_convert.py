@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--init-r", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the best time and RSS are kept")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per mode; the median time and RSS are kept")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SRC", "DST", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,17 +161,22 @@ def main() -> None:
         for pattern in (False, True):
             src = tmp / f"adalora-{pattern}"
             size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=pattern)
-            best = {}
-            for mode in ("copy", *OPERATIONS):
-                dst = tmp / f"out-{len(best)}{OPERATIONS[mode][1] if mode in OPERATIONS else ''}"
-                runs = [measure(mode, src, dst, base) for _ in range(args.repeat)]
-                best[mode] = {k: min(r[k] for r in runs) for k in ("seconds", "peak_rss", "bytes")}
+            modes = ("copy", *OPERATIONS)
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for _ in range(args.repeat):  # the modes take turns, so that a change in the machine's load hits all
+                for i, mode in enumerate(modes):
+                    dst = tmp / f"out-{i}{OPERATIONS[mode][1] if mode in OPERATIONS else ''}"
+                    runs[mode].append(measure(mode, src, dst, base))
+            best = {
+                mode: {k: statistics.median(r[k] for r in runs[mode]) for k in ("seconds", "peak_rss", "bytes")}
+                for mode in modes
+            }
             rows.append((pattern, size, best))
 
     mb = 2**20
     print(
         f"\nExports of a synthetic AdaLoRA, Llama-3-8B shapes: {args.layers} layers x 7 projections, "
-        f"init_r {args.init_r}, float32; best of {args.repeat}; python+torch idle RSS {idle['peak_rss'] / mb:.0f} MiB"
+        f"init_r {args.init_r}, float32; median of {args.repeat}; idle RSS {idle['peak_rss'] / mb:.0f} MiB"
     )
     header = (
         "| rank_pattern | adapter MiB | operation | s | time / copy | peak RSS MiB | RSS / adapter "

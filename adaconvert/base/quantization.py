@@ -73,7 +73,7 @@ def bnb_config(quantize: str, *, double_quant: bool = True, compute_dtype: torch
 
 
 def requantized(
-    weight: torch.Tensor, quantize: str, *, double_quant: bool = True, transposed: bool = False
+    weight: torch.Tensor, quantize: str, *, double_quant: bool = True, transposed: bool = False, threads: int = 1
 ) -> torch.Tensor:
     """dequant(quant(``weight``)): the weights a layer loaded with :func:`bnb_config` holds, as a dense tensor.
 
@@ -82,6 +82,7 @@ def requantized(
         quantize: ``nf4``, ``fp4`` or ``int8``.
         double_quant: 4-bit only, as ``bnb_4bit_use_double_quant``.
         transposed: ``weight`` is stored (in, out), as GPT-2's Conv1D: transformers quantises its transpose.
+        threads: 4-bit on CPU: threads computing the codes (:func:`~adaconvert.base.fourbit.quantize_4bit_codes`).
 
     Returns:
         ``weight``'s shape; its dtype for 4-bit, float32 for int8 (what bitsandbytes' dequantisation returns).
@@ -90,15 +91,43 @@ def requantized(
     import torch
 
     if transposed:
-        return requantized(weight.T, quantize, double_quant=double_quant).T
+        return requantized(weight.T, quantize, double_quant=double_quant, threads=threads).T
     w = weight.detach().contiguous()
     if quantize == "int8":
         codes, scales, _ = F.int8_vectorwise_quant(w.to(torch.float16))
         return F.int8_vectorwise_dequant(codes, scales)
-    packed, state = F.quantize_4bit(
-        w, blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quantize, quant_storage=torch.uint8
-    )
-    return F.dequantize_4bit(packed, state)
+    return F.dequantize_4bit(*quantize_4bit(w, quantize, double_quant=double_quant, threads=threads))
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int = 1):
+    """``bitsandbytes.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
+    quant_type=quant_type)``: the same packed codes and ``QuantState``; on CPU the codes come from
+    :func:`~adaconvert.base.fourbit.quantize_4bit_codes` (bitsandbytes' kernel, bit for bit, faster), and the
+    statistics are compressed with bitsandbytes' own functions, as ``quantize_4bit`` does.
+
+    Returns:
+        (packed uint8 codes, ``QuantState``), what ``bitsandbytes.functional.dequantize_4bit`` takes.
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    from adaconvert.base.fourbit import quantize_4bit_codes
+
+    fast = None
+    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fast = quantize_4bit_codes(weight, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, threads=threads)
+    if fast is None:  # another device, or NaN / Inf in the weight: bitsandbytes itself
+        return F.quantize_4bit(
+            weight, blocksize=BLOCKSIZE_4BIT, compress_statistics=double_quant, quant_type=quant_type
+        )
+    packed, absmax = fast
+    settings = {"shape": weight.shape, "dtype": weight.dtype, "blocksize": BLOCKSIZE_4BIT, "quant_type": quant_type}
+    code = F.get_4bit_type(quant_type, device=weight.device)
+    if not double_quant:
+        return packed, F.QuantState(absmax=absmax, code=code, **settings)
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, F.QuantState(absmax=qabsmax, code=code, offset=offset, state2=state2, **settings)
 
 
 def exact_cpu_kernels(model) -> None:

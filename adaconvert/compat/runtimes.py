@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
@@ -50,16 +50,26 @@ class AdapterFacts:
         config: adapter_config.json.
         modules: module name (no ``base_model.model.``) → shape; for AdaLoRA the stored rank.
         path: the directory read.
+        vllm_problems: what the static vLLM check found on this directory, when the caller ran it already; None: the
+            vLLM rule runs it.
     """
 
     format: str
     config: dict
     modules: dict[str, ModuleShape]
     path: Path
+    vllm_problems: list | None = None
+    # module → intended scale, filled as the rules ask (each pattern lookup scans every key: 224 modules × 224 keys)
+    _scales: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def intended_scale(self, module: str) -> float:
         """The scale PEFT (the reference) applies to ``module``: alpha_m / r_m or alpha_m / √r_m (rsLoRA), with
         PEFT's pattern matching (``peft/tuners/lora/model.py`` ``_create_and_replace`` via ``get_pattern_key``)."""
+        if module not in self._scales:
+            self._scales[module] = self._intended_scale(module)
+        return self._scales[module]
+
+    def _intended_scale(self, module: str) -> float:
         c = self.config
         rank, alpha = lora_rank_and_alpha(
             module,
@@ -101,7 +111,16 @@ class Verdict:
         return (min(self.factors.values()), max(self.factors.values())) if self.factors else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "factor_range": self.factor_range, "notes": list(self.notes)}
+        # not dataclasses.asdict: it deep-copies every float of ``factors`` one by one
+        return {
+            "runtime": self.runtime,
+            "status": self.status,
+            "reason": self.reason,
+            "factors": dict(self.factors),
+            "notes": list(self.notes),
+            "source": self.source,
+            "factor_range": self.factor_range,
+        }
 
 
 def read_facts(adapter_dir: str | Path) -> AdapterFacts:
@@ -218,7 +237,7 @@ def _check_vllm(facts: AdapterFacts) -> Verdict:
     name = "vllm"
     if (refused := _not_peft(facts, name)) is not None:
         return refused
-    problems = check_vllm_compat(facts.path)
+    problems = facts.vllm_problems if facts.vllm_problems is not None else check_vllm_compat(facts.path)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return Verdict(name, REFUSED, f"{problems[0]}{more}")
@@ -398,13 +417,18 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 
-def check_runtimes(adapter_dir: str | Path, *, runtimes: list[str] | None = None) -> dict[str, Verdict]:
+def check_runtimes(
+    adapter_dir: str | Path, *, runtimes: list[str] | None = None, vllm_problems: list | None = None
+) -> dict[str, Verdict]:
     """The portability check: runtime → :class:`Verdict` for one adapter directory, from config and shapes alone.
 
     Args:
         adapter_dir: a PEFT LoRA or AdaLoRA directory (ours or not: plain, rsLoRA, patterns, compact, uniform,
             raw AdaLoRA), an mlx-lm adapter directory, or a Hub id.
         runtimes: keys of :data:`RUNTIMES` to check (default all).
+        vllm_problems: what :func:`~adaconvert.compat.vllm.check_vllm_compat` found on ``adapter_dir`` without a
+            base (any ``max_lora_rank`` up to 512 the problems do not exceed), when the caller ran it already: the
+            vLLM verdict is made from them instead of checking again.
 
     Raises:
         SourceNotFoundError, CorruptCheckpointError, InvalidConfigError: see :func:`read_facts`.
@@ -415,6 +439,8 @@ def check_runtimes(adapter_dir: str | Path, *, runtimes: list[str] | None = None
         ('wrong-scale', 'exact')
     """
     facts = read_facts(adapter_dir)
+    if vllm_problems is not None:
+        facts = replace(facts, vllm_problems=vllm_problems)
     chosen = runtimes or list(RUNTIMES)
     unknown = [r for r in chosen if r not in RUNTIMES]
     if unknown:

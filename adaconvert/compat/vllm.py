@@ -142,23 +142,26 @@ def require_vllm_compat(
     base_config=None,
     what: str | None = None,
     warn_only: tuple[str, ...] = (),
-) -> None:
+) -> list[VllmProblem]:
     """Raise if :func:`check_vllm_compat` finds anything; the message lists every problem.
 
     Args:
         what: how to call the adapter in the message (default ``adapter``).
         warn_only: rules (keys of :data:`RULES`) that are only logged as warnings.
 
+    Returns:
+        What :func:`check_vllm_compat` found: only problems of the ``warn_only`` rules, as it did not raise.
+
     Raises:
         RankLimitError: every problem is a rank above ``max_lora_rank``.
         InvalidConfigError: anything else; ``fields['problems']`` holds the :class:`VllmProblem` dicts.
     """
-    problems = check_vllm_compat(adapter_dir, max_lora_rank=max_lora_rank, base_config=base_config)
-    for problem in (p for p in problems if p.rule in warn_only):
+    found = check_vllm_compat(adapter_dir, max_lora_rank=max_lora_rank, base_config=base_config)
+    for problem in (p for p in found if p.rule in warn_only):
         logger.warning("%s: vLLM would not serve it: %s", adapter_dir, problem)
-    problems = [p for p in problems if p.rule not in warn_only]
+    problems = [p for p in found if p.rule not in warn_only]
     if not problems:
-        return
+        return found
     cls = RankLimitError if all(p.rule == "max-lora-rank" for p in problems) else InvalidConfigError
     raise cls(
         f"{what or 'adapter'} would not load in vLLM: {'; '.join(map(str, problems))}",

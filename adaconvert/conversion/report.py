@@ -52,7 +52,11 @@ class ConversionReport:
     base_model: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form. Its dicts and lists are the report's own, not copies (``dataclasses.asdict`` would
+        deep-copy every number of the provenance and the runtime verdicts, one by one)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["modules"] = [asdict(m) for m in self.modules]
+        return data
 
     @classmethod
     def read(cls, path: str | Path) -> ConversionReport:

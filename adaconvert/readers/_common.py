@@ -184,10 +184,25 @@ def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
     return values
 
 
-def folded(module: str, B: torch.Tensor, scale: torch.Tensor | float, *, path: Path, why: str) -> torch.Tensor:
+def folded(
+    module: str,
+    B: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    path: Path,
+    why: str,
+    culprits: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """``B * scale`` in float32, refused when the product overflows (a huge ``lora_alpha`` turns finite inputs into
-    Inf); ``why`` names the factor for the message."""
+    Inf); ``why`` names the factor for the message.
+
+    Args:
+        culprits: called first when the product is not finite, to raise a more precise error (an input that held
+            NaN or Inf already) when there is one.
+    """
     out = B * scale
     if out.numel() and not torch.isfinite(torch.stack(torch.aminmax(out))).all():
+        if culprits is not None:
+            culprits()
         raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=path, module=module)
     return out

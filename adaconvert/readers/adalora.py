@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
@@ -66,13 +68,23 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         parts = modules[module]
         A, E, B = parts["lora_A"], parts["lora_E"], parts["lora_B"]
         rank = _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
-        check_finite(module, parts, path=files.weights_path)
         stored_ranks[module] = rank
         E32 = E.float().reshape(-1)
+        # One pass over B checks it: B · E · s is finite only if B and E are (NaN and Inf spread through the
+        # product, also into the columns dropped below), so B and E are checked on their own only to name the
+        # culprit, as check_finite would have first. An empty B proves nothing about E: checked as they are.
+        check_finite(module, {"lora_A": A} if B.numel() else parts, path=files.weights_path)
+        B = folded(
+            module,
+            B.float(),
+            E32 * scale,
+            path=files.config_path,
+            why=f"lora_E × scaling {scale:.3g}",
+            culprits=partial(check_finite, module, parts, path=files.weights_path),
+        )
         kept = torch.nonzero(E32).flatten()
-        if len(kept) < rank:  # masked singular values (rank_pattern null): drop them now, before any math
-            A, B, E32 = A.index_select(0, kept), B.index_select(1, kept), E32[kept]
-        B = folded(module, B.float(), E32 * scale, path=files.config_path, why=f"lora_E × scaling {scale:.3g}")
+        if len(kept) < rank:  # masked singular values (rank_pattern null): dropped (exact: they contribute nothing)
+            A, B = A.index_select(0, kept), B.index_select(1, kept)
         deltas[module] = LowRankDelta(A=A.float(), B=B)
 
     history_file = files.root / RANK_HISTORY_NAME

@@ -3,6 +3,8 @@ directories with an importance file beside them."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
@@ -96,12 +98,19 @@ def read_lora(files: AdapterFiles) -> Adapter:
                 expected=r_m,
                 actual=A.shape[0],
             )
-        check_finite(module, parts, path=files.weights_path)
+        # B is checked through B · s (see the AdaLoRA reader): on its own only to name it when the product fails
+        check_finite(module, {"lora_A.weight": A} if B.numel() else parts, path=files.weights_path)
         scalings[module] = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
         why = f"scaling {scalings[module]:.3g}"
-        deltas[module] = LowRankDelta(
-            A=A.float(), B=folded(module, B.float(), scalings[module], path=files.config_path, why=why)
+        B = folded(
+            module,
+            B.float(),
+            scalings[module],
+            path=files.config_path,
+            why=why,
+            culprits=partial(check_finite, module, parts, path=files.weights_path),
         )
+        deltas[module] = LowRankDelta(A=A.float(), B=B)
 
     provenance = {
         "source": str(files.root),

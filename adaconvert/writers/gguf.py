@@ -18,6 +18,7 @@ rows are B's rows, so B gets the same permutation (the converter's ``LoraTorchTe
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def gguf_base(config, *, path=None) -> GGUFBase:
             f"GGUF export supports the {', '.join(ARCHITECTURES)} architectures; the base is {model_type!r}",
             path=path,
         )
-    import gguf
+    gguf = _gguf()
 
     n_head, n_layer = get("num_attention_heads"), get("num_hidden_layers")
     if not n_head or not n_layer:
@@ -90,6 +91,27 @@ def gguf_base(config, *, path=None) -> GGUFBase:
         n_layer=n_layer,
         tied_embeddings=bool(get("tie_word_embeddings", False)),
     )
+
+
+def _gguf():
+    """The ``gguf`` package, imported without its Mistral tokenizer support.
+
+    ``gguf/__init__`` imports ``gguf.vocab``, which imports ``mistral_common`` when it is installed (vLLM brings it):
+    about 0.4 s of OpenCV and pydantic, as long as the rest of an export, for tokenizers an adapter never has.
+    ``gguf.vocab`` takes an ImportError as "not installed"; the block lasts for the import only, and only when
+    nothing in the process has imported ``mistral_common`` already.
+    """
+    if "gguf" in sys.modules:
+        return sys.modules["gguf"]
+    blocked = "mistral_common" not in sys.modules
+    if blocked:
+        sys.modules["mistral_common"] = None  # an import of it raises ImportError
+    try:
+        import gguf
+    finally:
+        if blocked and sys.modules.get("mistral_common", 0) is None:
+            del sys.modules["mistral_common"]
+    return gguf
 
 
 def permute_rows(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -119,7 +141,7 @@ def gguf_tensors(adapter: Adapter, base: GGUFBase) -> list[GGUFTensor]:
         InvalidConfigError: a module has no GGUF name (embeddings, a tied ``lm_head``, anything outside the
             projections llama.cpp adapts), or the adapter is for Conv1D layers.
     """
-    import gguf
+    gguf = _gguf()
 
     if adapter.fan_in_fan_out:
         raise InvalidConfigError("GGUF export needs nn.Linear layers; this adapter is for Conv1D (fan_in_fan_out)")
@@ -156,7 +178,7 @@ def _encoded(tensor: GGUFTensor, qtype) -> tuple[tuple[int, ...], object, int]:
     Raises:
         AdapterShapeError: a block-quantised type whose block does not divide the row (ne[0]).
     """
-    import gguf
+    gguf = _gguf()
     import numpy as np
 
     shape = tuple(tensor.data.shape)
@@ -204,7 +226,7 @@ def write_gguf_lora(
         InvalidConfigError: a module has no GGUF name (see :func:`gguf_tensors`), or ``outtype`` is unknown.
         AdapterShapeError: ``q8_0`` on a shape it cannot quantise.
     """
-    import gguf
+    gguf = _gguf()
     from tqdm.auto import tqdm
 
     if outtype not in OUTTYPES:
@@ -234,7 +256,7 @@ def write_gguf_lora(
 
 
 def _encode_all(tensors: list[GGUFTensor], qtype) -> Iterator:
-    import gguf
+    gguf = _gguf()
 
     for tensor in tensors:
         # float32 → f32 is a view (no copy); the others convert one tensor at a time, with gguf's own rounding

@@ -25,7 +25,6 @@ from adaconvert.adapter import Adapter
 from adaconvert.constants import ADAPTER_CONFIG_NAME, MLX_ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
-from adaconvert.transforms.pad import pad_delta, zero_delta
 
 
 @dataclass(frozen=True)
@@ -135,9 +134,17 @@ def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *,
         layout += [(f"{name}.lora_a", dtype, (fan_in, rank)), (f"{name}.lora_b", dtype, (rank, fan_out))]
     with SafetensorsWriter(directory / MLX_ADAPTER_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
         for name, key in names.items():
+            fan_in, fan_out = plan.shapes[key]
             found = adapter.deltas.get(name)
-            d = pad_delta(found, rank) if found is not None else zero_delta(*plan.shapes[key], rank)
-            writer.write(f"{name}.lora_a", d.A.T.to(dtype).contiguous())
-            writer.write(f"{name}.lora_b", d.B.T.to(dtype).contiguous())
+            r = found.rank if found is not None else 0
+            # transposed and cast in one copy, only the padding zeroed
+            a, b = torch.empty(fan_in, rank, dtype=dtype), torch.empty(rank, fan_out, dtype=dtype)
+            a[:, r:].zero_()
+            b[r:].zero_()
+            if found is not None:
+                a[:, :r].copy_(found.A.T)
+                b[:r].copy_(found.B.T)
+            writer.write(f"{name}.lora_a", a)
+            writer.write(f"{name}.lora_b", b)
     config = mlx_config_dict(plan, rank)
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
