@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from adaconvert.constants import TRAINING_SUMMARY_NAME
-from tests.helpers.training_utils import write_jsonl
-from tests.test_training_distributed import _torchrun
+from tests.helpers.training_utils import torchrun, write_jsonl
 from tests.test_training_eval import EVAL_TEXTS, _peft_token_loss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -44,7 +43,7 @@ def test_every_rank_agrees_on_the_heldout_curve_and_rank0_writes_it(tiny_llama, 
     out = tmp_path / mode
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [_torchrun(), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_llama), str(data), str(held)]
+    cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_llama), str(data), str(held)]
     proc = subprocess.run([*cmd, str(out), mode], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
