@@ -6,36 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from adaconvert.constants import TRAINING_SUMMARY_NAME
 from adaconvert.demo.tiny import SENTENCES
 from adaconvert.errors import InvalidConfigError
 from adaconvert.training import load_options
 from adaconvert.training.heldout import jitter
-from tests.helpers.peft_utils import peft_model
+from tests.helpers.peft_utils import EVAL_TEXTS, peft_token_loss
 from tests.helpers.training_utils import quick_train, write_jsonl
-
-EVAL_TEXTS = ["the quick brown fox jumps over the lazy dog", "adapters are served side by side", "pruned values"]
-
-
-def _peft_token_loss(base, adapter, texts) -> float:
-    """Σ next-token loss / Σ predicted tokens of the saved adapter in PEFT, one example at a time (no padding)."""
-    from transformers import AutoTokenizer
-
-    from adaconvert.training.data import tokenize
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = peft_model(base, adapter)
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for ids in tokenize(texts, tokenizer, max_length=16).examples:
-            ids = torch.tensor([ids])
-            # logits, not PEFT's loss: an AdaLoRA model loaded for inference cannot add its training penalty
-            logits = model(input_ids=ids).logits[0, :-1]
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            tokens += ids.shape[1] - 1
-    return total / tokens
 
 
 def test_eval_curve_is_the_token_weighted_loss_of_the_saved_adapter(tiny_llama, tmp_path):
@@ -48,7 +26,7 @@ def test_eval_curve_is_the_token_weighted_loss_of_the_saved_adapter(tiny_llama, 
     assert curve == result.main.eval_curve
     # the held-out batches (3 examples in batches of 2: padded) give the same number as PEFT on each example alone:
     # float32 sums in another order, so 1e-5 relative
-    assert curve[-1]["loss"] == pytest.approx(_peft_token_loss(tiny_llama, tmp_path / "out", EVAL_TEXTS), rel=1e-5)
+    assert curve[-1]["loss"] == pytest.approx(peft_token_loss(tiny_llama, tmp_path / "out", EVAL_TEXTS), rel=1e-5)
     assert summary["eval"]["jitter"] == pytest.approx(jitter(curve))
     assert summary["eval"]["examples"] == 3
     assert "held-out loss (3 examples" in result.text()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from adaconvert.constants import TRAINING_SUMMARY_NAME
+from tests.helpers.peft_utils import EVAL_TEXTS, peft_token_loss
 from tests.helpers.training_utils import torchrun, write_jsonl
-from tests.test_training_eval import EVAL_TEXTS, _peft_token_loss
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -55,4 +55,4 @@ def test_every_rank_agrees_on_the_heldout_curve_and_rank0_writes_it(tiny_llama, 
     assert [p["step"] for p in curve] == [4, 8, 12]
     assert summary["eval"]["examples"] == 3
     # float32 sums in another order than PEFT's one-example passes: 1e-5 relative
-    assert curve[-1]["loss"] == pytest.approx(_peft_token_loss(tiny_llama, out / "adapter", EVAL_TEXTS), rel=1e-5)
+    assert curve[-1]["loss"] == pytest.approx(peft_token_loss(tiny_llama, out / "adapter", EVAL_TEXTS), rel=1e-5)

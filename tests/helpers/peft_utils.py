@@ -180,3 +180,25 @@ def lora_config(arch: str, **kw):
 
     defaults = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[arch], "task_type": "CAUSAL_LM"}
     return LoraConfig(**{**defaults, **kw})
+
+
+EVAL_TEXTS = ["the quick brown fox jumps over the lazy dog", "adapters are served side by side", "pruned values"]
+
+
+def peft_token_loss(base, adapter, texts) -> float:
+    """Σ next-token loss / Σ predicted tokens of the saved adapter in PEFT, one example at a time (no padding)."""
+    from transformers import AutoTokenizer
+
+    from adaconvert.training.data import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = peft_model(base, adapter)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in tokenize(texts, tokenizer, max_length=16).examples:
+            ids = torch.tensor([ids])
+            # logits, not PEFT's loss: an AdaLoRA model loaded for inference cannot add its training penalty
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            tokens += ids.shape[1] - 1
+    return total / tokens
