@@ -247,6 +247,11 @@ class VllmEngine:
                 f"the vLLM engine given must be started with lora_target_modules={targets} (it has {served}): "
                 "vLLM's prompt log-probabilities fail with a LoRA on lm_head (start it with start_engine)"
             )
+        if adapter_dirs and lora_config.max_loras < lora_slots(adapter_dirs):
+            raise InvalidConfigError(
+                f"the vLLM engine given has {lora_config.max_loras} LoRA slot(s) for {len(adapter_dirs)} adapters; "
+                f"start it with max_loras={lora_slots(adapter_dirs)} or more"
+            )
         limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
         if work.context > limit:
             raise InvalidConfigError(
@@ -338,6 +343,16 @@ def lora_targets(adapter_dirs) -> list[str]:
     return sorted(found)
 
 
+def lora_slots(adapter_dirs) -> int:
+    """LoRA slots an engine needs to score the base and every adapter in one batch: one per adapter, at least 2.
+
+    Measured with vLLM 0.32 on CPU: with a single slot, or fewer slots than adapters, requests without an adapter
+    that share a batch with adapter requests were computed with an adapter applied (the base row came out equal to
+    an adapter's, silently).
+    """
+    return max(2, len(adapter_dirs))
+
+
 def start_engine(
     model_dir: str | Path,
     adapter_dirs: list[Path],
@@ -347,6 +362,7 @@ def start_engine(
     max_num_seqs: int = 32,
     quiet: bool = False,
     lora: bool = True,
+    max_loras: int | None = None,
 ):
     """A vLLM engine for ``eval`` (:func:`~adaconvert.validation.vllm_level.make_engine`), LoRA restricted to the
     module kinds the adapters adapt (``lora_target_modules``).
@@ -358,10 +374,12 @@ def start_engine(
     Args:
         model_dir: the base (``lora``) or a merged model (``lora=False``: a plain engine).
         adapter_dirs: the adapters to serve, in vLLM's format (they size ``max_lora_rank`` and the targets).
+        max_loras: LoRA slots; default :func:`lora_slots`.
     """
     from adaconvert.validation.vllm_level import make_engine
 
     options = {"max_model_len": max_model_len, "dtype": dtype, "max_num_seqs": max_num_seqs, "quiet": quiet}
     if not lora:
         return make_engine(str(model_dir), [], enable_lora=False, **options)
+    options["max_loras"] = max_loras if max_loras is not None else lora_slots(adapter_dirs)
     return make_engine(str(model_dir), adapter_dirs, lora_target_modules=lora_targets(adapter_dirs) or None, **options)
