@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "train": ("bench_train.py", []),
     "serve": ("bench_serve.py", []),
     "qlora": ("bench_qlora.py", []),
+    "eval": ("bench_eval.py", []),
 }
 HEADER = """# Benchmarks
 
