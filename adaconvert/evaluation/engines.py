@@ -233,7 +233,7 @@ class VllmEngine:
             require_vllm_compat(directory, base_config=self.base, what="the adapter as served to vLLM")
         targets = lora_targets(adapter_dirs)
         if self.llm is None:
-            return self._start(self.base.root, adapter_dirs, work), True
+            return self._start(self.base.root, adapter_dirs, work, lora=bool(adapter_dirs)), True
         max_lora_rank, _ = engine_settings(self.llm)
         if adapter_dirs and max_lora_rank is None:
             raise InvalidConfigError("the vLLM engine given was started without enable_lora=True")
