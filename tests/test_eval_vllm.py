@@ -58,3 +58,17 @@ def test_vllm_engine_started_by_eval(tiny_llama, adalora_llama, tmp_path):
     report = evaluate(tiny_llama, [adalora_llama], data=qa, split_on="answer :", engine="vllm", max_new_tokens=4,
                       progress=False)  # fmt: skip
     assert report.row(adalora_llama.name).loss < report.row("base").loss
+
+
+def test_merged_model_in_its_own_vllm_engine(eval_llm, tiny_llama, converted_llama, tmp_path):
+    """A merged model has other weights than the base: eval runs it in a plain engine of its own, and it scores
+    what its adapter scores on the base."""
+    from adaconvert import merge
+
+    merged = tmp_path / "merged"
+    merge(tiny_llama, [converted_llama], merged)
+    qa = write_qa(tmp_path / "qa.jsonl")
+    report = evaluate(tiny_llama, [converted_llama], merged=[merged], data=qa, split_on="answer :", engine="vllm",
+                      llm=eval_llm, max_new_tokens=6, progress=False)  # fmt: skip
+    assert report.row("merged").loss == pytest.approx(report.row(converted_llama.name).loss, abs=LOSS_ABS_TOL)
+    assert report.row("merged").predictions == report.row(converted_llama.name).predictions
