@@ -60,9 +60,9 @@ def test_vllm_engine_started_by_eval(tiny_llama, adalora_llama, tmp_path):
     assert report.row(adalora_llama.name).loss < report.row("base").loss
 
 
-def test_merged_model_in_its_own_vllm_engine(eval_llm, tiny_llama, converted_llama, tmp_path):
-    """A merged model has other weights than the base: eval runs it in a plain engine of its own, and it scores
-    what its adapter scores on the base."""
+def test_merged_model_beside_the_vllm_engine(eval_llm, tiny_llama, converted_llama, tmp_path):
+    """A merged model has other weights than the base: under vLLM, eval runs it through transformers (its row says
+    so), and it scores what its adapter scores in vLLM."""
     from adaconvert import merge
 
     merged = tmp_path / "merged"
@@ -72,3 +72,4 @@ def test_merged_model_in_its_own_vllm_engine(eval_llm, tiny_llama, converted_lla
                       llm=eval_llm, max_new_tokens=6, progress=False)  # fmt: skip
     assert report.row("merged").loss == pytest.approx(report.row(converted_llama.name).loss, abs=LOSS_ABS_TOL)
     assert report.row("merged").predictions == report.row(converted_llama.name).predictions
+    assert report.row("merged").engine == "hf" and report.row(converted_llama.name).engine is None

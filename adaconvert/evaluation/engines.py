@@ -11,8 +11,9 @@ kernels sum in (docs/design.md §7), which the tests bound.
   and generation) goes in one batched call. The loss comes from vLLM's prompt log-probabilities (log-softmax of
   the raw logits at every prompt position). vLLM loads only plain PEFT LoRA with scaling it reads the same way
   everywhere: any other adapter (AdaLoRA, LoRA with patterns or rsLoRA, LoRA-Drop) is converted with ``to_lora``
-  into a temporary directory first (exact, docs/design.md §7). A merged model needs its own engine (other base
-  weights): one plain engine per merged directory, started and freed in turn.
+  into a temporary directory first (exact, docs/design.md §7). A merged model has other weights than the base and
+  would need a second engine, which vLLM 0.32 cannot run in-process beside the first: merged models run through
+  the hf engine, and their rows say so.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class SubjectOutput:
     loss: LossTotals
     reference: LossTotals | None = None
     generations: list[list[int]] = field(default_factory=list)
+    engine: str | None = None  # set where a subject ran on another engine than the report's
 
 
 # ------------------------------------------------------------------------------------------------------------- hf
@@ -191,12 +193,25 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, base, *, llm=None, dtype: str = "float32", max_num_seqs: int = 32, progress: bool = True):
+    def __init__(
+        self,
+        base,
+        *,
+        llm=None,
+        dtype: str = "float32",
+        max_num_seqs: int = 32,
+        batch_size: int = 8,
+        progress: bool = True,
+    ):
         from transformers import AutoTokenizer
+
+        from adaconvert.adapter import output_dtype
 
         self.base = base
         self.llm = llm
         self.dtype = dtype
+        self.torch_dtype = output_dtype(dtype)
+        self.batch_size = batch_size
         self.max_num_seqs = max_num_seqs
         self.progress = progress
         self.tokenizer = AutoTokenizer.from_pretrained(str(base.root))
@@ -215,13 +230,15 @@ class VllmEngine:
                 del llm  # an engine started here is freed with the object (in-process engine core)
                 if own:
                     gc.collect()
-        for subject in (s for s in subjects if s.kind == MERGED):
-            llm = self._start(subject.path, [], work, lora=False)
-            try:
-                outputs.update(self._run(llm, [subject], {}, work))
-            finally:
-                del llm
-                gc.collect()
+        merged = [s for s in subjects if s.kind == MERGED]
+        if merged:
+            # a merged model has its own weights, so it would need a second engine; vLLM 0.32 does not run a second
+            # in-process engine beside a live one (its parallel state is per process: the second failed with
+            # "pipeline model parallel group is not initialized"), so merged models run through transformers
+            hf = HFEngine(self.base.root, dtype=self.torch_dtype, batch_size=self.batch_size, progress=self.progress)
+            outputs.update(hf.run(merged, work))
+            for subject in merged:
+                outputs[subject.label].engine = HFEngine.name
         return outputs
 
     def _engine(self, adapter_dirs: list[Path], work: Workload):
@@ -259,7 +276,7 @@ class VllmEngine:
             )
         return self.llm, False
 
-    def _start(self, model_dir, adapter_dirs, work: Workload, *, lora: bool = True):
+    def _start(self, model_dir, adapter_dirs, work: Workload, *, lora: bool):
         return start_engine(
             model_dir,
             adapter_dirs,
