@@ -50,14 +50,23 @@ def test_vllm_and_hf_engines_agree(eval_llm, tiny_llama, adalora_llama, converte
 
 
 def test_vllm_engine_started_by_eval(tiny_llama, adalora_llama, tmp_path):
-    """Without an engine given, eval starts its own (AdaLoRA converted with to-lora on the way) and stops it."""
+    """Without an engine given, eval starts its own (AdaLoRA converted with to-lora on the way) and stops it. Run as a
+    user runs it, in its own process: freeing an in-process engine tears down vLLM's per-process parallel state,
+    which would break the module's engine."""
+    import json
+    import subprocess
+    import sys
+
     from tests.helpers.needs import require
 
     require("vllm", purpose="the vLLM eval tests")
     qa = write_qa(tmp_path / "qa.jsonl")
-    report = evaluate(tiny_llama, [adalora_llama], data=qa, split_on="answer :", engine="vllm", max_new_tokens=4,
-                      progress=False)  # fmt: skip
-    assert report.row(adalora_llama.name).loss < report.row("base").loss
+    command = [sys.executable, "-m", "adaconvert.cli", "eval", str(tiny_llama), str(adalora_llama), "--data", str(qa)]
+    command += ["--split-on", "answer :", "--engine", "vllm", "--max-new-tokens", "4", "--json", "--quiet"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["label"]: row for row in json.loads(proc.stdout)["rows"]}
+    assert rows[adalora_llama.name]["loss"] < rows["base"]["loss"]
 
 
 def test_merged_model_beside_the_vllm_engine(eval_llm, tiny_llama, converted_llama, tmp_path):
