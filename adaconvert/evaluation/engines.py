@@ -232,9 +232,10 @@ class VllmEngine:
                     gc.collect()
         merged = [s for s in subjects if s.kind == MERGED]
         if merged:
-            # a merged model has its own weights, so it would need a second engine; vLLM 0.32 does not run a second
-            # in-process engine beside a live one (its parallel state is per process: the second failed with
-            # "pipeline model parallel group is not initialized"), so merged models run through transformers
+            # a merged model has its own weights, so it would need a second engine; vLLM 0.32 keeps its parallel
+            # state per process, and freeing a second in-process engine tears it down under the first (measured:
+            # "pipeline model parallel group is not initialized" on its next request): merged models run through
+            # transformers
             hf = HFEngine(self.base.root, dtype=self.torch_dtype, batch_size=self.batch_size, progress=self.progress)
             outputs.update(hf.run(merged, work))
             for subject in merged:
