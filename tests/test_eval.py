@@ -4,6 +4,7 @@ parameter counts), generation metrics come from rouge-score, and bad input ends 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_bad_input_is_one_line_and_an_exit_code(case, code, message, tmp_path, t
             "text",
             "--reference-column",
             "answer",
-        ],  # fmt: skip
+        ],
         "marker nowhere": [str(converted_llama), "--data", str(qa), "--split-on", "réponse :"],
         "adapter for another base": [str(adalora_gpt2), "--data", str(qa)],
         "merged of another architecture": ["--merged", str(tiny_gpt2), "--data", str(qa)],
@@ -197,4 +198,18 @@ def test_bad_input_is_one_line_and_an_exit_code(case, code, message, tmp_path, t
     assert main(["eval", str(tiny_llama), *args, "--engine", "hf", "--plot", str(plot)]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not plot.exists() and list(tmp_path.iterdir()) == ([blank] if case == "blank data" else [blank])
+    assert not plot.exists() and list(tmp_path.iterdir()) == [blank]  # nothing written, nothing half-written
+
+
+@pytest.mark.slow
+def test_lora_drop_counts_stored_and_trained_parameters(trained, tiny_llama, qa):
+    """A LoRA-Drop `share` output stores the shared LoRA once per layer: `parameters` is what the file holds (PEFT's
+    count), `trained_parameters` what the main run trained (its training summary)."""
+    from peft import PeftModel
+
+    result = trained.get("lora-drop-share")
+    report = evaluate(tiny_llama, [result.output], data=qa, engine="hf", progress=False)
+    row = report.row(Path(result.output).name)
+    model = PeftModel.from_pretrained(load_base(tiny_llama), str(result.output), is_trainable=True)
+    assert row.method == "lora-drop" and row.parameters == model.get_nb_trainable_parameters()[0]
+    assert row.trained_parameters == result.main.trainable_params < row.parameters

@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "resolver": ("bench_resolver.py", []),
     "qlora": ("bench_qlora.py", []),
     "compare": ("bench_compare.py", []),
+    "eval": ("bench_eval.py", []),
 }
 HEADER = """# Benchmarks
 

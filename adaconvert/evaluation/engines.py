@@ -11,8 +11,9 @@ kernels sum in (docs/design.md §7), which the tests bound.
   and generation) goes in one batched call. The loss comes from vLLM's prompt log-probabilities (log-softmax of
   the raw logits at every prompt position). vLLM loads only plain PEFT LoRA with scaling it reads the same way
   everywhere: any other adapter (AdaLoRA, LoRA with patterns or rsLoRA, LoRA-Drop) is converted with ``to_lora``
-  into a temporary directory first (exact, docs/design.md §7). A merged model needs its own engine (other base
-  weights): one plain engine per merged directory, started and freed in turn.
+  into a temporary directory first (exact, docs/design.md §7). A merged model has other weights than the base and
+  would need a second engine, which vLLM 0.32 cannot run in-process beside the first: merged models run through
+  the hf engine, and their rows say so.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class SubjectOutput:
     loss: LossTotals
     reference: LossTotals | None = None
     generations: list[list[int]] = field(default_factory=list)
+    engine: str | None = None  # set where a subject ran on another engine than the report's
 
 
 # ------------------------------------------------------------------------------------------------------------- hf
@@ -191,12 +193,25 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, base, *, llm=None, dtype: str = "float32", max_num_seqs: int = 32, progress: bool = True):
+    def __init__(
+        self,
+        base,
+        *,
+        llm=None,
+        dtype: str = "float32",
+        max_num_seqs: int = 32,
+        batch_size: int = 8,
+        progress: bool = True,
+    ):
         from transformers import AutoTokenizer
+
+        from adaconvert.adapter import output_dtype
 
         self.base = base
         self.llm = llm
         self.dtype = dtype
+        self.torch_dtype = output_dtype(dtype)
+        self.batch_size = batch_size
         self.max_num_seqs = max_num_seqs
         self.progress = progress
         self.tokenizer = AutoTokenizer.from_pretrained(str(base.root))
@@ -215,13 +230,16 @@ class VllmEngine:
                 del llm  # an engine started here is freed with the object (in-process engine core)
                 if own:
                     gc.collect()
-        for subject in (s for s in subjects if s.kind == MERGED):
-            llm = self._start(subject.path, [], work, lora=False)
-            try:
-                outputs.update(self._run(llm, [subject], {}, work))
-            finally:
-                del llm
-                gc.collect()
+        merged = [s for s in subjects if s.kind == MERGED]
+        if merged:
+            # a merged model has its own weights, so it would need a second engine; vLLM 0.32 keeps its parallel
+            # state per process, and freeing a second in-process engine tears it down under the first (measured:
+            # "pipeline model parallel group is not initialized" on its next request): merged models run through
+            # transformers
+            hf = HFEngine(self.base.root, dtype=self.torch_dtype, batch_size=self.batch_size, progress=self.progress)
+            outputs.update(hf.run(merged, work))
+            for subject in merged:
+                outputs[subject.label].engine = HFEngine.name
         return outputs
 
     def _engine(self, adapter_dirs: list[Path], work: Workload):
@@ -233,7 +251,7 @@ class VllmEngine:
             require_vllm_compat(directory, base_config=self.base, what="the adapter as served to vLLM")
         targets = lora_targets(adapter_dirs)
         if self.llm is None:
-            return self._start(self.base.root, adapter_dirs, work), True
+            return self._start(self.base.root, adapter_dirs, work, lora=bool(adapter_dirs)), True
         max_lora_rank, _ = engine_settings(self.llm)
         if adapter_dirs and max_lora_rank is None:
             raise InvalidConfigError("the vLLM engine given was started without enable_lora=True")
@@ -247,6 +265,11 @@ class VllmEngine:
                 f"the vLLM engine given must be started with lora_target_modules={targets} (it has {served}): "
                 "vLLM's prompt log-probabilities fail with a LoRA on lm_head (start it with start_engine)"
             )
+        if adapter_dirs and lora_config.max_loras < lora_slots(adapter_dirs):
+            raise InvalidConfigError(
+                f"the vLLM engine given has {lora_config.max_loras} LoRA slot(s) for {len(adapter_dirs)} adapters; "
+                f"start it with max_loras={lora_slots(adapter_dirs)} or more"
+            )
         limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
         if work.context > limit:
             raise InvalidConfigError(
@@ -254,7 +277,7 @@ class VllmEngine:
             )
         return self.llm, False
 
-    def _start(self, model_dir, adapter_dirs, work: Workload, *, lora: bool = True):
+    def _start(self, model_dir, adapter_dirs, work: Workload, *, lora: bool):
         return start_engine(
             model_dir,
             adapter_dirs,
@@ -338,6 +361,16 @@ def lora_targets(adapter_dirs) -> list[str]:
     return sorted(found)
 
 
+def lora_slots(adapter_dirs) -> int:
+    """LoRA slots an engine needs to score the base and every adapter in one batch: one per adapter, at least 2.
+
+    Measured with vLLM 0.32 on CPU: with a single slot, or fewer slots than adapters, requests without an adapter
+    that share a batch with adapter requests were computed with an adapter applied (the base row came out equal to
+    an adapter's, silently).
+    """
+    return max(2, len(adapter_dirs))
+
+
 def start_engine(
     model_dir: str | Path,
     adapter_dirs: list[Path],
@@ -347,6 +380,7 @@ def start_engine(
     max_num_seqs: int = 32,
     quiet: bool = False,
     lora: bool = True,
+    max_loras: int | None = None,
 ):
     """A vLLM engine for ``eval`` (:func:`~adaconvert.validation.vllm_level.make_engine`), LoRA restricted to the
     module kinds the adapters adapt (``lora_target_modules``).
@@ -358,10 +392,12 @@ def start_engine(
     Args:
         model_dir: the base (``lora``) or a merged model (``lora=False``: a plain engine).
         adapter_dirs: the adapters to serve, in vLLM's format (they size ``max_lora_rank`` and the targets).
+        max_loras: LoRA slots; default :func:`lora_slots`.
     """
     from adaconvert.validation.vllm_level import make_engine
 
     options = {"max_model_len": max_model_len, "dtype": dtype, "max_num_seqs": max_num_seqs, "quiet": quiet}
     if not lora:
         return make_engine(str(model_dir), [], enable_lora=False, **options)
+    options["max_loras"] = max_loras if max_loras is not None else lora_slots(adapter_dirs)
     return make_engine(str(model_dir), adapter_dirs, lora_target_modules=lora_targets(adapter_dirs) or None, **options)

@@ -29,6 +29,8 @@ class EvalRow:
         reference_loss: the same loss on the reference (general) data; None without it.
         forgetting: ``reference_loss`` minus the base's; > 0: the subject lost some of the base's fit to it.
         predictions: the greedy generation for each prompt, decoded.
+        engine: set when this row ran on another engine than the report's (merged models under vLLM run
+            through transformers).
     """
 
     label: str
@@ -48,6 +50,7 @@ class EvalRow:
     reference_loss: float | None = None
     forgetting: float | None = None
     predictions: list[str] = field(default_factory=list)
+    engine: str | None = None
 
 
 @dataclass
@@ -170,7 +173,8 @@ class EvalReport:
 
 
 def _method(row: EvalRow) -> str:
-    return f"{row.method}←{row.converted_from}" if row.converted_from else row.method
+    method = f"{row.method}←{row.converted_from}" if row.converted_from else row.method
+    return f"{method} ({row.engine})" if row.engine else method
 
 
 def _fmt(attr: str | None, value) -> str:

@@ -73,7 +73,7 @@ def evaluate(
         llm: with the vLLM engine, an engine already running on ``base`` with LoRA enabled (else one is started
             and stopped here).
         dtype: compute dtype, ``float32`` (default), ``bfloat16`` or ``float16``.
-        batch_size: sequences per forward pass (hf) ; vLLM batches by itself.
+        batch_size: sequences per forward pass (hf, and merged models under vllm); vLLM batches by itself.
         plot: write the quality-vs-parameters PNG here (:meth:`EvalReport.plot`); checked before any work.
         overwrite: replace an existing ``plot``.
         progress: progress bars on stderr.
@@ -119,7 +119,7 @@ def evaluate(
 
     started = time.perf_counter()
     if engine == "vllm":
-        runner = VllmEngine(base_model, llm=llm, dtype=dtype, progress=progress)
+        runner = VllmEngine(base_model, llm=llm, dtype=dtype, batch_size=batch_size, progress=progress)
     else:
         runner = HFEngine(base_model.root, dtype=torch_dtype, batch_size=batch_size, progress=progress)
     work = _workload(runner.tokenizer, eval_data, reference_texts, data, reference_data, max_length, max_new_tokens)
@@ -212,4 +212,5 @@ def _row(subject: Subject, out: SubjectOutput, base: SubjectOutput, data: EvalDa
         reference_loss=None if out.reference is None else out.reference.loss,
         forgetting=forgetting,
         predictions=predictions,
+        engine=out.engine,
     )
