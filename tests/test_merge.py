@@ -372,6 +372,7 @@ def _merge_in_subprocess(base, adapter, dst) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     """Merge a base of N and 4N layers, each in a fresh process: peak RSS differs by less than the largest tensor,
     while the bases differ by several times that."""

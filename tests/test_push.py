@@ -468,6 +468,7 @@ def test_adapter_weights_go_through_xet_and_survive_resets_and_500s(xet_hub, ada
     assert len(hub.repos[REPO].commits) == 1
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_sharded_merged_model_goes_through_xet(adalora_llama, tiny_llama, xet_hub, tmp_path):
     from adaconvert.merging import merge
 

@@ -33,6 +33,7 @@ def test_stderr_to_catches_child_processes_and_restores_the_terminal(tmp_path, c
     assert capfd.readouterr().err == "after\n"
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_make_engine_leaves_the_environment_as_it_found_it(tmp_path):
     """vLLM's start-up settings are set for the engine's start only (here one that fails at once: no model)."""
     require("vllm", purpose="the vLLM tests")

@@ -117,6 +117,7 @@ def _wait_for(predicate, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_two_runs_racing_for_one_dst_exactly_one_wins(tmp_path, src):
     other = write_adalora(tmp_path / "ada2", seed=1)
     dst, release = tmp_path / "dst", tmp_path / "release"
@@ -188,6 +189,7 @@ def test_two_to_gguf_runs_into_one_directory_never_mix_their_files(tmp_path, src
     assert sorted(p.name for p in race.iterdir()) == sorted(files)  # no temporary left
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_a_directory_appearing_at_dst_during_the_run_is_kept(tmp_path, src):
     dst, release = tmp_path / "dst", tmp_path / "release"
     hold = env(ADACONVERT_PAUSE_AT="before-publish", ADACONVERT_PAUSE_FILE=str(release))
@@ -205,6 +207,7 @@ def test_a_directory_appearing_at_dst_during_the_run_is_kept(tmp_path, src):
 @pytest.mark.parametrize(
     ("step", "survivor"), [("before-exchange", "old"), ("after-exchange", "new")], ids=["before", "after"]
 )
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_kill_9_during_overwrite_leaves_a_complete_dst_and_the_next_run_cleans_up(
     tmp_path, src, caplog, step, survivor
 ):
@@ -226,6 +229,7 @@ def test_kill_9_during_overwrite_leaves_a_complete_dst_and_the_next_run_cleans_u
     assert any("left by an interrupted run" in r.getMessage() and stale[0] in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_kill_9_before_publishing_leaves_no_dst_and_a_temporary_the_next_run_removes(tmp_path, src, caplog):
     dst = tmp_path / "dst"
     run = subprocess.run(cli("to-lora", src, dst), env=env(ADACONVERT_KILL_AT="before-publish"), capture_output=True)
@@ -327,6 +331,7 @@ def _in_small_tmpfs(mount: Path, argv: list[str], *, read_only: bool = False) ->
     )
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 @needs_mounts
 def test_full_disk_names_dst_and_leaves_nothing(tmp_path):
     big = write_adalora(tmp_path / "big", in_f=512, out_f=512)
@@ -340,6 +345,7 @@ def test_full_disk_names_dst_and_leaves_nothing(tmp_path):
     assert run.stderr.strip() == f"error: {dst}: cannot write the output (No space left on device)"
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 @needs_mounts
 def test_read_only_dst_names_dst(tmp_path, src):
     mount = tmp_path / "ro"
@@ -350,6 +356,7 @@ def test_read_only_dst_names_dst(tmp_path, src):
     assert run.stderr.strip() == f"error: {dst}: cannot write the output (Read-only file system)"
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_file_size_limit_names_dst_and_leaves_nothing(tmp_path):
     """``RLIMIT_FSIZE`` makes writes past 8 KiB fail with EFBIG: a stand-in for a full disk that needs no mount."""
     big = write_adalora(tmp_path / "big", in_f=512, out_f=512)

@@ -162,6 +162,7 @@ def test_share_ties_one_lora_and_saves_a_copy_per_layer(four_layers, tmp_path):
     assert (expected - plain).abs().max() > 1e-3, "the adapter must change the outputs for the test to mean something"
 
 
+@pytest.mark.slow  # a CLI subprocess, or a model or file large enough to take seconds
 def test_to_lora_reads_both_policies(trained, tmp_path):
     for name in ("lora-drop-share", "lora-drop-drop"):
         src = Path(trained.get(name).output)
