@@ -21,7 +21,7 @@ from adaconvert.cli.train import train_flags
 @click.option(
     "--demo", is_flag=True, help="The embedded demo data and a tiny base pretrained first: a few minutes on CPU."
 )
-@train_flags(exclude=("output", "init_r", "target_r", "eval_fraction"))
+@train_flags(exclude=("output", "init_r", "target_r", "eval_fraction", "resume"))
 @common_options(overwrite=True)
 def compare_cmd(*, as_json, config, overwrite, precision_flag, **options):
     """Train LoRA, AdaLoRA and LoRA-Drop at the same final budget (LoRA r; AdaLoRA 2r → r; LoRA-Drop r on its kept
