@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from adaconvert.cli import main
 from adaconvert.io.location import is_hub_id
-from tests.helpers.adapter_edits import MODULES, edit_config, write_adalora
+from tests.helpers.adapter_edits import MODULES, edit_config, edit_tensors, write_adalora
 
 DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any recursion limit
 HUGE = "1" + "0" * 5000  # longer than Python's int-string limit (4300 digits)
@@ -63,6 +63,12 @@ def write_base(
 def _entry(shape, begin=0, end=None) -> dict:
     end = begin + 4 * int(torch.tensor(shape, dtype=torch.float64).prod().item()) if end is None else end
     return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+def zero_b(path: Path) -> Path:
+    """``path`` with every lora_B set to zeros (PEFT's initialisation)."""
+    edit_tensors(path, lambda t: [t[k].zero_() for k in t if "lora_B" in k])
+    return path
 
 
 def to_lora(breakage, *options):
@@ -156,6 +162,8 @@ CASES = [
         "src",
     ),
     ("lora-alpha-1e300", to_lora_of(lambda p: write_lora(p, lora_alpha=1e300)), 2, "overflows float32", ""),
+    # B all zeros (untouched modules): 0 × the Inf scaling is NaN, although no element grew past float32
+    ("lora-alpha-1e300-zero-B", to_lora_of(lambda p: zero_b(write_lora(p, lora_alpha=1e300))), 2, "overflows", ""),
     (
         "fan-in-fan-out-string",
         to_lora(set_field(fan_in_fan_out="false")),

@@ -43,18 +43,21 @@ def group_by_module(
     return modules
 
 
-def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> None:
-    """Raise NonFiniteError naming the first tensor of ``parts`` holding NaN or Inf.
+def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> dict[str, float]:
+    """The largest magnitude of each tensor of ``parts`` (0 for an empty or non-floating one); raise NonFiniteError
+    naming the first that holds NaN or Inf.
 
     min and max propagate NaN and reach ±Inf, so one fast reduction per tensor decides it.
     """
+    magnitudes = {}
     for suffix, tensor in parts.items():
-        if (
-            tensor.is_floating_point()
-            and tensor.numel()
-            and not torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
-        ):
-            raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
+        magnitudes[suffix] = 0.0
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = (float(x) for x in torch.aminmax(tensor))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
+            magnitudes[suffix] = max(-low, high)
+    return magnitudes
 
 
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -184,25 +187,50 @@ def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
     return values
 
 
-def folded(
+def fold_scaling(
     module: str,
-    B: torch.Tensor,
+    parts: dict[str, torch.Tensor],
     scale: torch.Tensor | float,
     *,
-    path: Path,
+    names: tuple[str, str],
+    keep: torch.Tensor | None = None,
+    weights_path: Path,
+    config_path: Path,
     why: str,
-    culprits: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """``B * scale`` in float32, refused when the product overflows (a huge ``lora_alpha`` turns finite inputs into
-    Inf); ``why`` names the factor for the message.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A[keep], B[:, keep] · scale[keep])`` in float32: the module's factors with its scaling folded into B.
 
     Args:
-        culprits: called first when the product is not finite, to raise a more precise error (an input that held
-            NaN or Inf already) when there is one.
+        parts: every tensor of the module as saved, A (r, in) and B (out, r) named by ``names``; each must be
+            finite (one read each): NaN or Inf anywhere reaches PEFT's output, also through a component that
+            ``keep`` drops (0 · NaN is NaN).
+        scale: a float or an (r,) float32 vector (AdaLoRA's lora_E × scaling).
+        keep: (k,) indices of the components to keep (None: all r); they are selected before the product, so
+            that only the kept columns are multiplied and copied.
+        why: names the factor in the overflow message.
+
+    Raises:
+        NonFiniteError: an input holds NaN or Inf (naming it, ``weights_path``), or the product overflows float32
+            (a huge ``lora_alpha`` turns finite inputs into Inf; ``config_path``).
     """
-    out = B * scale
-    if out.numel() and not torch.isfinite(torch.stack(torch.aminmax(out))).all():
-        if culprits is not None:
-            culprits()
-        raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=path, module=module)
-    return out
+    magnitude = check_finite(module, parts, path=weights_path)[names[1]]
+    A, B = parts[names[0]], parts[names[1]]
+    if keep is not None and len(keep) < A.shape[0]:
+        scale = scale.index_select(0, keep) if isinstance(scale, torch.Tensor) else scale
+        A, out = A.index_select(0, keep), B.index_select(1, keep).float().mul_(scale)  # in place: a fresh copy
+    else:
+        out = B.float() * scale
+    scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product used it: 1e300 is Inf there
+    biggest_scale = float(scale32.abs().max()) if scale32.numel() else 0.0
+    # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest value
+    # nothing overflowed and the product need not be read again; near it (or past it), every element is checked
+    if (
+        out.numel()
+        and not magnitude * biggest_scale <= _FOLD_SAFE  # also NaN: 0 × Inf
+        and not torch.isfinite(torch.stack(torch.aminmax(out))).all()
+    ):
+        raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=config_path, module=module)
+    return A.float(), out
+
+
+_FOLD_SAFE = torch.finfo(torch.float32).max / 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
@@ -15,8 +13,7 @@ from adaconvert.readers._common import (
     Field,
     boolean,
     check_config,
-    check_finite,
-    folded,
+    fold_scaling,
     group_by_module,
     integer,
     list_of,
@@ -70,22 +67,18 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         rank = _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
         stored_ranks[module] = rank
         E32 = E.float().reshape(-1)
-        # One pass over B checks it: B · E · s is finite only if B and E are (NaN and Inf spread through the
-        # product, also into the columns dropped below), so B and E are checked on their own only to name the
-        # culprit, as check_finite would have first. An empty B proves nothing about E: checked as they are.
-        check_finite(module, {"lora_A": A} if B.numel() else parts, path=files.weights_path)
-        B = folded(
+        # masked singular values (rank_pattern null) are dropped: exact, they contribute nothing
+        A, B = fold_scaling(
             module,
-            B.float(),
+            parts,
             E32 * scale,
-            path=files.config_path,
+            names=("lora_A", "lora_B"),
+            keep=torch.nonzero(E32).flatten(),
+            weights_path=files.weights_path,
+            config_path=files.config_path,
             why=f"lora_E × scaling {scale:.3g}",
-            culprits=partial(check_finite, module, parts, path=files.weights_path),
         )
-        kept = torch.nonzero(E32).flatten()
-        if len(kept) < rank:  # masked singular values (rank_pattern null): dropped (exact: they contribute nothing)
-            A, B = A.index_select(0, kept), B.index_select(1, kept)
-        deltas[module] = LowRankDelta(A=A.float(), B=B)
+        deltas[module] = LowRankDelta(A=A, B=B)
 
     history_file = files.root / RANK_HISTORY_NAME
     provenance = {

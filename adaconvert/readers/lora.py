@@ -3,8 +3,6 @@ directories with an importance file beside them."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from adaconvert.adapter import Adapter, LowRankDelta
 from adaconvert.constants import LORA_DROP_NAME
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
@@ -14,8 +12,7 @@ from adaconvert.readers._common import (
     Field,
     boolean,
     check_config,
-    check_finite,
-    folded,
+    fold_scaling,
     group_by_module,
     integer,
     list_of,
@@ -98,19 +95,17 @@ def read_lora(files: AdapterFiles) -> Adapter:
                 expected=r_m,
                 actual=A.shape[0],
             )
-        # B is checked through B · s (see the AdaLoRA reader): on its own only to name it when the product fails
-        check_finite(module, {"lora_A.weight": A} if B.numel() else parts, path=files.weights_path)
         scalings[module] = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
-        why = f"scaling {scalings[module]:.3g}"
-        B = folded(
+        A, B = fold_scaling(
             module,
-            B.float(),
+            parts,
             scalings[module],
-            path=files.config_path,
-            why=why,
-            culprits=partial(check_finite, module, parts, path=files.weights_path),
+            names=("lora_A.weight", "lora_B.weight"),
+            weights_path=files.weights_path,
+            config_path=files.config_path,
+            why=f"scaling {scalings[module]:.3g}",
         )
-        deltas[module] = LowRankDelta(A=A.float(), B=B)
+        deltas[module] = LowRankDelta(A=A, B=B)
 
     provenance = {
         "source": str(files.root),
