@@ -616,3 +616,18 @@ def test_gguf_output_is_pushed_with_its_report_and_card(hub, adalora_llama, tiny
     (tmp_path / "models" / "ada.report.json").unlink()
     code, _, err = run_cli(["push", str(gguf), REPO], capsys, caplog)
     assert code == 2 and "no ada.report.json: convert it with adaconvert to-gguf first" in err
+
+
+@pytest.mark.parametrize(
+    "tag", ["lora", "yes", "No", "null", "1e3", "0x10", "a: b", "#x", "- x", "it's", 'say "hi"', "ünï", "*ref", "x\ny"]
+)
+def test_card_metadata_reads_back_as_written(tag):
+    """The card header is written without a YAML library: huggingface_hub's ModelCard reads every value back as the
+    same string, whatever a tag holds (YAML booleans, numbers, indicators, quotes, newlines)."""
+    from huggingface_hub import ModelCard
+
+    from adaconvert.conversion.card import card_metadata
+
+    data = ModelCard(card_metadata(base_model="org/x-1.5", library_name="peft", tags=[tag, "peft"]) + "\nbody\n").data
+    assert data.tags == [tag, "peft"]
+    assert (data.base_model, data.library_name, data.pipeline_tag) == ("org/x-1.5", "peft", "text-generation")

@@ -9,7 +9,6 @@ whose weights vLLM would silently ignore. ``tests/test_vllm_static.py`` checks e
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -360,10 +359,10 @@ def _check_against_base(modules: dict, base: dict, config: dict, problems: list[
 
 
 def _check_shapes(modules: dict, config: dict, max_lora_rank: int | None, problems: list[VllmProblem]) -> None:
-    from adaconvert.scaling import lora_rank_and_alpha
+    from adaconvert.scaling import lora_rank_and_alpha, pattern_error
 
     rank_pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
-    usable_pattern = {k: v for k, v in rank_pattern.items() if _valid(k)}
+    usable_pattern = {k: v for k, v in rank_pattern.items() if pattern_error(k) is None}
     r = config.get("r") if isinstance(config.get("r"), int) else None
     limit = max_lora_rank if max_lora_rank is not None else MAX_LORA_RANK_BUCKETS[-1]
     for module, parts in sorted(modules.items()):
@@ -395,14 +394,6 @@ def _check_shapes(modules: dict, config: dict, max_lora_rank: int | None, proble
                         module,
                     )
                 )
-
-
-def _valid(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except re.error:
-        return False
-    return True
 
 
 def bucket_for(adapter_dirs, *, minimum: int = 1) -> int:

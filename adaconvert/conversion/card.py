@@ -6,6 +6,7 @@ The YAML header is produced by ``huggingface_hub.ModelCardData`` so that the Hub
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -97,16 +98,26 @@ def snippet_id(model: str | None) -> str | None:
 def card_metadata(
     *, base_model: str | None, library_name: str, tags: list[str], pipeline_tag: str | None = "text-generation"
 ) -> str:
-    """The ``---``-delimited YAML header of a model card, written by ``huggingface_hub.ModelCardData``."""
-    from huggingface_hub import ModelCardData
+    """The ``---``-delimited YAML header of a model card: the Hub's ``base_model``, ``library_name``,
+    ``pipeline_tag`` and ``tags`` (absent when None), written without a YAML library for four fields
+    (huggingface_hub's ``ModelCard`` reads it back to the same values)."""
+    fields = {"base_model": hub_base_model(base_model), "library_name": library_name, "pipeline_tag": pipeline_tag}
+    lines = [f"{key}: {_yaml_string(value)}" for key, value in fields.items() if value is not None]
+    if tags:
+        lines += ["tags:", *(f"- {_yaml_string(tag)}" for tag in dict.fromkeys(tags))]
+    return "---\n" + "\n".join(lines) + "\n---\n"
 
-    data = ModelCardData(
-        base_model=hub_base_model(base_model),
-        library_name=library_name,
-        pipeline_tag=pipeline_tag,
-        tags=list(dict.fromkeys(tags)),
-    )
-    return f"---\n{data.to_yaml()}\n---\n"
+
+def _yaml_string(value: str) -> str:
+    """``value`` as a YAML string: plain when it reads back as that string (a repo id, a tag), else JSON-quoted (a
+    JSON string is a YAML double-quoted scalar: nothing in it can change the structure)."""
+    plain = _PLAIN_YAML.fullmatch(value) and value.lower() not in _YAML_WORDS
+    return value if plain else json.dumps(value)
+
+
+# starts with a letter (no number, no indicator), then no character YAML gives a meaning to
+_PLAIN_YAML = re.compile(r"[A-Za-z][A-Za-z0-9._/-]*")
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}  # YAML 1.1 booleans and null
 
 
 def figures_table(figures: Mapping, *, title: str = "figure") -> str:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from adaconvert.constants import PEFT_PREFIX
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, MissingTensorError, NonFiniteError
+from adaconvert.process import usable_cpus
+from adaconvert.scaling import pattern_error
+
+T = TypeVar("T")
 
 
 def group_by_module(
@@ -58,6 +63,24 @@ def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> 
                 raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
             magnitudes[suffix] = max(-low, high)
     return magnitudes
+
+
+def per_module(normalise: Callable[[str], T], modules: list[str]) -> dict[str, T]:
+    """``{module: normalise(module)}`` in the order of ``modules``, computed on up to one thread per usable CPU.
+
+    Reading an adapter is one memory-bound pass per tensor (the finiteness check, the fold, the selection of
+    kept components), and torch runs each on one thread in a conversion (see ``process.import_torch``): threads
+    over modules use the other cores without OpenMP's hand-offs. torch releases the GIL inside every operation.
+    The first error in module order is raised, as a loop would raise it.
+    """
+    workers = min(usable_cpus(), len(modules), _MAX_READ_THREADS)
+    if workers < 2:
+        return {module: normalise(module) for module in modules}
+    with ThreadPoolExecutor(workers, thread_name_prefix="adaconvert-read") as pool:
+        return dict(zip(modules, pool.map(normalise, modules), strict=True))
+
+
+_MAX_READ_THREADS = 8  # past this a read is bound by memory bandwidth, not by cores
 
 
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -139,10 +162,9 @@ def pattern(values: Check) -> Check:
         if not isinstance(value, dict):
             return f"must be an object, got {_shown(value)}"
         for key, item in value.items():
-            try:
-                re.compile(key)
-            except re.error as exc:
-                return f"key {_shown(key)} is not a valid regular expression ({exc})"
+            error = pattern_error(key)
+            if error is not None:
+                return f"key {_shown(key)} is not a valid regular expression ({error})"
             problem = values(item)
             if problem:
                 return f"entry {_shown(key)} {problem}"

@@ -19,6 +19,7 @@ from adaconvert.readers._common import (
     list_of,
     number,
     pattern,
+    per_module,
     source_dtype,
     string,
 )
@@ -59,13 +60,11 @@ def read_adalora(files: AdapterFiles) -> Adapter:
     tensors = load_tensors(files.weights_path)
     dtype = source_dtype(tensors)
     modules = group_by_module(tensors, ("lora_A", "lora_E", "lora_B"), path=files.weights_path)
-    deltas: dict[str, LowRankDelta] = {}
-    stored_ranks: dict[str, int] = {}
-    for module in sorted(modules):
+
+    def normalise(module: str) -> LowRankDelta:
         parts = modules[module]
         A, E, B = parts["lora_A"], parts["lora_E"], parts["lora_B"]
-        rank = _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
-        stored_ranks[module] = rank
+        _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
         E32 = E.float().reshape(-1)
         # masked singular values (rank_pattern null) are dropped: exact, they contribute nothing
         A, B = fold_scaling(
@@ -78,7 +77,10 @@ def read_adalora(files: AdapterFiles) -> Adapter:
             config_path=files.config_path,
             why=f"lora_E × scaling {scale:.3g}",
         )
-        deltas[module] = LowRankDelta(A=A, B=B)
+        return LowRankDelta(A=A, B=B)
+
+    deltas = per_module(normalise, sorted(modules))
+    stored_ranks = {module: modules[module]["lora_A"].shape[0] for module in sorted(modules)}
 
     history_file = files.root / RANK_HISTORY_NAME
     provenance = {

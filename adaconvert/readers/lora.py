@@ -19,6 +19,7 @@ from adaconvert.readers._common import (
     number,
     one_of,
     pattern,
+    per_module,
     source_dtype,
     string,
     strings,
@@ -73,9 +74,8 @@ def read_lora(files: AdapterFiles) -> Adapter:
     dtype = source_dtype(tensors)
     hint = " (embedding LoRA, DoRA and bias terms are not supported)"
     modules = group_by_module(tensors, ("lora_A.weight", "lora_B.weight"), path=files.weights_path, hint=hint)
-    deltas: dict[str, LowRankDelta] = {}
-    scalings: dict[str, float] = {}
-    for module in sorted(modules):
+
+    def normalise(module: str) -> tuple[LowRankDelta, float]:
         parts = modules[module]
         A, B = parts["lora_A.weight"], parts["lora_B.weight"]
         r_m, alpha_m = lora_rank_and_alpha(
@@ -95,17 +95,21 @@ def read_lora(files: AdapterFiles) -> Adapter:
                 expected=r_m,
                 actual=A.shape[0],
             )
-        scalings[module] = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
+        scaling = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
         A, B = fold_scaling(
             module,
             parts,
-            scalings[module],
+            scaling,
             names=("lora_A.weight", "lora_B.weight"),
             weights_path=files.weights_path,
             config_path=files.config_path,
-            why=f"scaling {scalings[module]:.3g}",
+            why=f"scaling {scaling:.3g}",
         )
-        deltas[module] = LowRankDelta(A=A, B=B)
+        return LowRankDelta(A=A, B=B), scaling
+
+    normalised = per_module(normalise, sorted(modules))
+    deltas = {module: delta for module, (delta, _) in normalised.items()}
+    scalings = {module: scaling for module, (_, scaling) in normalised.items()}
 
     provenance = {
         "source": str(files.root),

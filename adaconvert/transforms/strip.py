@@ -16,8 +16,7 @@ def strip_empty(adapter: Adapter) -> Adapter:
     """
     deltas: dict[str, LowRankDelta] = {}
     for name, delta in adapter.deltas.items():
-        # Σ|x| per component is exact (no squares to underflow) and NaN-safe (NaN != 0 keeps it, never dropped)
-        keep = (delta.A.abs().sum(dim=1) != 0) & (delta.B.abs().sum(dim=0) != 0)
+        keep = _nonzero_components(delta.A, delta.B)
         if not keep.any():
             continue
         if keep.all():
@@ -26,3 +25,20 @@ def strip_empty(adapter: Adapter) -> Adapter:
             idx = torch.nonzero(keep).flatten()
             deltas[name] = LowRankDelta(A=delta.A.index_select(0, idx), B=delta.B.index_select(1, idx))
     return adapter.replace(deltas=deltas)
+
+
+def _nonzero_components(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(r,) bool: component i has a non-zero entry in row i of A (r, in) and in column i of B (out, r).
+
+    A component with one non-zero entry in the first column of A and the first row of B is kept without reading
+    more (a trained factor rarely holds an exact 0); only the others are summed: Σ|x| is exact (no squares to
+    underflow) and NaN-safe (NaN != 0 keeps a component, never drops it).
+    """
+    keep = torch.ones(A.shape[0], dtype=torch.bool)
+    if A.numel() == 0 or B.numel() == 0:
+        return ~keep  # no input or output features: the component adds nothing
+    doubtful = torch.nonzero((A[:, 0] == 0) | (B[0, :] == 0)).flatten()
+    if len(doubtful):
+        rows, columns = A.index_select(0, doubtful), B.index_select(1, doubtful)
+        keep[doubtful] = (rows.abs().sum(dim=1) != 0) & (columns.abs().sum(dim=0) != 0)
+    return keep
