@@ -58,3 +58,30 @@ def test_header_is_valid_json_padded_with_spaces():
     raw = build_header([("w", torch.float16, (3,))])
     n = struct.unpack("<Q", raw[:8])[0]
     assert json.loads(raw[8 : 8 + n]) == {"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}}
+
+
+def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
+    """write_padded streams a cast, zero-padded copy through one reused buffer: the file holds exactly
+    ``zeros(shape)`` with the tensor in its corner, for transposed views, row and column padding, several buffer
+    chunks, and a narrower tensor after a wider one (whose data columns must not leak into its padding)."""
+    import adaconvert.io.safetensors_writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_BUFFER_BYTES", 64)  # 8 float32 rows of 2: every tensor takes several chunks
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (name, tensor, dtype, padded shape)
+        ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is
+        ("three", torch.randn(10, 3, generator=g), torch.float32, (10, 4)),
+        ("narrow", torch.randn(13, 1, generator=g), torch.float32, (13, 4)),
+        ("transposed", torch.randn(3, 10, generator=g).T, torch.bfloat16, (12, 4)),
+        ("empty", torch.zeros(0, 4), torch.float16, (2, 4)),
+        ("same", torch.randn(4, 4, generator=g), torch.float32, (4, 4)),
+    ]
+    layout = [(name, dtype, shape) for name, _, dtype, shape in cases]
+    with SafetensorsWriter(tmp_path / "p.safetensors", layout) as w:
+        for name, tensor, dtype, shape in cases:
+            w.write_padded(name, tensor, dtype, shape)
+    loaded = load_file(tmp_path / "p.safetensors")
+    for name, tensor, dtype, shape in cases:
+        expected = torch.zeros(shape, dtype=dtype)
+        expected[: tensor.shape[0], : tensor.shape[1]] = tensor.to(dtype)
+        assert torch.equal(loaded[name], expected), name

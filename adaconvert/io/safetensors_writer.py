@@ -32,6 +32,9 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 
 TensorSpec = tuple[str, torch.dtype, Sequence[int]]
 
+_BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
+_ZEROS = memoryview(bytes(1 << 20))
+
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     return math.prod(shape) * dtype.itemsize
@@ -74,22 +77,67 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._layout = [(n, d, tuple(s)) for n, d, s in layout]
         self._next = 0
+        self._pad_buffer: torch.Tensor | None = None  # write_padded's, and how many of its columns hold data
+        self._pad_dirty = 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._file.write(build_header(self._layout, metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``; it must be the next one of the layout, with the announced dtype and shape."""
-        if self._next >= len(self._layout):
-            raise ValueError(f"{self.path}: tensor {name!r} was not announced in the header")
-        exp_name, exp_dtype, exp_shape = self._layout[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
-            raise ValueError(
-                f"{self.path}: expected {exp_name} {exp_dtype} {list(exp_shape)}, "
-                f"got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
+        self._announced(name, tensor.dtype, tuple(tensor.shape))
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1
+
+    def write_padded(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+        """Append ``tensor`` (2-D, any strides: a transposed view is fine) cast to ``dtype`` and zero-padded at the
+        end of each dimension to ``shape``, which the layout announced.
+
+        The padded tensor is never built whole: rows go through one reused buffer of a few MiB, whose memory is
+        touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the copy itself).
+        """
+        self._announced(name, dtype, tuple(shape))
+        rows, cols = tensor.shape
+        if rows > shape[0] or cols > shape[1]:
+            raise ValueError(f"{self.path}: {name} {list(tensor.shape)} does not fit in {list(shape)}")
+        if (cols, tensor.dtype) == (shape[1], dtype) and tensor.is_contiguous():
+            self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+        elif rows:
+            step = max(1, _BUFFER_BYTES // max(1, shape[1] * dtype.itemsize))
+            buffer = self._buffer(dtype, (min(step, rows), shape[1]), cols)
+            for start in range(0, rows, step):
+                chunk = buffer[: min(step, rows - start)]
+                chunk[:, :cols].copy_(tensor[start : start + len(chunk)])
+                self._file.write(memoryview(chunk.reshape(-1).view(torch.uint8).numpy()))
+        self._write_zeros((shape[0] - rows) * shape[1] * dtype.itemsize)
+        self._next += 1
+
+    def _announced(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        if self._next >= len(self._layout):
+            raise ValueError(f"{self.path}: tensor {name!r} was not announced in the header")
+        exp_name, exp_dtype, exp_shape = self._layout[self._next]
+        if (name, dtype, shape) != (exp_name, exp_dtype, exp_shape):
+            raise ValueError(
+                f"{self.path}: expected {exp_name} {exp_dtype} {list(exp_shape)}, got {name} {dtype} {list(shape)}"
+            )
+
+    def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> torch.Tensor:
+        """A (rows, width) buffer of ``dtype`` whose columns from ``cols`` on are zero, reused from call to call
+        (only its first ``cols`` columns are written before the next call)."""
+        rows, width = shape
+        buffer = self._pad_buffer
+        if buffer is None or buffer.dtype != dtype or buffer.shape[1] != width or len(buffer) < rows:
+            buffer = self._pad_buffer = torch.zeros(shape, dtype=dtype)
+        elif self._pad_dirty > cols:  # data columns of an earlier call
+            buffer[:, cols : self._pad_dirty].zero_()
+        self._pad_dirty = cols
+        return buffer
+
+    def _write_zeros(self, nbytes: int) -> None:
+        while nbytes > 0:
+            n = min(nbytes, len(_ZEROS))
+            self._file.write(_ZEROS[:n])
+            nbytes -= n
 
     def close(self) -> None:
         self._file.close()

@@ -1,7 +1,10 @@
-"""Zero padding to one rank: the uniform export layout (docs/design.md §3), one module at a time.
+"""Zero padding to one rank: the uniform export layout (docs/design.md §3).
 
-Writers pad each module as they write it, so that a padded copy of the whole adapter never sits in memory beside
-the compact one (on a 160 MiB adapter that was +260 MiB of peak RSS).
+Each module at rank R: the extra rows of A (R, in) and columns of B (out, R) are zero. Exact: the added components
+have zero factors, so B @ A is unchanged, and runtimes that read one ``r`` and ``lora_alpha`` for the whole adapter
+(llama.cpp's converter, SGLang, LoRAX/TGI, mlx-lm) then compute scale = lora_alpha / r = 1 on every module. The
+writers pad each module as they write it (``SafetensorsWriter.write_padded``): a padded copy of the adapter is never
+built (on a 160 MiB adapter that was +260 MiB of peak RSS).
 """
 
 from __future__ import annotations
@@ -9,27 +12,6 @@ from __future__ import annotations
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta
-
-
-def pad_delta(delta: LowRankDelta, rank: int) -> LowRankDelta:
-    """``delta`` at rank ``rank``: extra rows of A (rank, in) and columns of B (out, rank) are zero.
-
-    Exact: the added components have zero factors, so B @ A is unchanged. Runtimes that read one ``r`` and
-    ``lora_alpha`` for the whole adapter (llama.cpp's converter, SGLang, LoRAX/TGI, mlx-lm) then compute
-    scale = lora_alpha / r = 1 on every module.
-
-    Raises:
-        ValueError: ``delta`` already has a larger rank (a programming error: callers pad to the max).
-    """
-    if delta.rank > rank:
-        raise ValueError(f"rank {delta.rank} is above the padding rank {rank}")
-    if delta.rank == rank:
-        return delta
-    extra = rank - delta.rank
-    return LowRankDelta(
-        A=torch.cat([delta.A, delta.A.new_zeros(extra, delta.in_features)], dim=0),
-        B=torch.cat([delta.B, delta.B.new_zeros(delta.out_features, extra)], dim=1),
-    )
 
 
 def zero_delta(in_features: int, out_features: int, rank: int) -> LowRankDelta:

@@ -25,6 +25,7 @@ from adaconvert.adapter import Adapter
 from adaconvert.constants import ADAPTER_CONFIG_NAME, MLX_ADAPTER_WEIGHTS_NAME
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
+from adaconvert.transforms.pad import zero_delta
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,8 @@ def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *,
     with SafetensorsWriter(directory / MLX_ADAPTER_WEIGHTS_NAME, layout, metadata={"format": "mlx"}) as writer:
         for name, key in names.items():
             fan_in, fan_out = plan.shapes[key]
-            found = adapter.deltas.get(name)
-            r = found.rank if found is not None else 0
-            # transposed and cast in one copy, only the padding zeroed
-            a, b = torch.empty(fan_in, rank, dtype=dtype), torch.empty(rank, fan_out, dtype=dtype)
-            a[:, r:].zero_()
-            b[r:].zero_()
-            if found is not None:
-                a[:, :r].copy_(found.A.T)
-                b[:r].copy_(found.B.T)
-            writer.write(f"{name}.lora_a", a)
-            writer.write(f"{name}.lora_b", b)
+            found = adapter.deltas.get(name) or zero_delta(fan_in, fan_out, 0)
+            writer.write_padded(f"{name}.lora_a", found.A.T, dtype, (fan_in, rank))  # transposed, cast and padded
+            writer.write_padded(f"{name}.lora_b", found.B.T, dtype, (rank, fan_out))
     config = mlx_config_dict(plan, rank)
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -5,8 +5,8 @@ Each module's scaling is already folded into B.
 - ``compact``: each module at its own rank r_m; the config says ``r = lora_alpha = R = max_m r_m`` and
   ``rank_pattern = alpha_pattern = {module: r_m}``. PEFT and vLLM ≥ 0.11 read the patterns (scale r_m / r_m = 1);
   runtimes that ignore them (llama.cpp, SGLang, LoRAX/TGI) compute another scale or refuse it (``runtimes.py``).
-- ``uniform``: every module zero-padded to rank R as it is written (``transforms.pad_delta``), no patterns, integer
-  ``r = lora_alpha = R``: scale 1 in every runtime that reads ``lora_alpha / r``.
+- ``uniform``: every module zero-padded to rank R as it is written (``SafetensorsWriter.write_padded``), no
+  patterns, integer ``r = lora_alpha = R``: scale 1 in every runtime that reads ``lora_alpha / r``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter, LowRankDelta
+from adaconvert.adapter import Adapter
 from adaconvert.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.safetensors_writer import SafetensorsWriter
-from adaconvert.transforms.pad import pad_delta, uniform_modules, zero_delta
+from adaconvert.transforms.pad import uniform_modules, zero_delta
 
 LAYOUTS = ("compact", "uniform")
 
@@ -92,12 +92,6 @@ def write_peft_lora(
     config = lora_config_dict(adapter, layout=layout, modules=shapes)
     rank = config["r"]
 
-    def delta(name: str) -> LowRankDelta:
-        found = adapter.deltas.get(name)
-        if not uniform:
-            return found
-        return pad_delta(found, rank) if found is not None else zero_delta(*shapes[name], rank)
-
     layout_specs = []
     for name in config["target_modules"]:
         (fan_in, fan_out), r = shapes[name], rank if uniform else adapter.deltas[name].rank
@@ -107,7 +101,8 @@ def write_peft_lora(
         ]
     with SafetensorsWriter(directory / ADAPTER_WEIGHTS_NAME, layout_specs, metadata={"format": "pt"}) as writer:
         for name in config["target_modules"]:
-            d = delta(name)
-            writer.write(f"{PEFT_PREFIX}{name}.lora_A.weight", d.A.to(dtype))
-            writer.write(f"{PEFT_PREFIX}{name}.lora_B.weight", d.B.to(dtype))
+            (fan_in, fan_out), found = shapes[name], adapter.deltas.get(name) or zero_delta(*shapes[name], 0)
+            r = rank if uniform else found.rank  # uniform: zero-padded as it is written
+            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_A.weight", found.A, dtype, (r, fan_in))
+            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_B.weight", found.B, dtype, (fan_out, r))
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
