@@ -1,6 +1,6 @@
 """Model cards (README.md) for what we write: Hub metadata, the rank allocation, sizes, figures, how to load it.
 
-The YAML header is produced by ``huggingface_hub.ModelCardData`` so that the Hub (and ``ModelCard``) parse it:
+The YAML header holds the Hub's metadata fields, which the Hub (and huggingface_hub's ``ModelCard``) parse:
 ``base_model`` (only when it is a Hub id, never a local path), ``library_name``, ``pipeline_tag`` and ``tags``.
 """
 
