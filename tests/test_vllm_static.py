@@ -47,6 +47,16 @@ def _raw_mask(src, dst):
     return edited_copy(src, dst, config=config)
 
 
+def _bad_regex(src, dst):
+    """A rank_pattern key that is not a regular expression, first in the pattern (so every module meets it)."""
+
+    def config(cfg):
+        cfg["rank_pattern"] = {"layers.0.(q_proj": 1, **cfg["rank_pattern"]}
+        return cfg
+
+    return edited_copy(src, dst, config=config)
+
+
 def _extra_key(src, dst):
     def tensors(t):
         a_key = next(k for k in t if k.endswith("lora_A.weight"))
@@ -82,6 +92,7 @@ CASES = [
     ("config-field", _drop_config_field, "config-field", r"Missing required configuration fields"),
     ("rank", lambda s, d: edited_copy(s, d, config=set_config(r=0)), "rank", r"rank `r` must be a positive integer"),
     ("rank-pattern", _raw_mask, "rank-pattern", r"in `rank_pattern` must be a positive integer"),
+    ("pattern-regex", _bad_regex, "rank-pattern", r"missing \) at position"),
     ("max-lora-rank", lambda s, d: padded_rank(s, d, 32), "max-lora-rank", r"LoRA rank 32 is greater than max_lora"),
     ("bias", lambda s, d: edited_copy(s, d, config=set_config(bias="all")), "bias", r"Adapter bias is not supported"),
     ("dora", lambda s, d: edited_copy(s, d, config=set_config(use_dora=True)), "feature", r"not yet support DoRA"),

@@ -15,6 +15,7 @@ from pathlib import Path
 from adaconvert.constants import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError
 from adaconvert.io.source import read_json, resolve_source
+from adaconvert.scaling import lora_rank_and_alpha, pattern_error
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ RULES: dict[str, str] = {
     "files": "adapter_config.json or the weights file is missing or unreadable (vLLM: load error)",
     "config-field": "r, lora_alpha or target_modules missing (vLLM: 'Missing required configuration fields')",
     "rank": "r is not a positive integer (vLLM: 'LoRA rank `r` must be a positive integer')",
-    "rank-pattern": "a rank_pattern value is not a positive integer, e.g. AdaLoRA's boolean lists (vLLM: ValueError)",
+    "rank-pattern": "a rank_pattern value is not a positive integer, e.g. AdaLoRA's boolean lists (vLLM: ValueError), "
+    "or a rank_pattern / alpha_pattern key is not a valid regular expression (vLLM: re.error)",
     "max-lora-rank": "a rank above max_lora_rank, or above 512 (vLLM: 'LoRA rank N is greater than max_lora_rank')",
     "bias": "bias is not 'none' (vLLM: 'Adapter bias is not supported')",
     "feature": "DoRA, lora_bias, aLoRA, layer_replication, BD-LoRA or QALoRA (vLLM: 'does not support ...')",
@@ -253,6 +255,10 @@ def _check_config(config: dict, *, max_lora_rank: int | None) -> list[VllmProble
         problems.append(VllmProblem("rank-pattern", f"rank_pattern[{key!r}] must be a positive integer, got {shown}"))
     if len(bad) > 3:
         problems.append(VllmProblem("rank-pattern", f"... and {len(bad) - 3} more rank_pattern entries like these"))
+    for field in ("rank_pattern", "alpha_pattern"):  # vLLM matches each key as PEFT does, with re.match
+        keys = config.get(field) if isinstance(config.get(field), dict) else {}
+        for key, error in [(k, e) for k in keys if (e := pattern_error(k)) is not None][:3]:
+            problems.append(VllmProblem("rank-pattern", f"{field} key {key!r} is not a regular expression ({error})"))
     limit = max_lora_rank if max_lora_rank is not None else MAX_LORA_RANK_BUCKETS[-1]
     rank = served_rank(config)
     if rank > limit:
@@ -359,8 +365,6 @@ def _check_against_base(modules: dict, base: dict, config: dict, problems: list[
 
 
 def _check_shapes(modules: dict, config: dict, max_lora_rank: int | None, problems: list[VllmProblem]) -> None:
-    from adaconvert.scaling import lora_rank_and_alpha, pattern_error
-
     rank_pattern = config.get("rank_pattern") if isinstance(config.get("rank_pattern"), dict) else {}
     usable_pattern = {k: v for k, v in rank_pattern.items() if pattern_error(k) is None}
     r = config.get("r") if isinstance(config.get("r"), int) else None
