@@ -264,7 +264,9 @@ def check_launch(opts: TrainOptions) -> None:
     if accelerate_started_one_process():
         raise InvalidConfigError(
             "accelerate launch started a single process, not the several asked for: without an `accelerate config` "
-            "and with fewer than 2 GPUs it starts several only with --multi_gpu (DDP; gloo on CPU) or --use_fsdp"
+            "and with fewer than 2 GPUs it starts several only with --multi_gpu (DDP; gloo on CPU) or --use_fsdp "
+            "(one process meant? then MASTER_ADDR, which accelerate sets only for several, is your environment's: "
+            "unset it)"
         )
     if not opts.fsdp:
         return
