@@ -273,7 +273,12 @@ LAUNCH_ERRORS = [
     ("lora", {"fsdp": True}, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, r"exclude each other"),
     ("lora", {}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, r"ZeRO-3 is not sup"),
     # accelerate's single-process launcher, asked for 2 processes (without --multi_gpu on CPU)
-    ("lora", {}, {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}, r"started a single process.*MASTER_ADDR.*unset it"),
+    (
+        "lora",
+        {},
+        {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"},
+        r"started a single process.*MASTER_ADDR.*unset it",
+    ),
 ]
 
 
