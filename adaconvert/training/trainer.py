@@ -17,6 +17,7 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -169,16 +170,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
             weights=not opts.fsdp or main_process,
         )
         run = {"lora": _run_lora, "adalora": _run_adalora, "lora-drop": _run_lora_drop}[opts.method]
-        result = run(
-            load,
-            dataset,
-            tokenizer,
-            opts,
-            precision=precision,
-            callbacks=list(callbacks),
-            checkpoints=checkpoints,
-            eval_dataset=eval_dataset,
-        )
+        result = run(_Run(load, dataset, tokenizer, opts, precision, list(callbacks), checkpoints, eval_dataset))
     if eval_dataset is not None:
         result.eval = eval_record(
             result.main.eval_curve,
@@ -471,42 +463,51 @@ def _load(load) -> tuple[object, int]:
     return base, sum(p.numel() for p in base.parameters())
 
 
-def _run_lora(load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None) -> TrainResult:
-    base, total = _load(load)
-    model = _peft(base, _lora_config(opts, _targets(opts)))
-    stats, world = run_phase(
-        model,
-        dataset,
-        tokenizer,
-        opts,
-        precision=precision,
-        callbacks=callbacks,
-        checkpoints=_phase(checkpoints),
-        eval_dataset=eval_dataset,
-    )
-    return TrainResult("lora", opts.output, False, world, total, stats, model=model)
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of one ``train`` call shares: the base loader, the tokenised data, the options, the
+    precision, the caller's callbacks, the run's checkpoints and the held-out data."""
+
+    load: Callable[[], object]
+    dataset: TokenizedDataset
+    tokenizer: object
+    opts: TrainOptions
+    precision: str
+    callbacks: list
+    checkpoints: RunCheckpoints | None
+    eval_dataset: TokenizedDataset | None
+
+    def main_phase(self, model, *extra_callbacks):
+        """The method's main ``run_phase`` of ``model`` (all the data and steps, the held-out loss measured):
+        (PhaseStats, world size)."""
+        return run_phase(
+            model,
+            self.dataset,
+            self.tokenizer,
+            self.opts,
+            precision=self.precision,
+            callbacks=[*extra_callbacks, *self.callbacks],
+            checkpoints=_phase(self.checkpoints),
+            eval_dataset=self.eval_dataset,
+        )
 
 
-def _run_adalora(
-    load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None
-) -> TrainResult:
-    base, total = _load(load)
-    world = world_size()
-    schedule = adalora_schedule(opts, optimizer_steps(opts, len(dataset), world))
+def _run_lora(run: _Run) -> TrainResult:
+    base, total = _load(run.load)
+    model = _peft(base, _lora_config(run.opts, _targets(run.opts)))
+    stats, world = run.main_phase(model)
+    return TrainResult("lora", run.opts.output, False, world, total, stats, model=model)
+
+
+def _run_adalora(run: _Run) -> TrainResult:
+    opts = run.opts
+    base, total = _load(run.load)
+    schedule = adalora_schedule(opts, optimizer_steps(opts, len(run.dataset), world_size()))
     model = _peft(base, adalora_config(opts, schedule, _targets(opts)))
     if thawed := freeze_ranknum(model):
         logger.debug("froze %d ranknum parameters that PEFT's dtype cast had made trainable", thawed)
     budget = AdaLoraCallback(model, opts)
-    stats, world = run_phase(
-        model,
-        dataset,
-        tokenizer,
-        opts,
-        precision=precision,
-        callbacks=[budget, *callbacks],
-        checkpoints=_phase(checkpoints),
-        eval_dataset=eval_dataset,
-    )
+    stats, world = run.main_phase(model, budget)
     history = budget.history_record()
     pattern = budget.config.rank_pattern
     ranks = module_ranks(pattern) if pattern else None
@@ -515,15 +516,14 @@ def _run_adalora(
     )
 
 
-def _run_lora_drop(
-    load, dataset, tokenizer, opts, *, precision, callbacks, checkpoints, eval_dataset=None
-) -> TrainResult:
+def _run_lora_drop(run: _Run) -> TrainResult:
     """Pilot on a fraction of data and steps with LoRA everywhere, score, select, then the main run (on the
     unloaded pilot base, or, after an FSDP pilot, on a fresh ``load()``: a sharded base cannot be sharded again).
     With ``keep_layers`` the selection is given: no pilot, straight to the main run on the one base loaded; so it
     is when a resumed run finds the pilot's selection among its checkpoints. The held-out loss is measured in
     the main run only (after the drop)."""
-    base, total = _load(load)
+    opts, checkpoints = run.opts, run.checkpoints
+    base, total = _load(run.load)
     pilot = _peft(base, _lora_config(opts, _targets(opts)))
     modules = list(lora_drop.lora_modules(pilot))  # the target modules, resolved the way PEFT does
     units = list(lora_drop.unit_scores(dict.fromkeys(modules, 0.0), opts.granularity))
@@ -538,9 +538,7 @@ def _run_lora_drop(
         record.update(selection["record"])
     else:
         pilot_phase = _phase(checkpoints, "pilot")
-        kept, pilot_stats = _pilot_selection(
-            pilot, dataset, tokenizer, opts, record, precision, callbacks, pilot_phase
-        )
+        kept, pilot_stats = _pilot_selection(pilot, run, record, pilot_phase)
         pilot_trained = True
         if checkpoints is not None and rank() == 0:
             checkpoints.save_selection({"kept": kept, "record": record, "pilot_stats": asdict(pilot_stats)})
@@ -553,7 +551,7 @@ def _run_lora_drop(
     if opts.fsdp and pilot_trained:
         del pilot, base
         gc.collect()  # the pilot's Trainer and accelerator held the sharded model in reference cycles
-        base = load()
+        base = run.load()
     else:  # no pilot ran (--keep-layers), or it ran unsharded: its base serves the main run
         base = pilot.unload()  # the base model without any LoRA layer, for a fresh main run
         # PEFT hooks the embedding of a base that checkpoints so that its output requires a gradient, a hook the
@@ -562,16 +560,7 @@ def _run_lora_drop(
     _set_seed(opts.seed)
     model = _peft(base, _lora_config(opts, drop_plan.target_modules))
     lora_drop.tie_shared(model, drop_plan.shared_groups)
-    stats, world = run_phase(
-        model,
-        dataset,
-        tokenizer,
-        opts,
-        precision=precision,
-        callbacks=callbacks,
-        checkpoints=_phase(checkpoints),
-        eval_dataset=eval_dataset,
-    )
+    stats, world = run.main_phase(model)
     record.update(
         kept=kept,
         shared=rest if opts.policy == "share" else [],
@@ -586,12 +575,13 @@ def _run_lora_drop(
     )
 
 
-def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, callbacks, checkpoints):
+def _pilot_selection(pilot, run: _Run, record: dict, checkpoints: PhaseCheckpoints | None):
     """Train ``pilot`` on a fraction of the data and steps, score its modules and select the units to keep.
 
     Returns:
         (kept units in model order, the pilot's PhaseStats); ``record`` gets the scores and the selection rule.
     """
+    opts, dataset = run.opts, run.dataset
     n_pilot = max(1, math.ceil(opts.pilot_fraction * len(dataset)))
     order = list(range(len(dataset)))
     random.Random(opts.seed).shuffle(order)
@@ -600,15 +590,15 @@ def _pilot_selection(pilot, dataset, tokenizer, opts, record: dict, precision, c
     pilot_stats, _ = run_phase(
         pilot,
         pilot_data,
-        tokenizer,
+        run.tokenizer,
         opts,
-        precision=precision,
-        callbacks=callbacks,
+        precision=run.precision,
+        callbacks=run.callbacks,
         steps=pilot_steps,
         desc="pilot",
         checkpoints=checkpoints,
     )
-    module_scores = _same_on_every_process(_importance(pilot, pilot_data, tokenizer, opts))
+    module_scores = _same_on_every_process(_importance(pilot, pilot_data, run.tokenizer, opts))
     scores = lora_drop.unit_scores(module_scores, opts.granularity)
     importance = lora_drop.normalise(scores)
     threshold = opts.threshold if opts.keep_fraction is None else None
