@@ -96,7 +96,36 @@ def requantized(
     if quantize == "int8":
         codes, scales, _ = F.int8_vectorwise_quant(w.to(torch.float16))
         return F.int8_vectorwise_dequant(codes, scales)
+    fast_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if w.device.type == "cpu" and w.dtype in fast_dtypes and w.dim() and w.shape[-1] % BLOCKSIZE_4BIT == 0:
+        fast = _requantized_4bit(w, quantize, double_quant=double_quant, threads=threads)
+        if fast is not None:
+            return fast
     return F.dequantize_4bit(*quantize_4bit(w, quantize, double_quant=double_quant, threads=threads))
+
+
+def _requantized_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int):
+    """``dequantize_4bit(*quantize_4bit(weight))`` without packing the codes or unpacking them again: the codes and
+    block scales of :func:`~adaconvert.base.fourbit.quantize_4bit_codes`, the scales double-quantised by
+    bitsandbytes' own functions as ``quantize_4bit`` / ``dequantize_4bit`` do, then each code's value times its
+    block's scale, rounded once to the weight's dtype. Only for rows of whole blocks: bitsandbytes' CPU
+    dequantisation restarts the blocks at each row, so elsewhere its own functions decide. None when a block
+    holds NaN or Inf."""
+    import bitsandbytes.functional as F
+
+    from adaconvert.base.fourbit import _codes, dequantize_4bit_codes
+
+    found = _codes(weight, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, threads=threads)
+    if found is None:
+        return None
+    codes, scales = found
+    if double_quant:
+        offset = scales.mean()
+        scales = F.dequantize_blockwise(*F.quantize_blockwise(scales - offset, blocksize=256)) + offset
+    values = dequantize_4bit_codes(
+        codes, scales, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, dtype=weight.dtype, threads=threads
+    )
+    return values.view(weight.shape)
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int = 1):
