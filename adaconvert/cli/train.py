@@ -7,6 +7,10 @@ import click
 from adaconvert.cli.options import common_options, emit
 from adaconvert.training.config import FIELDS, METHODS, flag, option_help, option_kind
 
+# second spellings: torchrun's parser abbreviates its own options, so it takes ``--r`` for one of ``--rdzv-*``,
+# ``--role``, ``--run-path``... and stops there (tests/test_cli_flags.py runs every flag through it)
+_ALIASES = {"r": ("--rank",)}
+
 
 def train_flags(fn=None, *, exclude: tuple[str, ...] = ()):
     """The ``train`` flags, one per :class:`~adaconvert.training.config.TrainOptions` field (its type, choices and
@@ -26,7 +30,8 @@ def train_flags(fn=None, *, exclude: tuple[str, ...] = ()):
             click_type = click.Choice(choices) if choices else {list: str}.get(kind, kind)
             bare = FIELDS[name].metadata["bare"]
             optional_value = {"is_flag": False, "flag_value": bare} if bare is not None else {}
-            fn = click.option(flag(name), name, type=click_type, default=None, help=text, **optional_value)(fn)
+            spellings = (flag(name), *_ALIASES.get(name, ()))
+            fn = click.option(*spellings, name, type=click_type, default=None, help=text, **optional_value)(fn)
     fn = click.option("--bf16", "precision_flag", flag_value="bf16", help="Same as --precision bf16.")(fn)
     fn = click.option("--fp16", "precision_flag", flag_value="fp16", help="Same as --precision fp16.")(fn)
     return click.option("--config", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")(fn)
