@@ -172,3 +172,22 @@ def test_compare_demo_through_vllm(tmp_path):
     assert report["quality"]["engine"] == ("vllm" if with_vllm else "hf")
     assert all(r["validated"] for r in report["rows"])
     assert (output / "demo-inputs" / "base" / "pretrain.json").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_compare_under_torchrun_is_one_line_per_process_before_any_work(tmp_path):
+    """``torchrun -m adaconvert.cli compare``: every process would run the whole comparison and race for its
+    output (the second one found the first one's directory and failed half-way); each refuses in one line
+    instead, before anything is read or written."""
+    from tests.helpers.training_utils import torchrun
+
+    # --rank: torchrun's own parser takes --r for one of its options
+    args = ["--rank" if a == "--r" else a for a in _args(UNREAD, tmp_path / "cmp")]
+    cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "adaconvert.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: compare runs in one process")]
+    assert len(refusals) == 2 and "(2 processes here)" in refusals[0]
+    assert "/adaconvert/" not in proc.stderr  # no traceback of ours (torchrun prints its own about the exit codes)
+    assert not (tmp_path / "cmp").exists()

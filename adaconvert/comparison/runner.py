@@ -33,6 +33,7 @@ from adaconvert.constants import VALIDATION_REPORT_NAME
 from adaconvert.errors import InvalidConfigError, OutputExistsError, first_line
 from adaconvert.io.atomic import atomic_output_file, check_no_overlap
 from adaconvert.process import peak_rss_bytes, reset_peak_rss
+from adaconvert.training.sharding import world_size
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,19 @@ def compare(
         names the methods that failed (the others' results are complete).
 
     Raises:
-        InvalidConfigError: bad options, an unknown method, a --resume whose options differ from the first run's.
+        InvalidConfigError: bad options, an unknown method, a --resume whose options differ from the first run's, a
+            distributed launch.
         OutputExistsError: ``output`` exists without ``overwrite`` or ``resume``.
         OutputOverlapError: ``output`` overlaps an input.
     """
     say = echo or (lambda _line: None)
     quiet = bool(train.pop("quiet", False))
+    if world_size() > 1:  # every process would run the whole comparison, and race for its output directory
+        raise InvalidConfigError(
+            f"compare runs in one process, not under torchrun / accelerate launch ({world_size()} processes here): "
+            "launch it alone, or train each method there (adaconvert train METHOD) and compare the adapters with "
+            "adaconvert eval"
+        )
     if demo:
         output = output or DEFAULT_DEMO_DIR
         train = {**DEMO_OPTIONS, **demo_inputs(output), **{k: v for k, v in train.items() if v is not None}}
