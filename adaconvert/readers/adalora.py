@@ -107,8 +107,8 @@ def read_adalora(files: AdapterFiles) -> Adapter:
     )
 
 
-def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles) -> int:
-    """The module's stored rank, after checking that A, E, B and rank_pattern agree."""
+def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles) -> None:
+    """Check that A, E, B and rank_pattern agree."""
     path = files.weights_path
     if A.dim() != 2 or B.dim() != 2 or E.dim() != 2 or E.shape[1] != 1:
         raise AdapterShapeError(
@@ -133,7 +133,7 @@ def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles
                 path=path,
                 module=module,
             )
-        return rank
+        return
     mask = rank_pattern.get(f"{module}.lora_E")
     if mask is None:
         raise InvalidConfigError(f"rank_pattern has no entry {module}.lora_E", path=files.config_path, module=module)
@@ -150,4 +150,3 @@ def _check_triplet(module, A, E, B, *, init_r, rank_pattern, files: AdapterFiles
             expected=kept,
             actual=rank,
         )
-    return rank
