@@ -480,6 +480,7 @@ class WholeTensor:
                     double_quant=spec.double_quant,
                     transposed=self.transposed,
                     threads=spec.threads,
+                    in_place=True,  # the buffer just read is ours
                 )
             value = self._value
             self._left -= 1

@@ -240,6 +240,32 @@ def test_our_4bit_quantisation_is_bitsandbytes(method, dtype):
                 if shape[-1] % 2 == 0:  # (bitsandbytes compiles its dequantisation of an odd row length: slow)
                     dense = requantized(w, method, double_quant=double_quant, threads=threads)
                     assert torch.equal(dense, F.dequantize_4bit(packed, state))
+                    copy = w.clone()  # written over by the merge's in-place form: the same numbers
+                    again = requantized(copy, method, double_quant=double_quant, threads=threads, in_place=True)
+                    assert torch.equal(again, dense)
+
+
+def test_our_4bit_tables_are_bitsandbytes():
+    """The code books, midpoints, 8-bit dynamic map and double quantisation that the merge uses without importing
+    bitsandbytes are bitsandbytes' own, bit for bit."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    from adaconvert.base import fourbit
+
+    for quant_type in ("nf4", "fp4"):
+        assert torch.equal(fourbit.code_book(quant_type), F.get_4bit_type(quant_type, device="cpu"))
+        bounds, order, values = fourbit._tables(quant_type)
+        theirs, their_order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+        assert torch.equal(bounds, theirs) and torch.equal(order.long(), their_order)
+        assert torch.equal(values, F.get_4bit_type(quant_type, device="cpu")[their_order])
+    assert torch.equal(fourbit.dynamic_map(), F.create_dynamic_map())
+    assert fourbit._native_library() is not None  # else the test below would compare bitsandbytes with itself
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 255, 256, 1000, 70000):
+        absmax = torch.rand(n, generator=g) * 0.05
+        offset = absmax.mean()
+        expected = F.dequantize_blockwise(*F.quantize_blockwise(absmax - offset, blocksize=256)) + offset
+        assert torch.equal(fourbit.double_quantized(absmax), expected), n
 
 
 def test_4bit_quantisation_of_non_finite_weights_is_bitsandbytes():

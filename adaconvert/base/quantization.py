@@ -33,19 +33,23 @@ BLOCKSIZE_4BIT = 64
 
 def check_bitsandbytes(quantize: str, device: str = "cpu") -> None:
     """Refuse ``quantize`` on a machine where bitsandbytes cannot run it: not installed, or its kernels fail on
-    ``device`` (one tiny quantise/dequantise round trip is tried there).
+    ``device`` (one tiny quantise/dequantise round trip is tried there, through :func:`requantized`: on a CPU our
+    compiled 4-bit loops and bitsandbytes' native library, without importing the package).
 
     Raises:
-        InvalidConfigError: an unknown method, bitsandbytes missing, or no working kernel on ``device``.
+        InvalidConfigError: an unknown method, bitsandbytes (or, for 4-bit on a CPU, numba) missing, or no working
+            kernel on ``device``.
     """
+    import importlib.util
+
     if quantize not in QUANTIZATIONS:
         raise InvalidConfigError(f"quantisation must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
+    needed = ["bitsandbytes", *(["numba"] if quantize in FOUR_BIT and device == "cpu" else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
         raise InvalidConfigError(
-            f"--quantize {quantize} needs bitsandbytes (pip install 'adaconvert[qlora]'): {first_line(exc)}"
-        ) from exc
+            f"--quantize {quantize} needs {' and '.join(missing)} (pip install 'adaconvert[qlora]')"
+        )
     import torch
 
     try:
@@ -73,7 +77,13 @@ def bnb_config(quantize: str, *, double_quant: bool = True, compute_dtype: torch
 
 
 def requantized(
-    weight: torch.Tensor, quantize: str, *, double_quant: bool = True, transposed: bool = False, threads: int = 1
+    weight: torch.Tensor,
+    quantize: str,
+    *,
+    double_quant: bool = True,
+    transposed: bool = False,
+    threads: int = 1,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """dequant(quant(``weight``)): the weights a layer loaded with :func:`bnb_config` holds, as a dense tensor.
 
@@ -82,50 +92,48 @@ def requantized(
         quantize: ``nf4``, ``fp4`` or ``int8``.
         double_quant: 4-bit only, as ``bnb_4bit_use_double_quant``.
         transposed: ``weight`` is stored (in, out), as GPT-2's Conv1D: transformers quantises its transpose.
-        threads: 4-bit on CPU: threads computing the codes (:func:`~adaconvert.base.fourbit.quantize_4bit_codes`).
+        threads: 4-bit on CPU: threads sharing the work (:mod:`adaconvert.base.fourbit`).
+        in_place: ``weight`` is not needed afterwards: 4-bit on CPU may write the result into its memory (a
+            weight of hundreds of MiB then needs no second buffer of its size).
 
     Returns:
         ``weight``'s shape; its dtype for 4-bit, float32 for int8 (what bitsandbytes' dequantisation returns).
     """
-    import bitsandbytes.functional as F
     import torch
 
     if transposed:
-        return requantized(weight.T, quantize, double_quant=double_quant, threads=threads).T
-    w = weight.detach().contiguous()
+        return requantized(weight.T, quantize, double_quant=double_quant, threads=threads, in_place=in_place).T
+    w = weight.detach()
+    owned = in_place or not w.is_contiguous()  # (a copy made here is ours to overwrite)
+    w = w.contiguous()
+    fast_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    whole_blocks = w.dim() and w.shape[-1] % BLOCKSIZE_4BIT == 0
+    if quantize in FOUR_BIT and w.device.type == "cpu" and w.dtype in fast_dtypes and whole_blocks:
+        fast = _requantized_4bit(w, quantize, double_quant=double_quant, threads=threads, out=w if owned else None)
+        if fast is not None:
+            return fast
+    import bitsandbytes.functional as F  # (its import sets up torch.compile: seconds, so only when needed)
+
     if quantize == "int8":
         codes, scales, _ = F.int8_vectorwise_quant(w.to(torch.float16))
         return F.int8_vectorwise_dequant(codes, scales)
-    fast_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if w.device.type == "cpu" and w.dtype in fast_dtypes and w.dim() and w.shape[-1] % BLOCKSIZE_4BIT == 0:
-        fast = _requantized_4bit(w, quantize, double_quant=double_quant, threads=threads)
-        if fast is not None:
-            return fast
     return F.dequantize_4bit(*quantize_4bit(w, quantize, double_quant=double_quant, threads=threads))
 
 
-def _requantized_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int):
-    """``dequantize_4bit(*quantize_4bit(weight))`` without packing the codes or unpacking them again: the codes and
-    block scales of :func:`~adaconvert.base.fourbit.quantize_4bit_codes`, the scales double-quantised by
-    bitsandbytes' own functions as ``quantize_4bit`` / ``dequantize_4bit`` do, then each code's value times its
-    block's scale, rounded once to the weight's dtype. Only for rows of whole blocks: bitsandbytes' CPU
-    dequantisation restarts the blocks at each row, so elsewhere its own functions decide. None when a block
-    holds NaN or Inf."""
-    import bitsandbytes.functional as F
+def _requantized_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int, out=None):
+    """``dequantize_4bit(*quantize_4bit(weight))`` without codes (:mod:`adaconvert.base.fourbit`): the block scales,
+    double-quantised as ``quantize_4bit`` / ``dequantize_4bit`` do, then each code value times its scale, into
+    ``out`` if given. Only for rows of whole blocks: bitsandbytes' CPU dequantisation restarts the blocks at each
+    row, so elsewhere its own functions decide. None when a block holds NaN or Inf."""
+    from adaconvert.base.fourbit import block_absmax, dequantized_4bit, double_quantized
 
-    from adaconvert.base.fourbit import _codes, dequantize_4bit_codes
-
-    found = _codes(weight, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, threads=threads)
-    if found is None:
+    absmax = block_absmax(weight, blocksize=BLOCKSIZE_4BIT, threads=threads)
+    if absmax is None:
         return None
-    codes, scales = found
-    if double_quant:
-        offset = scales.mean()
-        scales = F.dequantize_blockwise(*F.quantize_blockwise(scales - offset, blocksize=256)) + offset
-    values = dequantize_4bit_codes(
-        codes, scales, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, dtype=weight.dtype, threads=threads
+    scales = double_quantized(absmax) if double_quant else absmax
+    return dequantized_4bit(
+        weight, absmax, scales, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, threads=threads, out=out
     )
-    return values.view(weight.shape)
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bool, threads: int = 1):
