@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta, output_dtype
-from adaconvert.base.model import BaseModel
+from adaconvert.base.model import quantized_modules
 from adaconvert.base.quantization import FOUR_BIT, check_bitsandbytes, requantized
 from adaconvert.constants import MERGE_REPORT_NAME
 from adaconvert.errors import (
@@ -496,7 +496,7 @@ def _requantized_tensors(checkpoint: Checkpoint, method: str) -> dict[str, bool]
         MissingTensorError: a quantised layer has no (or no single) weight tensor in the checkpoint.
     """
     found = {}
-    for module, transposed in BaseModel.resolve(checkpoint.config).quantized_modules.items():
+    for module, transposed in quantized_modules(checkpoint.config).items():
         candidates = match_tensor(module, checkpoint.tensors)
         if len(candidates) != 1:
             raise MissingTensorError(f"no single weight tensor for layer {module}", path=checkpoint.root)

@@ -143,6 +143,47 @@ def test_requantized_merge_holds_dequant_quant_w(qlora, bases):
     assert report["requantized"] == {"method": "nf4", "double_quant": True, "tensors": 14}
 
 
+@pytest.mark.slow  # CLI subprocesses, each importing torch
+def test_warm_requantising_merge_imports_neither_transformers_nor_bitsandbytes(qlora, bases, tmp_path):
+    """Importing bitsandbytes sets up torch.compile and importing transformers its model classes: seconds each, more
+    than the work on a small model. The requantising merge needs neither once transformers has decided which layers
+    a base quantises (remembered per base config): its 4-bit loops and tables are ours, asserted bit for bit
+    against bitsandbytes above. The second merge writes the same bytes as the first."""
+    root, _ = qlora
+    code = (
+        "import sys; from adaconvert.cli import main\n"
+        "assert main(['merge', *sys.argv[1:], '--requantize', 'nf4', '-q']) == 0\n"
+        "print('imported:', *[name for name in ('transformers', 'bitsandbytes') if name in sys.modules])"
+    )
+    outputs = [tmp_path / "first", tmp_path / "second"]
+    for out in outputs:
+        argv = [sys.executable, "-c", code, str(bases / "f32"), str(root / "lora"), str(out)]
+        run = subprocess.run(argv, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-1] == "imported:"  # the second run: nothing of either
+    first, second = (load_file(out / "model.safetensors") for out in outputs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_quantised_layers_are_remembered_per_base_config(bases, tmp_path, monkeypatch):
+    """The cache of :func:`quantized_modules` holds transformers' answer; an entry that cannot be read is decided
+    again, and another config gets another entry."""
+    from adaconvert.base.model import BaseModel, quantized_modules
+
+    monkeypatch.setenv("ADACONVERT_CACHE", str(tmp_path / "cache"))  # not the developer's own ~/.cache
+    config = json.loads((bases / "f32" / "config.json").read_text())
+    decided = BaseModel.resolve(config).quantized_modules
+    assert quantized_modules(config) == decided and decided
+    (entry,) = (tmp_path / "cache" / "quantized-modules").iterdir()
+    entry.write_text(json.dumps({"marker": True}))
+    assert quantized_modules(config) == {"marker": True}  # read from the entry, not decided again
+    entry.write_text("{")
+    assert quantized_modules(config) == decided
+    other = {**config, "tie_word_embeddings": not config.get("tie_word_embeddings", False)}
+    quantized_modules(other)
+    assert len(list(entry.parent.iterdir())) == 2
+
+
 def test_validate_against_the_4bit_base(qlora, bases, capsys):
     root, _ = qlora
     argv = ["validate", str(bases / "f32"), str(root / "lora"), str(root / "converted"), "--quantize", "nf4"]

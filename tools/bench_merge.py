@@ -4,7 +4,10 @@ merge_and_unload, at two model sizes.
 The base is synthetic, with Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 heads, 8 k/v heads) and a 32000
 vocabulary, in bfloat16; the adapter a rank-varying AdaLoRA (init_r 16, about 60% kept) on all 7 projections.
 Each method runs in its own process, measured for wall time and peak RSS (``wait4`` from a minimal launcher, whose
-~10 MiB is a floor for the figure), after a ``sync`` and with the base already in the page cache.
+~10 MiB is a floor for the figure), after a ``sync`` and with the base already in the page cache. With
+``--requantize``, the requantising merge runs twice per round: as usual (which layers the base quantises already
+remembered in the cache) and with an empty cache (transformers imported to decide it: a merge's first on a base);
+its ratios to the plain merge are printed below the table.
 
     python tools/bench_merge.py                      # 2 and 8 layers (about 1.4 and 4 GB), ~10 min
     python tools/bench_merge.py --layers 1 2 --no-peft
@@ -52,8 +55,9 @@ LAUNCHER = "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s
 LAUNCHER += "print(u.ru_maxrss * 1024, file=sys.stderr); sys.exit(os.waitstatus_to_exitcode(s))"
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of ``cmd`` run in a child process; exits if it fails."""
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of ``cmd`` run in a child process (``env`` added to the environment);
+    exits if it fails."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     done = subprocess.run(
@@ -61,6 +65,7 @@ def measure(cmd: list[str]) -> tuple[float, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     wall = time.perf_counter() - start
     if done.returncode:
@@ -102,15 +107,19 @@ def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int, requan
         "dd bs=16M": ["sh", "-c", DD, "dd", str(base), str(out)],
         "adaconvert merge": [sys.executable, "-m", "adaconvert.cli", "merge", str(base), str(adapter), str(out), "-q"],
     }
+    cold = f"merge --requantize {requantize} (first on this base)"
     if requantize:  # every linear layer quantised and dequantised whole by bitsandbytes before the update
         methods[f"merge --requantize {requantize}"] = [*methods["adaconvert merge"], "--requantize", requantize]
+        # with an empty cache: transformers decides which layers the base quantises (imported, its model built)
+        methods[cold] = methods[f"merge --requantize {requantize}"]
     walls: dict[str, list[float]] = {name: [] for name in methods}
     peaks: dict[str, list[int]] = {name: [] for name in methods}
     inside, ours = [], {}
     for i in range(repeat):
         for name, cmd in methods.items():
             print(f"  {layers} layers: {name} ({i + 1}/{repeat}) ...", file=sys.stderr, flush=True)
-            wall, rss = measure(cmd)
+            env = {"ADACONVERT_CACHE": tempfile.mkdtemp(dir=work)} if name == cold else None
+            wall, rss = measure(cmd, env)
             walls[name].append(wall)
             peaks[name].append(rss)
             if name == "adaconvert merge":  # time inside merge(), without interpreter and torch start-up
@@ -209,6 +218,10 @@ def main() -> None:
     print(f"\nour peak RSS across sizes: {peaks}; time inside merge() (best run): {inside}")
     if line := marginal(rows):
         print(line)
+    for r in rows:
+        if r["method"].startswith("merge --requantize"):
+            plain = next(p for p in ours if p["layers"] == r["layers"])
+            print(f"{r['layers']} layers: {r['method']} / adaconvert merge: {r['wall_s'] / plain['wall_s']:.2f}")
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

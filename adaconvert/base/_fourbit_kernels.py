@@ -9,6 +9,33 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite.binding import ffi
+
+
+def _no_dunder_functions() -> None:
+    """Make llvmlite's ``ffi.lib`` raise AttributeError for dunder names, as any object does.
+
+    It answers every attribute with a native-function wrapper, ``__dict__`` included. vLLM's CPU worker (0.32,
+    ``triton_utils/dispatcher.py``, ``_rebind_kernels``) reads ``vars(value).get(...)`` of every module global
+    that has a ``__dict__`` when an engine starts, so in any process that imported numba first (as this module
+    does: a requantising merge, then validation's vLLM engine, in one process) it failed with
+    "'_lib_fn_wrapper' object has no attribute 'get'". No llvmlite function has a dunder name.
+    """
+    kind = type(ffi.lib)
+    functions = kind.__getattr__
+    if getattr(functions, "skips_dunders", False):
+        return
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return functions(self, name)
+
+    __getattr__.skips_dunders = True
+    kind.__getattr__ = __getattr__
+
+
+_no_dunder_functions()
 
 
 @numba.njit(nogil=True, cache=True)

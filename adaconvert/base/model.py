@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from adaconvert.constants import MODEL_CONFIG_NAME
-from adaconvert.errors import InvalidConfigError, SourceNotFoundError
+from adaconvert.errors import AdaconvertError, InvalidConfigError, SourceNotFoundError
 from adaconvert.io.checkpoint import Checkpoint, open_checkpoint, resolve_checkpoint
 from adaconvert.io.source import read_json, read_model_config
 
@@ -149,6 +149,43 @@ class BaseModel:
         if self.root is None:
             raise InvalidConfigError("a base model given as a config has no weights to read", path=self.source)
         return open_checkpoint(self.root)
+
+
+def quantized_modules(config: dict) -> dict[str, bool]:
+    """:attr:`BaseModel.quantized_modules` of the base whose parsed config.json is ``config``, remembered in
+    ``quantized-modules/`` of :func:`~adaconvert.io.location.cache_root`, keyed by the config and the transformers
+    version that decided it.
+
+    Deciding it imports transformers and builds the model on the meta device: measured 6 s on 2 cores, more than
+    requantising a 2-layer Llama-8B-shaped slice takes; merging a batch of adapters onto one base pays it once.
+    A cache that cannot be read or written is ignored (the answer is computed again).
+    """
+    import hashlib
+    import importlib.metadata
+    import json
+
+    from adaconvert.io.atomic import atomic_output_file
+    from adaconvert.io.location import cache_root
+
+    version = importlib.metadata.version("transformers")
+    text = json.dumps([_QUANTIZED_CACHE_FORMAT, version, config], sort_keys=True)
+    path = cache_root() / "quantized-modules" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, bool) for k, v in found.items()):
+            return found
+    except (OSError, ValueError):
+        pass
+    found = BaseModel.resolve(config).quantized_modules
+    try:
+        with atomic_output_file(path, overwrite=True) as tmp:  # two merges at once: either one's (equal) answer
+            tmp.write_text(json.dumps(found), encoding="utf-8")
+    except (OSError, AdaconvertError) as exc:
+        logger.debug("cannot cache the quantised modules in %s: %s", path, exc)
+    return found
+
+
+_QUANTIZED_CACHE_FORMAT = 1  # raise when quantized_modules' rules change: older entries are then not read
 
 
 def _config_from_dict(config: dict):

@@ -1,4 +1,5 @@
-"""The one rule for "is this a Hub id or a local path?", used by every place that accepts either."""
+"""Where things are: the one rule for "is this a Hub id or a local path?", used by every place that accepts either,
+and the directory adaconvert keeps its caches in."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def require_source(src: str | Path) -> None:
     """
     if not is_hub_id(src) and not os.path.lexists(src):
         raise SourceNotFoundError("no such file or directory", path=src)
+
+
+def cache_root() -> Path:
+    """adaconvert's cache directory: ``$ADACONVERT_CACHE``, else ``$XDG_CACHE_HOME/adaconvert``, else
+    ``~/.cache/adaconvert`` (not created here)."""
+    if os.environ.get("ADACONVERT_CACHE"):
+        return Path(os.environ["ADACONVERT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaconvert"

@@ -48,6 +48,7 @@ from adaconvert.compat.vllm import (
 )
 from adaconvert.constants import ADAPTER_CONFIG_NAME
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError, ServeError
+from adaconvert.io.location import cache_root
 from adaconvert.io.source import read_json, resolve_source
 from adaconvert.serving.store import CACHE_ENV, RESOLVER_NAME, STORE_ENV
 
@@ -160,12 +161,8 @@ class ServePlan:
 
 
 def default_cache_dir() -> Path:
-    """Where adapters converted for serving are kept: ``$ADACONVERT_CACHE``, else ``$XDG_CACHE_HOME/adaconvert``,
-    else ``~/.cache/adaconvert``; then ``serve/``."""
-    root = os.environ.get("ADACONVERT_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "adaconvert"
-    )
-    return Path(root) / "serve"
+    """Where adapters converted for serving are kept: ``serve/`` in :func:`~adaconvert.io.location.cache_root`."""
+    return cache_root() / "serve"
 
 
 def plan_serve(
