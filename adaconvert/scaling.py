@@ -20,7 +20,13 @@ def get_pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None
     A key matches when ``re.match(rf"(.*\\.)?({key})$", module_name)``: the key (a regex) matches the whole name or a
     suffix of it that starts after a dot. First key wins. ``None`` when nothing matches.
     """
-    keys = tuple(pattern_keys)
+    return _pattern_key(tuple(pattern_keys), module_name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _pattern_key(keys: tuple[str, ...], module_name: str) -> str | None:
+    """:func:`get_pattern_key`, remembered: a conversion asks for each module's key several times (the reader, the
+    static vLLM check, every runtime's rule), each time scanning a few dozen candidate keys."""
     if "\n" in module_name:  # re's "$" may match before a final newline: every key is tried, through re
         candidates = keys
     else:  # only keys whose literal tail ends the name can match: a 70B pattern has 560 keys, 80 per tail
