@@ -20,26 +20,51 @@ def get_pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None
     A key matches when ``re.match(rf"(.*\\.)?({key})$", module_name)``: the key (a regex) matches the whole name or a
     suffix of it that starts after a dot. First key wins. ``None`` when nothing matches.
     """
-    keys = tuple(pattern_keys)
+    return _pattern_key(tuple(pattern_keys), module_name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _pattern_key(keys: tuple[str, ...], module_name: str) -> str | None:
+    """:func:`get_pattern_key`, remembered: a conversion asks for each module's key several times (the reader, the
+    static vLLM check, every runtime's rule)."""
     if "\n" in module_name:  # re's "$" may match before a final newline: every key is tried, through re
-        candidates = keys
-    else:  # only keys whose literal tail ends the name can match: a 70B pattern has 560 keys, 80 per tail
-        by_tail, others = _by_tail(keys)
-        found = [group for tail, group in by_tail.items() if module_name.endswith(tail)]
-        candidates = [keys[i] for i in sorted(others.union(*found))]
-    return next((key for key in candidates if _matcher(key)(module_name)), None)
+        return next((key for key in keys if _matcher(key)(module_name)), None)
+    exact, by_length, others = _index(keys)
+    found = set(others)
+    for size in _suffix_sizes(module_name):
+        suffix = module_name[-size:]
+        if suffix in exact:
+            found.add(exact[suffix])
+        dots = suffix.count(".")
+        found.update(i for more, group in by_length.get(size, {}).items() if more > dots for i in group)
+    return next((keys[i] for i in sorted(found) if _matcher(keys[i])(module_name)), None)
+
+
+def _suffix_sizes(name: str) -> list[int]:
+    """The lengths of the suffixes a key can match: the whole name, and every part after one of its dots."""
+    return [len(name)] + [len(name) - i - 1 for i, c in enumerate(name) if c == "." and i + 1 < len(name)]
 
 
 @functools.lru_cache(maxsize=64)
-def _by_tail(keys: tuple[str, ...]) -> tuple[dict[str, frozenset[int]], frozenset[int]]:
-    """The positions of the plain keys by their literal tail (the text after their last dot), and those of the
-    other keys (regular expressions: any name may match them)."""
-    by_tail: dict[str, set[int]] = {}
+def _index(keys: tuple[str, ...]) -> tuple[dict[str, int], dict[int, dict[int, list[int]]], list[int]]:
+    """Where to look for the keys that can match a name: ``(exact, by_length, others)``.
+
+    A plain key (literal characters and dots, each dot matching any character) matches a suffix of the same length
+    whose dots are all at dots of the key. With as many dots, the key *is* the suffix: ``exact`` (key → its first
+    position). With more, some of its dots match other characters: ``by_length`` (length → dot count → positions),
+    tried through the matcher. ``others``: the positions of the regular expressions, which any name may match.
+    A 70B pattern has 560 keys; a name meets one or two of them here, not the 80 that share its last part.
+    """
+    exact: dict[str, int] = {}
+    by_length: dict[int, dict[int, list[int]]] = {}
+    others = []
     for i, key in enumerate(keys):
-        if _is_plain(key):
-            by_tail.setdefault(key.rsplit(".", 1)[-1], set()).add(i)
-    plain = set().union(*by_tail.values())
-    return {t: frozenset(g) for t, g in by_tail.items()}, frozenset(set(range(len(keys))) - plain)
+        if not _is_plain(key):
+            others.append(i)
+            continue
+        exact.setdefault(key, i)
+        by_length.setdefault(len(key), {}).setdefault(key.count("."), []).append(i)
+    return exact, by_length, others
 
 
 def pattern_error(key: str) -> str | None:
