@@ -302,11 +302,12 @@ def test_our_4bit_tables_are_bitsandbytes():
     assert torch.equal(fourbit.dynamic_map(), F.create_dynamic_map())
     assert fourbit._native_library() is not None  # else the test below would compare bitsandbytes with itself
     g = torch.Generator().manual_seed(0)
-    for n in (1, 255, 256, 1000, 70000):
+    for n in (1, 255, 256, 1000, 70000, 200000):  # (the last two: chunks shared by threads)
         absmax = torch.rand(n, generator=g) * 0.05
         offset = absmax.mean()
         expected = F.dequantize_blockwise(*F.quantize_blockwise(absmax - offset, blocksize=256)) + offset
-        assert torch.equal(fourbit.double_quantized(absmax), expected), n
+        for threads in (1, 3):
+            assert torch.equal(fourbit.double_quantized(absmax, threads=threads), expected), (n, threads)
 
 
 def test_4bit_quantisation_of_non_finite_weights_is_bitsandbytes():

@@ -39,23 +39,27 @@ _no_dunder_functions()
 
 
 @numba.njit(nogil=True, cache=True)
-def block_magnitude_bits(bits, blocksize, out):
-    """``out[b] = max(bits[j] & mask)`` over block b: the bit pattern of the block's largest magnitude.
+def block_magnitude_bits(bits, blocksize, magnitude, out):
+    """``out[b] = max(bits[j] & magnitude)`` over block b: the bit pattern of the block's largest magnitude.
 
     Args:
-        bits: (blocks · blocksize,) the weight's bits as signed integers of its width (int16 for float16 /
-            bfloat16, int32 for float32); ``mask`` clears the sign. For IEEE floats of one sign the order of the
-            bit patterns is the order of the values, so this is max |x|, exactly, in the integers (which the
-            compiler vectorises, unlike a float max that must respect NaN); NaN and Inf come out as patterns at or
-            above the exponent mask, for the caller to find.
+        bits: (blocks · blocksize,) the weight's bits as unsigned integers of its width (uint16 for float16 /
+            bfloat16, uint32 for float32); ``magnitude``, of the same type, clears the sign. For IEEE floats of one
+            sign the order of the bit patterns is the order of the values, so this is max |x|, exactly, in the
+            integers (which the compiler vectorises, unlike a float max that must respect NaN); NaN and Inf come
+            out as patterns at or above the exponent mask, for the caller to find.
         out: (blocks,) of ``bits``' dtype.
     """
-    mask = (1 << (bits.itemsize * 8 - 1)) - 1
+    # two loops per block, each of a fixed length and in the integers' own width, which the compiler turns into
+    # SIMD instructions (measured 0.17 against 0.75 ns per bfloat16 element for one loop doing both)
+    scratch = np.empty(blocksize, bits.dtype)
     for b in range(out.shape[0]):
-        m = 0
-        for j in range(b * blocksize, (b + 1) * blocksize):
-            v = bits[j] & mask
-            m = v if v > m else m
+        start = b * blocksize
+        for j in range(blocksize):
+            scratch[j] = bits[start + j] & magnitude
+        m = scratch[0]
+        for j in range(blocksize):  # (from 0 again: a loop of 63 would leave a remainder out of the SIMD lanes)
+            m = max(m, scratch[j])
         out[b] = m
 
 
@@ -94,21 +98,78 @@ def quantize_blocks(x, blocksize, absmax, bounds, order, codes):
             codes[start + j] = order[ranks[j]]
 
 
+@numba.njit(inline="always")
+def _code_value(x, bounds, values):
+    """``values[rank]``, rank = the number of the 15 sorted ``bounds`` strictly below ``x`` (as :func:`_ranks`).
+
+    A chain of selects with constant indices into tuples: the code value comes out without a rank or a table
+    lookup, so the loop calling this runs in SIMD lanes (measured 1.0 against 3.7 ns per element for ranks summed
+    in a loop, then looked up). For sorted bounds the ones below ``x`` are a prefix, and the last select taken is
+    the one at its end.
+
+    Args:
+        x: float32; bounds: (15,) float32 tuple, sorted; values: (16,) float32 tuple, the code book in rank order.
+    """
+    v = values[0]
+    v = values[1] if x > bounds[0] else v
+    v = values[2] if x > bounds[1] else v
+    v = values[3] if x > bounds[2] else v
+    v = values[4] if x > bounds[3] else v
+    v = values[5] if x > bounds[4] else v
+    v = values[6] if x > bounds[5] else v
+    v = values[7] if x > bounds[6] else v
+    v = values[8] if x > bounds[7] else v
+    v = values[9] if x > bounds[8] else v
+    v = values[10] if x > bounds[9] else v
+    v = values[11] if x > bounds[10] else v
+    v = values[12] if x > bounds[11] else v
+    v = values[13] if x > bounds[12] else v
+    v = values[14] if x > bounds[13] else v
+    v = values[15] if x > bounds[14] else v
+    return v
+
+
 @numba.njit(nogil=True, cache=True)
 def requantize_blocks(x, blocksize, absmax, scales, bounds, values, out):
     """``out[j] = values[rank(x[j] · (1 / absmax[b]))] · scales[b]``: quantise and dequantise in one pass.
 
     Args:
-        x, blocksize, absmax, bounds: as :func:`quantize_blocks`.
+        x, blocksize, absmax: as :func:`quantize_blocks`.
         scales: (blocks,) float32, the scale dequantisation multiplies by (absmax, or its double-quantised value).
-        values: (16,) float32, the code book in rank order (``code[order]``).
+        bounds, values: as :func:`_code_value`.
         out: (blocks · blocksize,) float32, written (it may be ``x``): code value × scale, bitsandbytes' float32
             product.
     """
-    ranks = np.empty(blocksize, np.int32)
     for b in range(absmax.shape[0]):
         start = b * blocksize
-        _ranks(x, start, np.float32(1.0) / max(absmax[b], np.float32(1e-38)), bounds, ranks)
+        inv = np.float32(1.0) / max(absmax[b], np.float32(1e-38))
+        s = scales[b]
+        for j in range(start, start + blocksize):
+            out[j] = _code_value(x[j] * inv, bounds, values) * s
+
+
+@numba.njit(nogil=True, cache=True)
+def requantize_bfloat16_blocks(bits, blocksize, absmax, scales, bounds, values, out):
+    """:func:`requantize_blocks` for a bfloat16 weight, read and written as its bits (uint16), with no float32
+    copy of it: each element widened exactly to float32 (its bits shifted up), and the float32 product rounded to
+    bfloat16 to nearest even, as torch casts it (no NaN or Inf can arise from finite scales).
+
+    Args:
+        bits: (blocks · blocksize,) uint16; out: the same, written (it may be ``bits``: each block is read whole
+            before it is written).
+    """
+    wide = np.empty(blocksize, np.uint32)
+    product = np.empty(blocksize, np.float32)
+    widened, product_bits = wide.view(np.float32), product.view(np.uint32)
+    for b in range(absmax.shape[0]):
+        start = b * blocksize
+        inv = np.float32(1.0) / max(absmax[b], np.float32(1e-38))
         s = scales[b]
         for j in range(blocksize):
-            out[start + j] = values[ranks[j]] * s
+            wide[j] = np.uint32(bits[start + j]) << np.uint32(16)
+        for j in range(blocksize):
+            product[j] = _code_value(widened[j] * inv, bounds, values) * s
+        for j in range(blocksize):
+            p = product_bits[j]
+            rounded = p + np.uint32(0x7FFF) + ((p >> np.uint32(16)) & np.uint32(1))
+            out[start + j] = np.uint16(rounded >> np.uint32(16))

@@ -70,13 +70,14 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def double_quantized(absmax: torch.Tensor) -> torch.Tensor:
+def double_quantized(absmax: torch.Tensor, *, threads: int = 1) -> torch.Tensor:
     """The block scales as a double-quantised 4-bit layer dequantises them: ``dequantize_blockwise(
     quantize_blockwise(absmax - mean, blocksize=256)) + mean`` (``quantize_4bit(compress_statistics=True)``, then
     ``dequantize_4bit``), through bitsandbytes' own CPU kernels, called in its native library directly.
 
     Args:
         absmax: (blocks,) float32.
+        threads: threads sharing the work, in chunks of whole blocks of 256 (each block is quantised on its own).
 
     Returns:
         (blocks,) float32.
@@ -92,9 +93,15 @@ def double_quantized(absmax: torch.Tensor) -> torch.Tensor:
     codes = torch.empty(n, dtype=torch.uint8)
     scales = torch.empty(-(-n // 256), dtype=torch.float32)
     out = torch.empty(n, dtype=torch.float32)
-    pointers = (code.data_ptr(), centred.data_ptr(), scales.data_ptr(), codes.data_ptr())
-    lib.cquantize_blockwise_cpu_fp32(*pointers, 256, n)
-    lib.cdequantize_blockwise_cpu_fp32(code.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(), 256, n)
+
+    def run(start: int, stop: int, _buffer) -> None:  # (ctypes releases the GIL during each call)
+        x, c, s, o = centred[start:stop], codes[start:stop], scales[start // 256 :], out[start:stop]
+        lib.cquantize_blockwise_cpu_fp32(code.data_ptr(), x.data_ptr(), s.data_ptr(), c.data_ptr(), 256, stop - start)
+        lib.cdequantize_blockwise_cpu_fp32(
+            code.data_ptr(), c.data_ptr(), s.data_ptr(), o.data_ptr(), 256, stop - start
+        )
+
+    _in_chunks(run, n, 256, threads, buffer=False)
     return out + offset
 
 
@@ -135,12 +142,12 @@ def block_absmax(weight: torch.Tensor, *, blocksize: int, threads: int = 1) -> t
 
     flat = weight.reshape(-1)
     full = flat.numel() - flat.numel() % blocksize
-    bits = flat[:full].view(torch.int32 if flat.element_size() == 4 else torch.int16).numpy()
     out = torch.empty(full // blocksize, dtype=flat.dtype)
-    out_bits = out.view(torch.int32 if flat.element_size() == 4 else torch.int16).numpy()
+    bits, out_bits = _bits(flat[:full]), _bits(out)
+    magnitude = bits.dtype.type(~(1 << (8 * bits.itemsize - 1)) & ((1 << 8 * bits.itemsize) - 1))  # all but sign
 
     def run(start: int, stop: int, _buffer) -> None:
-        block_magnitude_bits(bits[start:stop], blocksize, out_bits[start // blocksize : stop // blocksize])
+        block_magnitude_bits(bits[start:stop], blocksize, magnitude, out_bits[start // blocksize : stop // blocksize])
 
     _in_chunks(run, full, blocksize, threads, buffer=False)
     absmax = out.float()
@@ -218,13 +225,25 @@ def dequantized_4bit(
     Returns:
         ``weight``'s shape and dtype (``out``, if given).
     """
-    from adaconvert.base._fourbit_kernels import requantize_blocks
+    from adaconvert.base._fourbit_kernels import requantize_bfloat16_blocks, requantize_blocks
 
     flat = weight.reshape(-1)
     bounds, _, values = _tables(quant_type)
     out = torch.empty_like(flat) if out is None else out.view(-1)
-    b, v, a, s = bounds.numpy(), values.numpy(), absmax.numpy(), scales.float().contiguous().numpy()
+    # tuples, not arrays: the compiled loop holds them in registers (see _code_value)
+    b, v = tuple(bounds.numpy()), tuple(values.numpy())
+    a, s = absmax.numpy(), scales.float().contiguous().numpy()
     direct = out.dtype == torch.float32
+
+    if flat.dtype == out.dtype == torch.bfloat16:  # bits in, bits out: no float32 copy
+
+        def run(start: int, stop: int, _buffer) -> None:
+            blocks = slice(start // blocksize, stop // blocksize)
+            requantize_bfloat16_blocks(x_bits[start:stop], blocksize, a[blocks], s[blocks], b, v, out_bits[start:stop])
+
+        x_bits, out_bits = _bits(flat), _bits(out)
+        _in_chunks(run, flat.numel(), blocksize, threads, buffer=False)
+        return out.view(weight.shape)
 
     def run(start: int, stop: int, buffer) -> None:
         x = _float32(flat, start, stop, buffer)
@@ -236,6 +255,15 @@ def dequantized_4bit(
 
     _in_chunks(run, flat.numel(), blocksize, threads)
     return out.view(weight.shape)
+
+
+def _bits(flat: torch.Tensor):
+    """The memory of a 1-D float tensor as a numpy array of unsigned integers of its width (uint16 / uint32)."""
+    return (
+        flat.view(torch.int32 if flat.element_size() == 4 else torch.int16)
+        .numpy()
+        .view("u4" if flat.element_size() == 4 else "u2")
+    )
 
 
 def _float32(flat: torch.Tensor, start: int, stop: int, buffer: torch.Tensor):

@@ -130,7 +130,7 @@ def _requantized_4bit(weight: torch.Tensor, quant_type: str, *, double_quant: bo
     absmax = block_absmax(weight, blocksize=BLOCKSIZE_4BIT, threads=threads)
     if absmax is None:
         return None
-    scales = double_quantized(absmax) if double_quant else absmax
+    scales = double_quantized(absmax, threads=threads) if double_quant else absmax
     return dequantized_4bit(
         weight, absmax, scales, quant_type=quant_type, blocksize=BLOCKSIZE_4BIT, threads=threads, out=out
     )
