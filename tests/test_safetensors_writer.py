@@ -85,3 +85,28 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
         expected = torch.zeros(shape, dtype=dtype)
         expected[: tensor.shape[0], : tensor.shape[1]] = tensor.to(dtype)
         assert torch.equal(loaded[name], expected), name
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_load_tensors_matches_the_reference_reader(tmp_path, misaligned):
+    """Tensors come as views of one mapping of the file, or (an offset not a multiple of the element size: 3 bytes
+    of int8 first) through safetensors' get_tensor: either way the names, order, dtypes and values it reads."""
+    from adaconvert.io.source import _mapped_tensors, load_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {  # each offset a multiple of the element size: 0, 8, 148
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "b.weight": torch.randn(5, 7, generator=g),
+        "empty": torch.zeros(0, 3),
+        "a.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+    }
+    if misaligned:
+        tensors = {"0.odd": torch.arange(3, dtype=torch.int8), **tensors}
+    path = tmp_path / "f.safetensors"
+    save_tensors(path, tensors)
+    assert (_mapped_tensors(path, sorted(tensors)) is None) == misaligned
+    back, reference = load_tensors(path), load_file(path)
+    with safe_open(path, "pt") as f:
+        assert list(back) == list(f.keys())  # the order the readers always had
+    for k, v in reference.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)

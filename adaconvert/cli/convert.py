@@ -51,7 +51,7 @@ def to_lora_cmd(paths, *, as_json, output_dir, jobs, **options):
     from adaconvert.conversion.peft_lora import to_lora
 
     report = to_lora(src, dst, **options)
-    emit(report.to_dict(), report.summary(), as_json=as_json)
+    emit(report.to_dict, report.summary(), as_json=as_json)
 
 
 @click.command("to-gguf")
@@ -78,7 +78,7 @@ def to_gguf_cmd(src, dst, *, as_json, **options):
     # gguf's writer logs every file it opens at INFO (our temporary sibling's name, endianness): noise for users
     logging.getLogger("gguf").setLevel(logging.WARNING)
     report = to_gguf(src, dst, progress=logging.getLogger().isEnabledFor(logging.INFO), **options)
-    emit(report.to_dict(), report.summary(), as_json=as_json)
+    emit(report.to_dict, report.summary(), as_json=as_json)
 
 
 @click.command("to-mlx")
@@ -93,4 +93,4 @@ def to_mlx_cmd(src, dst, *, as_json, **options):
     from adaconvert.conversion.mlx_lm import to_mlx
 
     report = to_mlx(src, dst, **options)
-    emit(report.to_dict(), report.summary(), as_json=as_json)
+    emit(report.to_dict, report.summary(), as_json=as_json)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -55,7 +55,9 @@ class ConversionReport:
         """The JSON form. Its dicts and lists are the report's own, not copies (``dataclasses.asdict`` would
         deep-copy every number of the provenance and the runtime verdicts, one by one)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["modules"] = [asdict(m) for m in self.modules]
+        # a module's fields are all numbers and strings: the shallow dict is what asdict's deep copy makes
+        names = [f.name for f in fields(ModuleReport)]
+        data["modules"] = [{name: getattr(m, name) for name in names} for m in self.modules]
         return data
 
     @classmethod

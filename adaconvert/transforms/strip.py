@@ -15,7 +15,11 @@ def strip_empty(adapter: Adapter) -> Adapter:
     PEFT rejects r = 0, so modules with nothing left must disappear rather than be written with rank 0.
     """
     deltas: dict[str, LowRankDelta] = {}
+    sure = _sure_components(adapter.deltas)
     for name, delta in adapter.deltas.items():
+        if sure.get(name, False):
+            deltas[name] = delta  # every component has non-zero entries: nothing more to read
+            continue
         keep = _nonzero_components(delta.A, delta.B)
         if not keep.any():
             continue
@@ -25,6 +29,28 @@ def strip_empty(adapter: Adapter) -> Adapter:
             idx = torch.nonzero(keep).flatten()
             deltas[name] = LowRankDelta(A=delta.A.index_select(0, idx), B=delta.B.index_select(1, idx))
     return adapter.replace(deltas=deltas)
+
+
+def _sure_components(deltas: dict[str, LowRankDelta]) -> dict[str, bool]:
+    """module → True when every component has a non-zero entry in the first column of A and the first row of B
+    (so :func:`_nonzero_components` would keep them all without reading more); False when it must look closer.
+
+    The first looks of every module in one comparison: per module, its five small torch calls cost ~50 µs, 12 ms
+    of a 224-module 8B adapter. Modules without features or components are left to the per-module path.
+    """
+    names = [n for n, d in deltas.items() if d.A.numel() and d.B.numel()]
+    if not names:
+        return {}
+    firsts = torch.cat([deltas[n].A[:, 0].float() for n in names] + [deltas[n].B[0, :].float() for n in names])
+    # NaN == 0 is False: a NaN never makes a component look empty. A value float32 rounds to 0 (a float64 one)
+    # only sends its module to the exact per-module look.
+    zero = (firsts == 0).tolist()
+    found, a_at, b_at = {}, 0, sum(deltas[n].A.shape[0] for n in names)
+    for name in names:
+        a_rank, b_rank = deltas[name].A.shape[0], deltas[name].B.shape[1]
+        found[name] = not any(zero[a_at : a_at + a_rank]) and not any(zero[b_at : b_at + b_rank])
+        a_at, b_at = a_at + a_rank, b_at + b_rank
+    return found
 
 
 def _nonzero_components(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
