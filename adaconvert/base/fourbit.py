@@ -138,13 +138,15 @@ def block_absmax(weight: torch.Tensor, *, blocksize: int, threads: int = 1) -> t
     Returns:
         (numel // blocksize,) float32; None when a block holds NaN or Inf (let bitsandbytes decide those).
     """
+    import numpy
+
     from adaconvert.base._fourbit_kernels import block_magnitude_bits
 
     flat = weight.reshape(-1)
     full = flat.numel() - flat.numel() % blocksize
     out = torch.empty(full // blocksize, dtype=flat.dtype)
     bits, out_bits = _bits(flat[:full]), _bits(out)
-    magnitude = bits.dtype.type(~(1 << (8 * bits.itemsize - 1)) & ((1 << 8 * bits.itemsize) - 1))  # all but sign
+    magnitude = bits.dtype.type(numpy.iinfo(bits.dtype).max >> 1)  # every bit but the sign
 
     def run(start: int, stop: int, _buffer) -> None:
         block_magnitude_bits(bits[start:stop], blocksize, magnitude, out_bits[start // blocksize : stop // blocksize])
@@ -236,12 +238,12 @@ def dequantized_4bit(
     direct = out.dtype == torch.float32
 
     if flat.dtype == out.dtype == torch.bfloat16:  # bits in, bits out: no float32 copy
+        x_bits, out_bits = _bits(flat), _bits(out)
 
         def run(start: int, stop: int, _buffer) -> None:
             blocks = slice(start // blocksize, stop // blocksize)
             requantize_bfloat16_blocks(x_bits[start:stop], blocksize, a[blocks], s[blocks], b, v, out_bits[start:stop])
 
-        x_bits, out_bits = _bits(flat), _bits(out)
         _in_chunks(run, flat.numel(), blocksize, threads, buffer=False)
         return out.view(weight.shape)
 
