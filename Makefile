@@ -25,9 +25,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
-# the edit loop: everything but vLLM, llama.cpp, multi-process training and the demo (under a minute on 2 cores)
+# the edit loop: everything but vLLM, llama.cpp, multi-process training, the demo and the slowest end-to-end runs,
+# on every core (pytest-xdist): under a minute on 2 cores
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not vllm and not slow and not llama_cpp and not distributed"
+	$(PY) -m pytest -q -n auto -m "not vllm and not slow and not llama_cpp and not distributed"
 
 # trains, converts, validates and serves two tiny adapters; artefacts in ./adaconvert-demo (replaced on each run)
 demo: $(STAMP)

@@ -368,6 +368,7 @@ def test_adapter_weights_go_through_lfs_and_survive_a_reset_and_a_500_mid_upload
     assert len(hub.repos[REPO].commits) == 1
 
 
+@pytest.mark.slow
 def test_sharded_merged_model_goes_through_multipart_with_faults(adalora_llama, tiny_llama, tmp_path, monkeypatch):
 
     from adaconvert.merging import merge

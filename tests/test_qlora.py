@@ -212,6 +212,7 @@ def test_validate_against_the_4bit_base(qlora, bases, capsys):
     assert rows["merged", "max |Δlogit|"]["limit"] is not None and rows["merged", "max |Δlogit|"]["passed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adalora", "lora-drop"])
 def test_dynamic_methods_on_a_4bit_base(bases, tmp_path, method):
     data = write_jsonl(tmp_path / "data.jsonl")

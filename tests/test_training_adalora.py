@@ -49,6 +49,7 @@ def test_trainer_adalora_prunes_to_the_budget(trained, tiny_llama):
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_without_the_callback_peft_never_prunes(tiny_llama, data, tmp_path):
     """The bug we prevent: HF Trainer does not call update_and_allocate, so AdaLoRA trains as a fixed-rank LoRA."""
     from adaconvert.training.adalora import adalora_config
@@ -193,6 +194,7 @@ def test_orthogonality_penalty_counts_once_per_optimizer_step(tiny_llama, tmp_pa
     assert log.losses[0] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ranknum_stays_frozen_with_a_bf16_base(tiny_llama, data, tmp_path):
     """PEFT re-creates ranknum as a trainable parameter when it casts a bf16 base; AdamW then moved each module's
     divisor while the saved adapter assumes init_r. The trained model and the saved adapter must agree."""

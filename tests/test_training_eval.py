@@ -32,6 +32,7 @@ def test_eval_curve_is_the_token_weighted_loss_of_the_saved_adapter(tiny_llama, 
     assert "held-out loss (3 examples" in result.text()
 
 
+@pytest.mark.slow
 def test_eval_fraction_holds_out_examples_and_adalora_jitter_starts_at_tfinal(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl")  # 32 examples
     result = quick_train("adalora", tiny_llama, data, tmp_path / "out", eval_fraction=0.25, eval_steps=4)
@@ -43,6 +44,7 @@ def test_eval_fraction_holds_out_examples_and_adalora_jitter_starts_at_tfinal(ti
     assert [p["step"] for p in record["curve"]] == [4, 8, 12, 16, 20, 24, 28, 30]
 
 
+@pytest.mark.slow
 def test_lora_drop_measures_its_main_run_only(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl")
     result = quick_train(

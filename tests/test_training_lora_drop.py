@@ -113,6 +113,7 @@ def four_layers(tmp_path_factory):
     return root / "base", write_jsonl(root / "data.jsonl")
 
 
+@pytest.mark.slow
 def test_drop_leaves_dropped_layers_without_adapter(four_layers, tmp_path):
     base, data = four_layers
     result = quick_train("lora-drop", base, data, tmp_path / "drop", policy="drop", keep_fraction=0.5)
@@ -128,6 +129,7 @@ def test_drop_leaves_dropped_layers_without_adapter(four_layers, tmp_path):
     assert summary.source_kind == "lora-drop" and summary.provenance["lora_drop"]["dropped"] == record["dropped"]
 
 
+@pytest.mark.slow
 def test_share_ties_one_lora_and_saves_a_copy_per_layer(four_layers, tmp_path):
     base, data = four_layers
     out = tmp_path / "share"
@@ -171,6 +173,7 @@ def test_to_lora_reads_both_policies(trained, tmp_path):
         assert report.provenance["lora_drop"]["policy"] == name.rsplit("-", 1)[1]
 
 
+@pytest.mark.slow
 def test_weight_l1_scoring_end_to_end(four_layers, tmp_path):
     base, data = four_layers
     result = quick_train("lora-drop", base, data, tmp_path / "l1", importance="weight-l1", threshold=0.6)
@@ -211,6 +214,7 @@ class LayerGrads(TrainerCallback):
         self.handles.clear()
 
 
+@pytest.mark.slow
 def test_drop_with_checkpointing_does_not_backpropagate_below_the_lowest_kept_layer(four_layers, tmp_path):
     """The pilot checkpoints; the embedding output used to require a gradient (for reentrant checkpointing), so
     the main run's backward pass went through every layer, also the dropped ones below the kept layers."""
