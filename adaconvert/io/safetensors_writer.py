@@ -12,6 +12,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,6 +32,15 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 }
 
 TensorSpec = tuple[str, torch.dtype, Sequence[int]]
+
+
+class Rows(Protocol):
+    """A 2-D tensor produced in blocks of rows: its ``shape`` and ``rows(start, stop)`` → (stop - start, cols)."""
+
+    shape: tuple[int, int]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
 
 _BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
 _ZEROS = memoryview(bytes(1 << 20))
@@ -89,9 +99,10 @@ class SafetensorsWriter:
         self._file.write(memoryview(data.numpy()))
         self._next += 1
 
-    def write_padded(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int]) -> None:
-        """Append ``tensor`` (2-D, any strides: a transposed view is fine) cast to ``dtype`` and zero-padded at the
-        end of each dimension to ``shape``, which the layout announced.
+    def write_padded(self, name: str, tensor: torch.Tensor | Rows, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+        """Append ``tensor`` cast to ``dtype`` and zero-padded at the end of each dimension to ``shape``, which the
+        layout announced. ``tensor`` is 2-D, any strides (a transposed view is fine), or a :class:`Rows` that
+        computes it block by block (a folded factor: ``adapter.Factor``).
 
         The padded tensor is never built whole: rows go through one reused buffer of a few MiB, whose memory is
         touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the copy itself).
@@ -100,17 +111,24 @@ class SafetensorsWriter:
         rows, cols = tensor.shape
         if rows > shape[0] or cols > shape[1]:
             raise ValueError(f"{self.path}: {name} {list(tensor.shape)} does not fit in {list(shape)}")
-        if (cols, tensor.dtype) == (shape[1], dtype) and tensor.is_contiguous():
-            self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+        whole = isinstance(tensor, torch.Tensor)
+        if whole and (cols, tensor.dtype) == (shape[1], dtype) and tensor.is_contiguous():
+            self._write_tensor(tensor)
         elif rows:
             step = max(1, _BUFFER_BYTES // max(1, shape[1] * dtype.itemsize))
-            buffer = self._buffer(dtype, (min(step, rows), shape[1]), cols)
             for start in range(0, rows, step):
-                chunk = buffer[: min(step, rows - start)]
-                chunk[:, :cols].copy_(tensor[start : start + len(chunk)])
-                self._file.write(memoryview(chunk.reshape(-1).view(torch.uint8).numpy()))
+                block = tensor[start : start + step] if whole else tensor.rows(start, min(start + step, rows))
+                if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
+                    self._write_tensor(block)  # computed just now, in its final form
+                    continue
+                chunk = self._buffer(dtype, (min(step, rows), shape[1]), cols)[: len(block)]
+                chunk[:, :cols].copy_(block)
+                self._write_tensor(chunk)
         self._write_zeros((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._next += 1
+
+    def _write_tensor(self, tensor: torch.Tensor) -> None:
+        self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
 
     def _announced(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if self._next >= len(self._layout):

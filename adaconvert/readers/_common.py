@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
+from adaconvert.adapter import LowRankDelta
 from adaconvert.constants import PEFT_PREFIX
 from adaconvert.errors import CorruptCheckpointError, InvalidConfigError, MissingTensorError, NonFiniteError
-from adaconvert.process import usable_cpus
 from adaconvert.scaling import pattern_error
-
-T = TypeVar("T")
 
 
 def group_by_module(
@@ -63,24 +59,6 @@ def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> 
                 raise NonFiniteError(f"{suffix} holds NaN or Inf values", path=path, module=module)
             magnitudes[suffix] = max(-low, high)
     return magnitudes
-
-
-def per_module(normalise: Callable[[str], T], modules: list[str]) -> dict[str, T]:
-    """``{module: normalise(module)}`` in the order of ``modules``, computed on up to one thread per usable CPU.
-
-    Reading an adapter is one memory-bound pass per tensor (the finiteness check, the fold, the selection of
-    kept components), and torch runs each on one thread in a conversion (see ``process.import_torch``): threads
-    over modules use the other cores without OpenMP's hand-offs. torch releases the GIL inside every operation.
-    The first error in module order is raised, as a loop would raise it.
-    """
-    workers = min(usable_cpus(), len(modules), _MAX_READ_THREADS)
-    if workers < 2:
-        return {module: normalise(module) for module in modules}
-    with ThreadPoolExecutor(workers, thread_name_prefix="adaconvert-read") as pool:
-        return dict(zip(modules, pool.map(normalise, modules), strict=True))
-
-
-_MAX_READ_THREADS = 8  # past this a read is bound by memory bandwidth, not by cores
 
 
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -219,8 +197,9 @@ def fold_scaling(
     weights_path: Path,
     config_path: Path,
     why: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A[keep], B[:, keep] · scale[keep])`` in float32: the module's factors with its scaling folded into B.
+) -> LowRankDelta:
+    """The module's delta ``(A[keep], B[:, keep] · scale[keep])`` in float32: its factors with its scaling folded into
+    B (computed when read: ``LowRankDelta.folding``), once the inputs are known finite and the product too.
 
     Args:
         parts: every tensor of the module as saved, A (r, in) and B (out, r) named by ``names``; each must be
@@ -236,23 +215,19 @@ def fold_scaling(
             (a huge ``lora_alpha`` turns finite inputs into Inf; ``config_path``).
     """
     magnitude = check_finite(module, parts, path=weights_path)[names[1]]
-    A, B = parts[names[0]], parts[names[1]]
-    if keep is not None and len(keep) < A.shape[0]:
-        scale = scale.index_select(0, keep) if isinstance(scale, torch.Tensor) else scale
-        A, out = A.index_select(0, keep), B.index_select(1, keep).float().mul_(scale)  # in place: a fresh copy
-    else:
-        out = B.float() * scale
-    scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product used it: 1e300 is Inf there
+    delta = LowRankDelta.folding(parts[names[0]], parts[names[1]], scale, keep)
+    scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product uses it: 1e300 is Inf there
     biggest_scale = float(scale32.abs().max()) if scale32.numel() else 0.0
     # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest value
-    # nothing overflowed and the product need not be read again; near it (or past it), every element is checked
+    # nothing overflows and the product need not be computed here; near it (or past it), every element is checked
     if (
-        out.numel()
+        delta.rank
+        and delta.out_features
         and not magnitude * biggest_scale <= _FOLD_SAFE  # also NaN: 0 × Inf
-        and not torch.isfinite(torch.stack(torch.aminmax(out))).all()
+        and not torch.isfinite(torch.stack(torch.aminmax(delta.B))).all()
     ):
         raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=config_path, module=module)
-    return A.float(), out
+    return delta
 
 
 _FOLD_SAFE = torch.finfo(torch.float32).max / 2

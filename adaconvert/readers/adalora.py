@@ -19,7 +19,6 @@ from adaconvert.readers._common import (
     list_of,
     number,
     pattern,
-    per_module,
     source_dtype,
     string,
 )
@@ -67,7 +66,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         _check_triplet(module, A, E, B, init_r=init_r, rank_pattern=rank_pattern, files=files)
         E32 = E.float().reshape(-1)
         # masked singular values (rank_pattern null) are dropped: exact, they contribute nothing
-        A, B = fold_scaling(
+        return fold_scaling(
             module,
             parts,
             E32 * scale,
@@ -77,9 +76,8 @@ def read_adalora(files: AdapterFiles) -> Adapter:
             config_path=files.config_path,
             why=f"lora_E × scaling {scale:.3g}",
         )
-        return LowRankDelta(A=A, B=B)
 
-    deltas = per_module(normalise, sorted(modules))
+    deltas = {module: normalise(module) for module in sorted(modules)}
     stored_ranks = {module: modules[module]["lora_A"].shape[0] for module in sorted(modules)}
 
     history_file = files.root / RANK_HISTORY_NAME

@@ -19,7 +19,6 @@ from adaconvert.readers._common import (
     number,
     one_of,
     pattern,
-    per_module,
     source_dtype,
     string,
     strings,
@@ -96,7 +95,7 @@ def read_lora(files: AdapterFiles) -> Adapter:
                 actual=A.shape[0],
             )
         scaling = lora_scaling(r_m, alpha_m, use_rslora=use_rslora)
-        A, B = fold_scaling(
+        delta = fold_scaling(
             module,
             parts,
             scaling,
@@ -105,9 +104,9 @@ def read_lora(files: AdapterFiles) -> Adapter:
             config_path=files.config_path,
             why=f"scaling {scaling:.3g}",
         )
-        return LowRankDelta(A=A, B=B), scaling
+        return delta, scaling
 
-    normalised = per_module(normalise, sorted(modules))
+    normalised = {module: normalise(module) for module in sorted(modules)}
     deltas = {module: delta for module, (delta, _) in normalised.items()}
     scalings = {module: scaling for module, (_, scaling) in normalised.items()}
 

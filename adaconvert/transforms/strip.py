@@ -38,18 +38,19 @@ def _sure_components(deltas: dict[str, LowRankDelta]) -> dict[str, bool]:
     The first looks of every module in one comparison: per module, its five small torch calls cost ~50 µs, 12 ms
     of a 224-module 8B adapter. Modules without features or components are left to the per-module path.
     """
-    names = [n for n, d in deltas.items() if d.A.numel() and d.B.numel()]
+    names = [n for n, d in deltas.items() if d.rank and d.in_features and d.out_features]
     if not names:
         return {}
-    firsts = torch.cat([deltas[n].A[:, 0].float() for n in names] + [deltas[n].B[0, :].float() for n in names])
+    a_firsts, b_firsts = zip(*(deltas[n].first_entries() for n in names), strict=True)
+    firsts = torch.cat([t.float() for t in (*a_firsts, *b_firsts)])
     # NaN == 0 is False: a NaN never makes a component look empty. A value float32 rounds to 0 (a float64 one)
     # only sends its module to the exact per-module look.
     zero = (firsts == 0).tolist()
-    found, a_at, b_at = {}, 0, sum(deltas[n].A.shape[0] for n in names)
+    found, a_at, b_at = {}, 0, sum(deltas[n].rank for n in names)
     for name in names:
-        a_rank, b_rank = deltas[name].A.shape[0], deltas[name].B.shape[1]
-        found[name] = not any(zero[a_at : a_at + a_rank]) and not any(zero[b_at : b_at + b_rank])
-        a_at, b_at = a_at + a_rank, b_at + b_rank
+        rank = deltas[name].rank
+        found[name] = not any(zero[a_at : a_at + rank]) and not any(zero[b_at : b_at + rank])
+        a_at, b_at = a_at + rank, b_at + rank
     return found
 
 

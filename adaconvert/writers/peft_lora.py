@@ -103,6 +103,6 @@ def write_peft_lora(
         for name in config["target_modules"]:
             (fan_in, fan_out), found = shapes[name], adapter.deltas.get(name) or zero_delta(*shapes[name], 0)
             r = rank if uniform else found.rank  # uniform: zero-padded as it is written
-            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_A.weight", found.A, dtype, (r, fan_in))
-            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_B.weight", found.B, dtype, (fan_out, r))
+            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_A.weight", found.factor("A"), dtype, (r, fan_in))
+            writer.write_padded(f"{PEFT_PREFIX}{name}.lora_B.weight", found.factor("B"), dtype, (fan_out, r))
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
