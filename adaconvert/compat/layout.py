@@ -17,7 +17,7 @@ def is_mlx_config(config: dict) -> bool:
 def is_safe_layout(adapter_dir: str | Path) -> bool:
     """True when ``adapter_dir`` is a PEFT LoRA whose every module has scaling exactly 1 and whose weights are
     safetensors: what ``to_lora`` writes, served alike by every vLLM version, LoRAX and llama.cpp."""
-    from adaconvert.scaling import lora_rank_and_alpha
+    from adaconvert.scaling import LoraPatterns
 
     root = Path(adapter_dir)
     if not (root / ADAPTER_WEIGHTS_NAME).is_file() or not (root / ADAPTER_CONFIG_NAME).is_file():
@@ -31,7 +31,8 @@ def is_safe_layout(adapter_dir: str | Path) -> bool:
     modules = {parsed[0] for key in tensor_shapes(root) if (parsed := parse_lora_key(key))}
     patterns = {"rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
     try:
-        scalings = [lora_rank_and_alpha(m, r=r, lora_alpha=alpha, **patterns) for m in modules]
+        lookup = LoraPatterns(r=r, lora_alpha=alpha, **patterns)
+        scalings = [lookup.rank_and_alpha(m) for m in modules]
     except (TypeError, ValueError, AttributeError):  # patterns that are not {str: number}
         return False
     return all(r_m == alpha_m for r_m, alpha_m in scalings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from adaconvert.adapter import split_module_name
@@ -25,7 +26,7 @@ from adaconvert.compat.layout import is_mlx_config
 from adaconvert.constants import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
 from adaconvert.io.source import read_json, resolve_source
-from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
+from adaconvert.scaling import LoraPatterns, lora_scaling
 
 EXACT, WRONG_SCALE, REFUSED = "exact", "wrong-scale", "refused"
 # factors this close to 1 are float noise in the config (alpha 16 / r 16 written as 16.0000001), not a wrong scale
@@ -70,20 +71,22 @@ class AdapterFacts:
         return self._scales[module]
 
     def _intended_scale(self, module: str) -> float:
+        rank, alpha = self._patterns.rank_and_alpha(module)
+        return lora_scaling(rank, alpha, use_rslora=bool(self.config.get("use_rslora")))
+
+    def config_rank(self, module: str) -> int:
+        """The rank the config gives ``module`` (``rank_pattern``, else ``r``)."""
+        return self._patterns.rank_and_alpha(module)[0]
+
+    @cached_property
+    def _patterns(self) -> LoraPatterns:
         c = self.config
-        rank, alpha = lora_rank_and_alpha(
-            module,
+        return LoraPatterns(
             r=c["r"],
             lora_alpha=c["lora_alpha"],
             rank_pattern=c.get("rank_pattern"),
             alpha_pattern=c.get("alpha_pattern"),
         )
-        return lora_scaling(rank, alpha, use_rslora=bool(c.get("use_rslora")))
-
-    def config_rank(self, module: str) -> int:
-        """The rank the config gives ``module`` (``rank_pattern``, else ``r``)."""
-        pattern = self.config.get("rank_pattern")
-        return lora_rank_and_alpha(module, r=self.config["r"], lora_alpha=1.0, rank_pattern=pattern)[0]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from adaconvert.constants import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from adaconvert.errors import AdaconvertError, InvalidConfigError, RankLimitError
 from adaconvert.io.source import read_json, resolve_source
-from adaconvert.scaling import lora_rank_and_alpha, pattern_error
+from adaconvert.scaling import LoraPatterns, pattern_error
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ def _check_shapes(modules: dict, config: dict, max_lora_rank: int | None, proble
     usable_pattern = {k: v for k, v in rank_pattern.items() if pattern_error(k) is None}
     r = config.get("r") if isinstance(config.get("r"), int) else None
     limit = max_lora_rank if max_lora_rank is not None else MAX_LORA_RANK_BUCKETS[-1]
+    patterns = LoraPatterns(r=r or 0, lora_alpha=1.0, rank_pattern=usable_pattern)
     for module, parts in sorted(modules.items()):
         if "head" in parts:
             continue
@@ -388,7 +389,7 @@ def _check_shapes(modules: dict, config: dict, max_lora_rank: int | None, proble
                 VllmProblem("max-lora-rank", f"tensors have rank {a[0]}, above max_lora_rank {limit}", module)
             )
         if r is not None and not any(p.rule == "rank-pattern" for p in problems):
-            expected, _ = lora_rank_and_alpha(module, r=r, lora_alpha=1.0, rank_pattern=usable_pattern)
+            expected, _ = patterns.rank_and_alpha(module)
             if a[0] != expected:
                 problems.append(
                     VllmProblem(

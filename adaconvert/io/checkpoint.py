@@ -209,19 +209,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(name: str, entry, path: Path, data_start: int) -> TensorInfo:
-    def ints(value, n=None) -> bool:  # JSON integers only: 384.5 is not a size, and bools are not ints
-        return isinstance(value, list) and (n is None or len(value) == n) and all(_is_count(x) for x in value)
-
-    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES_BY_CODE:
+    dtype = DTYPES_BY_CODE.get(entry.get("dtype")) if isinstance(entry, dict) else None
+    if dtype is None:
         raise CorruptCheckpointError(f"bad header entry for {name!r}: {first_line(repr(entry), 120)}", path=path)
-    if not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (_counts(shape) and _counts(offsets) and len(offsets) == 2):
         raise CorruptCheckpointError(
             f"tensor {name!r}: shape and data_offsets must be non-negative integers, got "
-            f"{first_line(repr(entry.get('shape')), 60)} and {first_line(repr(entry.get('data_offsets')), 60)}",
+            f"{first_line(repr(shape), 60)} and {first_line(repr(offsets), 60)}",
             path=path,
         )
-    dtype, shape = DTYPES_BY_CODE[entry["dtype"]], tuple(entry["shape"])
-    begin, end = entry["data_offsets"]
+    shape = tuple(shape)
+    begin, end = offsets
     nbytes = tensor_nbytes(dtype, shape)
     if end - begin != nbytes:
         raise CorruptCheckpointError(
@@ -230,8 +229,9 @@ def _tensor_info(name: str, entry, path: Path, data_start: int) -> TensorInfo:
     return TensorInfo(name=name, dtype=dtype, shape=shape, file=path, offset=data_start + begin, nbytes=nbytes)
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _counts(value) -> bool:
+    """A JSON list of non-negative integers: 384.5 is not a size, and true is not 1 (``type`` is exact: not bool)."""
+    return type(value) is list and all(type(x) is int and x >= 0 for x in value)
 
 
 class TensorReader:

@@ -23,7 +23,7 @@ from adaconvert.readers._common import (
     string,
     strings,
 )
-from adaconvert.scaling import lora_rank_and_alpha, lora_scaling
+from adaconvert.scaling import LoraPatterns, lora_scaling
 
 # Written by adaconvert.training's LoRA-Drop beside the adapter: layer importance, kept/shared/dropped layers.
 
@@ -74,12 +74,12 @@ def read_lora(files: AdapterFiles) -> Adapter:
     hint = " (embedding LoRA, DoRA and bias terms are not supported)"
     modules = group_by_module(tensors, ("lora_A.weight", "lora_B.weight"), path=files.weights_path, hint=hint)
 
+    patterns = LoraPatterns(r=r, lora_alpha=lora_alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
     def normalise(module: str) -> tuple[LowRankDelta, float]:
         parts = modules[module]
         A, B = parts["lora_A.weight"], parts["lora_B.weight"]
-        r_m, alpha_m = lora_rank_and_alpha(
-            module, r=r, lora_alpha=lora_alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
-        )
+        r_m, alpha_m = patterns.rank_and_alpha(module)
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterShapeError(
                 f"expected lora_A (r, in) and lora_B (out, r); got {list(A.shape)} and {list(B.shape)}",
