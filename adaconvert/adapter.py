@@ -133,6 +133,11 @@ class Factor(NamedTuple):
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.delta.rows(self.part, start, stop)
 
+    def whole(self) -> torch.Tensor:
+        """The whole factor, float32, for a writer that needs it at once (to transpose or permute it): not kept
+        by the delta, so that its memory serves the next module's (a view when the delta holds it already)."""
+        return self.rows(0, self.shape[0])
+
 
 @dataclass
 class Adapter:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adaconvert.adapter import Adapter
+from adaconvert.adapter import Adapter, Factor
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
 
 # base config ``model_type`` → (GGUF architecture, rows of q/k permuted). HF Mistral goes through the converter's
@@ -127,11 +127,26 @@ def permute_rows(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None
 
 @dataclass(frozen=True)
 class GGUFTensor:
-    """One tensor to write: GGUF name, the adapter module it comes from, and the data as llama.cpp wants it."""
+    """One tensor to write: GGUF name, the adapter module it comes from, and the factor it holds, computed as it is
+    written (``data``), one module in memory at a time.
+
+    Attributes:
+        heads: ``(n_head, n_head_kv)`` of a q or k ``lora_b``, whose rows are permuted as llama.cpp wants them.
+    """
 
     name: str
     module: str
-    data: torch.Tensor
+    factor: Factor
+    heads: tuple[int, int | None] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.factor.shape
+
+    def data(self) -> torch.Tensor:
+        """The tensor as llama.cpp wants it, float32."""
+        data = self.factor.whole()
+        return permute_rows(data, *self.heads) if self.heads else data
 
 
 def gguf_tensors(adapter: Adapter, base: GGUFBase) -> list[GGUFTensor]:
@@ -162,13 +177,15 @@ def gguf_tensors(adapter: Adapter, base: GGUFBase) -> list[GGUFTensor]:
                 module=module,
             )
         kind, name = found
-        delta = adapter.deltas[module]
-        b = delta.B
+        delta, heads = adapter.deltas[module], None
         if base.permute_qk and kind == gguf.MODEL_TENSOR.ATTN_Q:
-            b = permute_rows(b, base.n_head, base.n_head)
+            heads = (base.n_head, base.n_head)
         elif base.permute_qk and kind == gguf.MODEL_TENSOR.ATTN_K:
-            b = permute_rows(b, base.n_head, base.n_kv_head)
-        out += [GGUFTensor(f"{name}.lora_a", module, delta.A), GGUFTensor(f"{name}.lora_b", module, b)]
+            heads = (base.n_head, base.n_kv_head)
+        out += [
+            GGUFTensor(f"{name}.lora_a", module, delta.factor("A")),
+            GGUFTensor(f"{name}.lora_b", module, delta.factor("B"), heads),
+        ]
     return out
 
 
@@ -181,7 +198,7 @@ def _encoded(tensor: GGUFTensor, qtype) -> tuple[tuple[int, ...], object, int]:
     gguf = _gguf()
     import numpy as np
 
-    shape = tuple(tensor.data.shape)
+    shape = tuple(tensor.shape)
     if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
         return shape, dtype, int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -260,4 +277,4 @@ def _encode_all(tensors: list[GGUFTensor], qtype) -> Iterator:
 
     for tensor in tensors:
         # float32 → f32 is a view (no copy); the others convert one tensor at a time, with gguf's own rounding
-        yield gguf.quants.quantize(tensor.data.float().contiguous().numpy(), qtype)
+        yield gguf.quants.quantize(tensor.data().float().contiguous().numpy(), qtype)
