@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import os
 import sys
@@ -165,6 +166,29 @@ def quiet_third_party(enabled: bool):
             os.environ["TRANSFORMERS_VERBOSITY"] = had_env
         if "transformers" in sys.modules:
             sys.modules["transformers"].logging.set_verbosity(before)
+
+
+def import_deepspeed_logging_to_stderr(*, quiet: bool) -> None:
+    """Import DeepSpeed, when it is installed and not imported yet, with its log on stderr (none of its import-time
+    warnings when ``quiet``).
+
+    accelerate imports it whenever it is installed (the HF Trainer unwraps every model through
+    ``extract_model_from_parallel``), and DeepSpeed's logger writes to stdout: on a machine without CUDA its
+    import warns "Setting accelerator to CPU", which broke the JSON that ``train --json`` prints on stdout. Its
+    handler takes ``sys.stdout`` as it is at import, so the import runs with stdout sent elsewhere; the handler is
+    then pointed at stderr, where its later warnings and errors belong.
+    """
+    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    with open(os.devnull, "w") as devnull:
+        with contextlib.redirect_stdout(devnull if quiet else sys.stderr):
+            try:
+                import deepspeed  # noqa: F401
+            except Exception:  # a broken install: accelerate's own import reports it
+                return
+        for handler in logging.getLogger("DeepSpeed").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is devnull:
+                handler.setStream(sys.stderr)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,15 +246,25 @@ def test_error_types():
         load_options("lora", model="m", data="d", output="o", rank=3)
 
 
-def test_cli_train_json_is_the_only_stdout(tiny_llama, tmp_path, capsys):
+@pytest.mark.slow  # two CLI subprocesses
+def test_cli_train_json_is_the_only_stdout(tiny_llama, tmp_path):
+    """As a user runs it: a fresh process, where DeepSpeed (installed with the test extra, as in many training
+    environments) is first imported by the Trainer and warns on its own stdout handler when there is no GPU."""
     data = write_jsonl(tmp_path / "d.jsonl")
     out = tmp_path / "out"
-    args = ["train", "lora", "--model", str(tiny_llama), "--data", str(data), "--output", str(out)]
-    assert main([*args, "--steps", "3", "--batch-size", "8", "--max-length", "16", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)  # Trainer logs must not leak onto stdout
+    args = [sys.executable, "-m", "adaconvert.cli", "train", "lora", "--model", tiny_llama, "--data", data]
+    args = [str(a) for a in (*args, "--output", out, "--steps", "3", "--max-length", "16")]
+    assert importlib.util.find_spec("deepspeed") is not None  # the case this test is for
+    run = subprocess.run([*args, "--batch-size", "8", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)  # Trainer and DeepSpeed logs must not leak onto stdout
     assert result["method"] == "lora" and result["main"]["optimizer_steps"] == 3 and result["written"]
     assert json.loads((out / "training_summary.json").read_text())["main"]["trainable_params"] > 0
-    assert main([*args, "--steps", "3"]) == 4  # exists: refused without --overwrite
+    run = subprocess.run([*args, "--output", str(tmp_path / "text")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("wrote ")  # the human summary, nothing before it: library logs are on stderr
+    refused = subprocess.run(args, capture_output=True, text=True)
+    assert refused.returncode == 4 and "exists" in refused.stderr  # refused without --overwrite
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from adaconvert.constants import LORA_DROP_NAME, RANK_HISTORY_NAME, TRAINING_SUM
 from adaconvert.errors import InvalidConfigError, SourceNotFoundError, first_line
 from adaconvert.io.atomic import atomic_output_dir, check_output
 from adaconvert.io.location import is_hub_id
-from adaconvert.process import hf_progress
+from adaconvert.process import hf_progress, import_deepspeed_logging_to_stderr
 from adaconvert.training import lora_drop
 from adaconvert.training.adalora import AdaLoraCallback, adalora_config, freeze_ranknum, module_ranks
 from adaconvert.training.checkpoints import PhaseCheckpoints, RunCheckpoints
@@ -152,6 +152,7 @@ def train(method: str | None = None, *, config: str | Path | None = None, callba
     main_process = rank() == 0
     precision = resolve_precision(opts.precision)
     _set_seed(opts.seed)
+    import_deepspeed_logging_to_stderr(quiet=opts.quiet)  # before the Trainer imports it (its log: stdout)
     with hf_progress(not opts.quiet):
         tokenizer = load_tokenizer(opts.model)
         texts = load_texts(opts.data, text_column=opts.text_column, split=opts.split, data_config=opts.data_config)
