@@ -98,6 +98,9 @@ def run_one(name: str, quantize: str | None, base: str, data: str, out: str, siz
 
 
 def run_all(size: str, steps: int, threads: int | None) -> tuple[list[Row], dict]:
+    from adaconvert.process import import_deepspeed_logging_to_stderr
+
+    import_deepspeed_logging_to_stderr(quiet=True)  # the base is built here: no DeepSpeed line in the table
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-qlora-") as tmp:
         root = Path(tmp)
