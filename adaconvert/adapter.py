@@ -89,11 +89,11 @@ class LowRankDelta:
     def first_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A[:, 0], B[0, :])``, each (r,) float32, without building ``A`` or ``B`` (the components' first
         look: ``transforms.strip``)."""
-        if self._A is not None or self._keep is None:
-            first_a = self.A[:, 0]  # a view of the saved A when nothing is selected
+        if self._A is not None:
+            first_a = self._A[:, 0]
         else:
-            first_a = self._saved_A[:, 0].index_select(0, self._keep).float()
-        return first_a, self.rows("B", 0, 1)[0]
+            first_a = self._saved_A[:, 0] if self._keep is None else self._saved_A[:, 0].index_select(0, self._keep)
+        return first_a.float(), self.rows("B", 0, 1)[0]
 
     @property
     def rank(self) -> int:
