@@ -22,8 +22,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check adaconvert tests tools
 	$(VENV)/bin/ruff format --check adaconvert tests tools
 
+# on every core (pytest-xdist); the vLLM tests on one worker, one after another (tests/conftest.py); the slowest
+# tests listed at the end
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup --durations=25
 
 # the edit loop: everything but vLLM, llama.cpp, multi-process training, the demo and the slowest end-to-end runs,
 # on every core (pytest-xdist): under a minute on 2 cores

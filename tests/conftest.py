@@ -27,11 +27,14 @@ def pretrained_tiny(request, tmp_path_factory):
     """The demo's tiny llama pretrained on the general half of the embedded data (forgetting and ROUGE mean something
     on it), cached in pytest's cache directory across sessions (rebuilt only when its recipe changes), or built once
     per session under ``-p no:cacheprovider``."""
+    from filelock import FileLock
+
     from adaconvert.demo.pretrain import pretrained_tiny_base
 
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     where = cache.mkdir("pretrained-tiny-llama") if cache is not None else tmp_path_factory.mktemp("pretrained")
-    return pretrained_tiny_base(where / "base")
+    with FileLock(where / "build.lock"):  # pytest-xdist workers share the cache: one builds, the others reuse it
+        return pretrained_tiny_base(where / "base")
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +128,20 @@ def converted_llama(adalora_llama, tmp_path_factory):
 _MARKED_BY_FIXTURE = {"vllm_engine": "vllm", "server": "vllm"}
 
 
+# under pytest-xdist (`make test` runs on every core, --dist loadgroup) the tests of each group run on one worker,
+# one after another: one shared vLLM engine, and never two vLLM engines or servers sizing their CPU KV cache from the
+# same free memory at once; never two 2-process launches at once on a 2-core machine
+_XDIST_GROUPS = ("vllm", "distributed")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, marker in _MARKED_BY_FIXTURE.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+        group = next((g for g in _XDIST_GROUPS if item.get_closest_marker(g)), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
