@@ -28,7 +28,7 @@ test: lint
 	$(PY) -m pytest -n auto --dist loadgroup --durations=25
 
 # the edit loop: everything but vLLM, llama.cpp, multi-process training, the demo and the slowest end-to-end runs,
-# on every core (pytest-xdist): under a minute on 2 cores
+# on every core (pytest-xdist): about a minute on 2 cores
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not vllm and not slow and not llama_cpp and not distributed"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,11 +17,33 @@ for _name in [name for name in os.environ if name.startswith("VLLM_")]:
     del os.environ[_name]
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory ``build(directory)`` fills, made once per test run and read-only for the tests.
+
+    Under pytest-xdist the first worker that asks builds it in the run's common temporary root and the others wait
+    on a file lock, then reuse it: every build here is seeded, so each worker would have made the same files, and
+    building them once per worker doubled the setup of `make test-fast`.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this run's, common to its workers
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_model(path, "llama")
-    return path
+    return _built_once(tmp_path_factory, "tiny-llama", lambda path: build_tiny_model(path, "llama"))
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +63,12 @@ def pretrained_tiny(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    build_tiny_model(path, "gpt2")
-    return path
+    return _built_once(tmp_path_factory, "tiny-gpt2", lambda path: build_tiny_model(path, "gpt2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    build_tiny_model(path, "qwen2")
-    return path
+    return _built_once(tmp_path_factory, "tiny-qwen2", lambda path: build_tiny_model(path, "qwen2"))
 
 
 def _train_adalora(base, out, arch, *, seed, steps=30, **kw):
@@ -58,13 +78,15 @@ def _train_adalora(base, out, arch, *, seed, steps=30, **kw):
 @pytest.fixture(scope="session")
 def adalora_llama(tiny_llama, tmp_path_factory):
     """AdaLoRA trained to the end of budgeting: rank_pattern saved, ranks differ, some modules pruned to 0."""
-    return _train_adalora(tiny_llama, tmp_path_factory.mktemp("adalora-llama"), "llama", seed=0)
+    return _built_once(tmp_path_factory, "adalora-llama", lambda out: _train_adalora(tiny_llama, out, "llama", seed=0))
 
 
 @pytest.fixture(scope="session")
 def adalora_llama_b(tiny_llama, tmp_path_factory):
     """A second AdaLoRA on the same base (other seed and alpha), for multi-adapter serving."""
-    return _train_adalora(tiny_llama, tmp_path_factory.mktemp("adalora-llama-b"), "llama", seed=1, lora_alpha=8)
+    return _built_once(
+        tmp_path_factory, "adalora-llama-b", lambda out: _train_adalora(tiny_llama, out, "llama", seed=1, lora_alpha=8)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -75,23 +97,34 @@ def adalora_llama_no_pattern(tiny_llama, tmp_path_factory):
     def forget_pattern(model):
         model.peft_config["default"].rank_pattern = None
 
-    out = tmp_path_factory.mktemp("adalora-llama-nopattern")
     cfg = adalora_config("llama", total_step=40)
     # the last step (20) is a masking step (step % deltaT == 0), so the zeros are still there when saving
-    return train_peft(tiny_llama, out, cfg, steps=21, seed=2, adalora=True, before_save=forget_pattern)
+    return _built_once(
+        tmp_path_factory,
+        "adalora-llama-nopattern",
+        lambda out: train_peft(tiny_llama, out, cfg, steps=21, seed=2, adalora=True, before_save=forget_pattern),
+    )
 
 
 @pytest.fixture(scope="session")
 def adalora_llama_unpruned(tiny_llama, tmp_path_factory):
     """AdaLoRA saved before pruning ever ran (step < tinit): rank_pattern null, every module at init_r."""
-    out = tmp_path_factory.mktemp("adalora-llama-unpruned")
-    return train_peft(tiny_llama, out, adalora_config("llama", total_step=40), steps=4, seed=4, adalora=True)
+    cfg = adalora_config("llama", total_step=40)
+    return _built_once(
+        tmp_path_factory,
+        "adalora-llama-unpruned",
+        lambda out: train_peft(tiny_llama, out, cfg, steps=4, seed=4, adalora=True),
+    )
 
 
 @pytest.fixture(scope="session")
 def adalora_gpt2(tiny_gpt2, tmp_path_factory):
     """AdaLoRA on GPT-2's Conv1D layers (fan_in_fan_out)."""
-    return _train_adalora(tiny_gpt2, tmp_path_factory.mktemp("adalora-gpt2"), "gpt2", seed=0, fan_in_fan_out=True)
+    return _built_once(
+        tmp_path_factory,
+        "adalora-gpt2",
+        lambda out: _train_adalora(tiny_gpt2, out, "gpt2", seed=0, fan_in_fan_out=True),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +139,13 @@ def lora_variants(tiny_llama, tmp_path_factory):
             alpha_pattern={"mlp.down_proj": 32, r"layers\.0\..*proj": 2},
         ),
     }
-    root = tmp_path_factory.mktemp("lora")
-    return {
-        name: train_peft(tiny_llama, root / name, cfg, steps=6, seed=i)
-        for i, (name, cfg) in enumerate(variants.items())
-    }
+
+    def build(root):
+        for i, (name, cfg) in enumerate(variants.items()):
+            train_peft(tiny_llama, root / name, cfg, steps=6, seed=i)
+
+    root = _built_once(tmp_path_factory, "lora", build)
+    return {name: root / name for name in variants}
 
 
 @pytest.fixture(scope="session")
