@@ -151,20 +151,6 @@ class LoraPatterns:
         )
 
 
-def lora_rank_and_alpha(
-    module_name: str,
-    *,
-    r: int,
-    lora_alpha: float,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
-) -> tuple[int, float]:
-    """(r_m, alpha_m) of one module of a standard LoRA config, honouring the patterns (for many modules of one
-    config, :class:`LoraPatterns`)."""
-    patterns = LoraPatterns(r=r, lora_alpha=lora_alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    return patterns.rank_and_alpha(module_name)
-
-
 def lora_scaling(rank: int, alpha: float, *, use_rslora: bool = False) -> float:
     """Scaling of a standard LoRA module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils.other import get_pattern_key as peft_get_pattern_key
 
-from adaconvert.scaling import get_pattern_key, lora_rank_and_alpha
+from adaconvert.scaling import LoraPatterns, get_pattern_key
 
 # plain keys (module names) are matched without re: newlines, where re's "$" and "." have their quirks, included
 names = st.text(alphabet="ab1._\n", min_size=1, max_size=12)
@@ -23,10 +23,10 @@ def test_pattern_key_matches_peft(keys, name):
 
 
 def test_first_key_wins_and_rank_alpha_lookup():
-    pattern = {r"layers\.1\.self_attn\.q_proj": 2, "q_proj": 3}
-    assert lora_rank_and_alpha("model.layers.1.self_attn.q_proj", r=8, lora_alpha=16, rank_pattern=pattern) == (2, 16)
-    assert lora_rank_and_alpha("model.layers.2.self_attn.q_proj", r=8, lora_alpha=16, rank_pattern=pattern) == (3, 16)
-    assert lora_rank_and_alpha("model.layers.2.self_attn.k_proj", r=8, lora_alpha=16, rank_pattern=pattern) == (8, 16)
+    patterns = LoraPatterns(r=8, lora_alpha=16, rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "q_proj": 3})
+    assert patterns.rank_and_alpha("model.layers.1.self_attn.q_proj") == (2, 16)
+    assert patterns.rank_and_alpha("model.layers.2.self_attn.q_proj") == (3, 16)
+    assert patterns.rank_and_alpha("model.layers.2.self_attn.k_proj") == (8, 16)
     # a dot in a plain key matches any character, as in PEFT
     assert get_pattern_key(["layers.1.q"], "model.layers72xq") is None
     assert get_pattern_key(["layers.1.q"], "model.layersX1Yq") == "layers.1.q"
