@@ -95,8 +95,7 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``; it must be the next one of the layout, with the announced dtype and shape."""
         self._announced(name, tensor.dtype, tuple(tensor.shape))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._write_tensor(tensor.detach().to("cpu").contiguous())
         self._next += 1
 
     def write_padded(self, name: str, tensor: torch.Tensor | Rows, dtype: torch.dtype, shape: tuple[int, int]) -> None:
@@ -128,6 +127,7 @@ class SafetensorsWriter:
         self._next += 1
 
     def _write_tensor(self, tensor: torch.Tensor) -> None:
+        """The bytes of a contiguous CPU tensor, as they are in memory."""
         self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
 
     def _announced(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
