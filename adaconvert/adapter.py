@@ -93,7 +93,7 @@ class LowRankDelta:
             first_a = self._A[:, 0]
         else:
             first_a = self._saved_A[:, 0] if self._keep is None else self._saved_A[:, 0].index_select(0, self._keep)
-        return first_a.float(), self.rows("B", 0, 1)[0]
+        return first_a.float(), self.rows("B", 0, 1)[0].float()
 
     @property
     def rank(self) -> int:

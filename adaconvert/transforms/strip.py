@@ -42,7 +42,7 @@ def _sure_components(deltas: dict[str, LowRankDelta]) -> dict[str, bool]:
     if not names:
         return {}
     a_firsts, b_firsts = zip(*(deltas[n].first_entries() for n in names), strict=True)
-    firsts = torch.cat([t.float() for t in (*a_firsts, *b_firsts)])
+    firsts = torch.cat([*a_firsts, *b_firsts])
     # NaN == 0 is False: a NaN never makes a component look empty. A value float32 rounds to 0 (a float64 one)
     # only sends its module to the exact per-module look.
     zero = (firsts == 0).tolist()
