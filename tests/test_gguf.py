@@ -326,6 +326,19 @@ def test_q8_0_where_every_row_fits(bases, tmp_path):
     assert (deq - want).abs().max() <= want.abs().max() / 127
 
 
+def test_written_file_is_the_same_over_an_existing_file(bases, tmp_path):
+    """The writer opens the empty temporary file it is handed without truncating it (so that ext4 does not flush it
+    on close), and any other existing file as "wb": over either, the bytes are those of a fresh file."""
+    base = load_gguf_base(bases["llama"])
+    adapter = Adapter({"model.layers.0.mlp.up_proj": LowRankDelta(A=torch.randn(4, 64), B=torch.randn(128, 4))})
+    write_gguf_lora(adapter, tmp_path / "fresh.gguf", base=base, name="x")
+    (tmp_path / "empty.gguf").touch()
+    (tmp_path / "longer.gguf").write_bytes(b"\xff" * (2 * (tmp_path / "fresh.gguf").stat().st_size))
+    for name in ("empty.gguf", "longer.gguf"):
+        write_gguf_lora(adapter, tmp_path / name, base=base, name="x")
+        assert (tmp_path / name).read_bytes() == (tmp_path / "fresh.gguf").read_bytes(), name
+
+
 def test_error_types(bases, adaloras, tmp_path):
     with pytest.raises(SourceNotFoundError):
         to_gguf(adaloras["llama"], tmp_path / "a.gguf", base=tmp_path / "nope")

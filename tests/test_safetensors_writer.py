@@ -61,9 +61,10 @@ def test_header_is_valid_json_padded_with_spaces():
 
 
 def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
-    """write_padded streams a cast, zero-padded copy through one reused buffer: the file holds exactly
-    ``zeros(shape)`` with the tensor in its corner, for transposed views, row and column padding, several buffer
-    chunks, and a narrower tensor after a wider one (whose data columns must not leak into its padding)."""
+    """write_padded streams a cast, zero-padded copy through reused buffers (one per row width): the file holds
+    exactly ``zeros(shape)`` with the tensor in its corner, for transposed views, row and column padding, several
+    buffer chunks, and a narrower tensor after a wider one, also with a tensor of another width in between (whose
+    data columns must not leak into its padding)."""
     import adaconvert.io.safetensors_writer as writer_module
 
     monkeypatch.setattr(writer_module, "_BUFFER_BYTES", 64)  # 8 float32 rows of 2: every tensor takes several chunks
@@ -71,6 +72,8 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
     cases = [  # (name, tensor, dtype, padded shape)
         ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is
         ("three", torch.randn(10, 3, generator=g), torch.float32, (10, 4)),
+        ("seven wide", torch.randn(5, 6, generator=g), torch.float32, (5, 7)),
+        ("two", torch.randn(6, 2, generator=g), torch.float32, (6, 4)),
         ("narrow", torch.randn(13, 1, generator=g), torch.float32, (13, 4)),
         ("transposed", torch.randn(3, 10, generator=g).T, torch.bfloat16, (12, 4)),
         ("empty", torch.zeros(0, 4), torch.float16, (2, 4)),

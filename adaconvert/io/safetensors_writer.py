@@ -11,6 +11,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +45,14 @@ class Rows(Protocol):
 
 _BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
 _ZEROS = memoryview(bytes(1 << 20))
+
+
+@dataclass
+class _PadBuffer:
+    """One of :meth:`SafetensorsWriter.write_padded`'s buffers and how many of its columns hold data."""
+
+    data: torch.Tensor
+    dirty: int = 0
 
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -87,8 +96,9 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._layout = [(n, d, tuple(s)) for n, d, s in layout]
         self._next = 0
-        self._pad_buffer: torch.Tensor | None = None  # write_padded's, and how many of its columns hold data
-        self._pad_dirty = 0
+        # write_padded's buffers, one per (dtype, width): a writer that alternates widths (mlx-lm's (in, R) lora_a
+        # and (R, out) lora_b) would otherwise allocate, and page-fault, a fresh one on every call
+        self._buffers: dict[tuple[torch.dtype, int], _PadBuffer] = {}
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._file.write(build_header(self._layout, metadata))
 
@@ -103,8 +113,9 @@ class SafetensorsWriter:
         layout announced. ``tensor`` is 2-D, any strides (a transposed view is fine), or a :class:`Rows` that
         computes it block by block (a folded factor: ``adapter.Factor``).
 
-        The padded tensor is never built whole: rows go through one reused buffer of a few MiB, whose memory is
-        touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the copy itself).
+        The padded tensor is never built whole: rows go through a reused buffer of a few MiB per row width, whose
+        memory is touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the copy
+        itself).
         """
         self._announced(name, dtype, tuple(shape))
         rows, cols = tensor.shape
@@ -141,15 +152,15 @@ class SafetensorsWriter:
 
     def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> torch.Tensor:
         """A (rows, width) buffer of ``dtype`` whose columns from ``cols`` on are zero, reused from call to call
-        (only its first ``cols`` columns are written before the next call)."""
+        (only its first ``cols`` columns are written before the next call of the same dtype and width)."""
         rows, width = shape
-        buffer = self._pad_buffer
-        if buffer is None or buffer.dtype != dtype or buffer.shape[1] != width or len(buffer) < rows:
-            buffer = self._pad_buffer = torch.zeros(shape, dtype=dtype)
-        elif self._pad_dirty > cols:  # data columns of an earlier call
-            buffer[:, cols : self._pad_dirty].zero_()
-        self._pad_dirty = cols
-        return buffer
+        buffer = self._buffers.get((dtype, width))
+        if buffer is None or len(buffer.data) < rows:
+            buffer = self._buffers[dtype, width] = _PadBuffer(torch.zeros(shape, dtype=dtype))
+        elif buffer.dirty > cols:  # data columns of an earlier call
+            buffer.data[:, cols : buffer.dirty].zero_()
+        buffer.dirty = cols
+        return buffer.data
 
     def _write_zeros(self, nbytes: int) -> None:
         while nbytes > 0:

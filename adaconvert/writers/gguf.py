@@ -253,7 +253,7 @@ def write_gguf_lora(
     tensors = gguf_tensors(adapter, base)
     encoded = [_encoded(t, qtype) for t in tensors]  # every shape checked before anything is written
 
-    writer = gguf.GGUFWriter(path, base.arch)
+    writer = _writer_class()(path, base.arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -270,6 +270,28 @@ def write_gguf_lora(
     finally:
         writer.close()
     return tensors
+
+
+def _writer_class():
+    """``gguf.GGUFWriter`` that opens an existing empty ``path`` without truncating it.
+
+    Callers hand the writer the empty temporary file they created (``io.atomic``). Opened with ``"wb"``, ext4 sees a
+    file truncated and rewritten, and on close starts writing all of it back to disk before ``close`` returns
+    (``auto_da_alloc``, there for programs that replace a file in place without fsync): 50 ms of a 160 MiB export,
+    which the rename into place does not need.
+    """
+    gguf = _gguf()
+
+    class Writer(gguf.GGUFWriter):
+        def open_output_file(self, path: Path | None = None) -> None:
+            target = Path(path) if path is not None else self.path
+            fresh = self.state is gguf.gguf_writer.WriterState.NO_FILE and target is not None
+            if not (fresh and target.is_file() and target.stat().st_size == 0):  # "wb": nothing old may remain
+                return super().open_output_file(path)
+            self.path, self.fout = target, [open(target, "r+b")]  # noqa: SIM115 - closed by close()
+            self.state = gguf.gguf_writer.WriterState.EMPTY
+
+    return Writer
 
 
 def _encode_all(tensors: list[GGUFTensor], qtype) -> Iterator:
