@@ -30,6 +30,7 @@ OPERATIONS = {
     "to-lora --layout uniform": (["to-lora", "--layout", "uniform"], ""),
     "to-mlx": (["to-mlx", "--base", "{base}"], ""),
     "to-gguf (f32)": (["to-gguf", "--base", "{base}", "--overwrite"], ".gguf"),  # its side files stay
+    "to-lora --dtype bfloat16": (["to-lora", "--dtype", "bfloat16"], ""),  # + the cast's error, measured
 }
 
 # (name, in_features, out_features) of one Llama-3-8B decoder layer
