@@ -30,15 +30,22 @@ class LowRankDelta:
     (about 60 ms of a 200 ms export of an 8B-shaped AdaLoRA), writing them from a few MiB at a time does not.
     """
 
-    __slots__ = ("_A", "_B", "_keep", "_saved_A", "_saved_B", "_scale")
+    __slots__ = ("_A", "_B", "_keep", "_saved_A", "_saved_B", "_scale", "bound")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         self._A, self._B = A, B
         self._saved_A = self._saved_B = self._keep = self._scale = None
+        self.bound: float | None = None  # no entry of A or B has a larger magnitude; None: not known
 
     @classmethod
     def folding(
-        cls, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float, keep: torch.Tensor | None = None
+        cls,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: torch.Tensor | float,
+        keep: torch.Tensor | None = None,
+        *,
+        bound: float | None = None,
     ) -> LowRankDelta:
         """The delta ``B[:, keep] · scale[keep] @ A[keep]``, computed in float32 when read.
 
@@ -46,6 +53,9 @@ class LowRankDelta:
             A: (r, in) and B: (out, r) as saved, any floating dtype; never written to.
             scale: a float, or an (r,) float32 vector (one scale per component).
             keep: (k,) indices of the components to keep, in order; None keeps all r.
+            bound: what the reader knows without computing the factors: no entry of A or B is larger in
+                magnitude (max|A|, and max|B| · max|scale|: float rounding is monotonic). Lets a writer skip a
+                range check (float16's) that the factors pass anyway.
         """
         delta = cls(None, None)
         if keep is not None and len(keep) == A.shape[0]:
@@ -53,6 +63,7 @@ class LowRankDelta:
         if keep is not None and isinstance(scale, torch.Tensor):
             scale = scale.index_select(0, keep)
         delta._saved_A, delta._saved_B, delta._scale, delta._keep = A, B, scale, keep
+        delta.bound = bound
         return delta
 
     @property

@@ -26,9 +26,15 @@ def _frobenius_sq(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0))
 
 
+def factors(delta: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of ``delta``, float32, not kept by it: measuring an export's error must not hold a second copy of
+    every folded factor until it is written (``Factor.whole``)."""
+    return delta.factor("B").whole(), delta.factor("A").whole()
+
+
 def frobenius_norm(delta: LowRankDelta) -> float:
     """‖ΔW‖_F of ΔW = B @ A."""
-    return math.sqrt(_frobenius_sq(delta.B, delta.A))
+    return math.sqrt(_frobenius_sq(*factors(delta)))
 
 
 def relative_error(reference: LowRankDelta, other: LowRankDelta) -> float:
@@ -39,7 +45,7 @@ def relative_error(reference: LowRankDelta, other: LowRankDelta) -> float:
     [B₁, −B₂] @ [A₁; A₂], two terms of the size of ΔW that cancel (float64). Both zero gives 0; a zero reference
     and a non-zero other gives inf.
     """
-    (B1, A1), (B2, A2) = (reference.B, reference.A), (other.B, other.A)
+    (B1, A1), (B2, A2) = factors(reference), factors(other)
     if B1.shape == B2.shape and A1.shape == A2.shape:
         diff_sq = _frobenius_sq(torch.cat([B1 - B2, B2], dim=1), torch.cat([A1, A1 - A2], dim=0))
     else:

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from adaconvert.cli import main
-from tests.helpers.adapter_edits import edit_config, edit_tensors, write_adalora
+from tests.helpers.adapter_edits import MODULES, edit_config, edit_tensors, write_adalora
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -209,3 +209,23 @@ def test_unsupported_lora_features_are_named(tmp_path, capsys):
     assert main(["to-lora", str(src), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
     assert "unsupported LoRA feature(s): DoRA (magnitude vectors); bias='all'" in err
+
+
+def test_float16_range_is_checked_on_the_folded_factors_not_on_the_readers_bound(tmp_path):
+    """The reader's bound (max|B| · max|scale|) only lets the check be skipped: a large B column with a small scale
+    and a small column with a large scale pass the bound's 65504 but not one folded entry does, so float16 is
+    written, equal to the float32 output cast."""
+    src = write_adalora(tmp_path / "src")
+
+    def uneven(tensors):
+        p = f"base_model.model.{MODULES[0]}"
+        tensors[f"{p}.lora_B"][:, 0], tensors[f"{p}.lora_B"][:, 1:] = 1.0, 300.0
+        tensors[f"{p}.lora_E"][:] = torch.tensor([[300.0], [1.0], [1.0]])
+
+    edit_tensors(src, uneven)
+    assert main(["to-lora", str(src), str(tmp_path / "f32"), "--quiet"]) == 0
+    assert main(["to-lora", str(src), str(tmp_path / "f16"), "--dtype", "float16", "--quiet"]) == 0
+    f32, f16 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("f32", "f16"))
+    b = next(k for k in f32 if k.endswith("lora_B.weight"))
+    assert 300.0**2 > 65504 > f32[b].abs().max()  # the bound would refuse it
+    assert torch.equal(f16[b], f32[b].half())

@@ -140,9 +140,11 @@ def _check_fits(adapter: Adapter, dtype: torch.dtype, src) -> None:
     into B can pass it (the file would hold Inf, which PEFT and vLLM load without a word)."""
     limit = torch.finfo(dtype).max
     if limit >= torch.finfo(torch.float32).max:
-        return  # the readers checked the folded float32 factors already (bfloat16 has float32's range)
+        return  # the readers checked the folded float32 factors already
     for module, delta in adapter.deltas.items():
-        for part, tensor in (("lora_A", delta.A), ("lora_B", delta.B)):
+        if delta.bound is not None and delta.bound <= limit:
+            continue  # the reader's bound on every entry (bfloat16's limit is just below float32's)
+        for part, tensor in (("lora_A", delta.factor("A").whole()), ("lora_B", delta.factor("B").whole())):
             if tensor.numel() and max(-tensor.min().item(), tensor.max().item()) > limit:
                 raise NonFiniteError(
                     f"{part} (scaling folded in) exceeds {str(dtype).removeprefix('torch.')}'s largest value "

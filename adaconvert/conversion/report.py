@@ -10,7 +10,7 @@ import torch
 
 from adaconvert.adapter import Adapter, LowRankDelta, split_module_name
 from adaconvert.compat.vllm import smallest_bucket
-from adaconvert.metrics import relative_error
+from adaconvert.metrics import factors, relative_error
 
 
 @dataclass
@@ -117,11 +117,12 @@ def gguf_side_files(dst: str | Path) -> tuple[Path, Path]:
 
 
 def _cast(delta: LowRankDelta, dtype: torch.dtype) -> LowRankDelta:
-    return LowRankDelta(A=delta.A.to(dtype).float(), B=delta.B.to(dtype).float())
+    B, A = factors(delta)
+    return LowRankDelta(A=A.to(dtype).float(), B=B.to(dtype).float())
 
 
 def _empty_like(delta: LowRankDelta) -> LowRankDelta:
-    return LowRankDelta(A=delta.A.new_zeros(0, delta.in_features), B=delta.B.new_zeros(delta.out_features, 0))
+    return LowRankDelta(A=torch.zeros(0, delta.in_features), B=torch.zeros(delta.out_features, 0))
 
 
 def build_report(

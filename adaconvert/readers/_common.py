@@ -214,10 +214,12 @@ def fold_scaling(
         NonFiniteError: an input holds NaN or Inf (naming it, ``weights_path``), or the product overflows float32
             (a huge ``lora_alpha`` turns finite inputs into Inf; ``config_path``).
     """
-    magnitude = check_finite(module, parts, path=weights_path)[names[1]]
-    delta = LowRankDelta.folding(parts[names[0]], parts[names[1]], scale, keep)
+    magnitudes = check_finite(module, parts, path=weights_path)
+    magnitude = magnitudes[names[1]]
     scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product uses it: 1e300 is Inf there
     biggest_scale = float(scale32.abs().max()) if scale32.numel() else 0.0
+    bound = max(magnitudes[names[0]], magnitude * biggest_scale)
+    delta = LowRankDelta.folding(parts[names[0]], parts[names[1]], scale, keep, bound=bound)
     # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest value
     # nothing overflows and the product need not be computed here; near it (or past it), every element is checked
     if (
