@@ -110,7 +110,11 @@ def run(tiny_llama, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_llama), str(data), str(tmp)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    # what tells an abort during the run from one at exit (a record written): a rare SIGABRT of one process,
+    # "terminate called without an active exception", was seen once under full-suite load
+    written = sorted(p.name for p in tmp.glob("rank*.json"))
+    output = f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}, records {written}\n{output}"
     return tmp, [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
