@@ -154,7 +154,10 @@ def build_report(
         if reference is None or (after is reference and dtype == torch.float32):
             error = 0.0  # ΔW is zero in the source (and strip_empty removed it), or passed through bit for bit
         else:
-            error = relative_error(reference, _cast(after, dtype) if after else _empty_like(reference))
+            B, A = factors(reference)  # folded once, also for its cast when it is what is written
+            folded = LowRankDelta(A=A, B=B)
+            written = folded if after is reference else after
+            error = relative_error(folded, _cast(written, dtype) if after else _empty_like(reference))
         modules.append(
             ModuleReport(
                 name=name,
