@@ -192,8 +192,13 @@ def pytest_collection_finish(session):
         session.config.stash[_UNGROUPED] = {
             item.nodeid
             for item in session.items
-            if (marker := item.get_closest_marker("xdist_group")) and not item.nodeid.endswith(f"@{marker.args[0]}")
+            if (marker := item.get_closest_marker("xdist_group")) and not item.nodeid.endswith(f"@{_group(marker)}")
         }
+
+
+def _group(marker) -> str:
+    """The group an ``xdist_group`` marker names, read as pytest-xdist reads it (``xdist/remote.py``)."""
+    return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before any fixture (a vLLM server) is set up
