@@ -1,5 +1,5 @@
-"""What a distributed run needs beyond the Trainer: full tensors from FSDP2 shards, and one decision taken on the
-main process and obeyed by all.
+"""What a distributed run needs beyond the Trainer: full tensors from FSDP2 shards, one decision taken on the
+main process and obeyed by all, and collectives that leave nothing behind in gloo's worker threads (:func:`released`).
 
 Under FSDP2 every parameter (and its gradient) is a ``DTensor`` holding one shard per process, sharded on dim 0;
 outside a layer's forward and backward only the shard is present. AdaLoRA's budget, LoRA-Drop's weight scores
@@ -10,8 +10,11 @@ same order). Without FSDP, tensors are returned as they are.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
+import pickle
+import time
 
 import torch
 
@@ -103,7 +106,8 @@ class _AllGatherPadded(torch.autograd.Function):
         ctx.me, ctx.size = me, flat.numel()
         padded = torch.nn.functional.pad(flat, (0, width - flat.numel())).contiguous()
         out = padded.new_empty(dist.get_world_size(group) * width)
-        dist.all_gather_into_tensor(out, padded, group=group)
+        with released(padded, out):
+            dist.all_gather_into_tensor(out, padded, group=group)
         return out.view(-1, width)
 
     @staticmethod
@@ -149,18 +153,75 @@ def average_gradients(params) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
+    with released(flat):
+        dist.all_reduce(flat)
     flat /= dist.get_world_size()
     for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         grad.copy_(mean.view_as(grad))
 
 
+@contextlib.contextmanager
+def released(*tensors: torch.Tensor):
+    """Around one blocking collective on CPU ``tensors``: leave only once the process group has let go of them.
+
+    Gloo runs a collective on a worker thread, which drops its references to the tensors a moment *after* the
+    collective completes and the caller has moved on. When the caller has dropped its own by then, the worker's
+    drop is the last: it frees the tensors' Python objects, so it takes the GIL. After the run's last collective the
+    caller may already be exiting, and a thread that takes the GIL once the interpreter is finalising is ended with
+    ``pthread_exit``, which aborts a C++ thread ("terminate called without an active exception", SIGABRT): a run
+    that succeeded, reported as failed by its launcher (seen on 1 in 4 test-suite runs with FSDP on 2 CPU
+    processes; the core dump shows gloo's worker in ``~AsyncAllgatherWork`` → ``decref_pyobject`` → ``take_gil``
+    → ``PyThread_exit_thread``). Waiting here until the tensors' use counts are back to what they were keeps the
+    caller's reference the last.
+
+    CUDA tensors are not waited for: NCCL's watchdog thread releases its work later, on its own schedule, and
+    ``destroy_process_group`` ends it (:func:`_destroy_process_group_at_exit`).
+    """
+    if not all(t.device.type == "cpu" for t in tensors):
+        yield
+        return
+    counts = [t._use_count() for t in tensors]  # the TensorImpl's C++ references, Python's included
+    yield
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while any(t._use_count() > n for t, n in zip(tensors, counts, strict=True)):
+        if time.monotonic() > deadline:  # someone else holds one now: nothing left to wait for
+            return
+        time.sleep(_RELEASE_POLL_S)  # lets the worker run (and take the GIL, if it needs it)
+
+
+_RELEASE_TIMEOUT_S = 5.0
+_RELEASE_POLL_S = 1e-4
+
+
+def broadcast_object(obj, *, src: int = 0):
+    """``obj`` of process ``src`` on every process (pickled; every process must call this).
+
+    ``torch.distributed.broadcast_object_list`` would do, but its tensors are its own and cannot be waited for
+    (:func:`released`), and a broadcast is often the last collective before a process exits (a refusal that every
+    process raises).
+    """
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = pickle.dumps(obj) if dist.get_rank() == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    with released(size):
+        dist.broadcast(size, src=src)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    with released(payload):
+        dist.broadcast(payload, src=src)
+    # the bytes come from process src of this run (as broadcast_object_list's do), never from a file
+    return obj if dist.get_rank() == src else pickle.loads(payload.cpu().numpy().tobytes())
+
+
 @functools.cache  # once per process
 def _destroy_process_group_at_exit() -> None:
-    """End the process group while the interpreter is still whole. Left to interpreter finalisation, gloo's worker
-    threads can outlive the objects they hold and the process aborts on its way out ("terminate called without an
-    active exception", SIGABRT) after a run that succeeded: seen on 1 of a few `accelerate launch --use_fsdp` runs.
-    A no-op when the group is already gone (the caller's own ``destroy_process_group``)."""
+    """End the process group while the interpreter is still whole: when nothing else holds the group, this frees
+    it, and gloo's destructor joins its worker threads while the interpreter can still give them the GIL (see
+    :func:`released` for what a worker left to finalisation does). A no-op when the group is already gone (the
+    caller's own ``destroy_process_group``)."""
     import torch.distributed as dist
 
     def destroy() -> None:
@@ -197,12 +258,12 @@ def on_main_then_all(check, *, cuda: bool) -> None:
 
     PartialState(cpu=not cuda, backend=None if cuda else "gloo")
     _destroy_process_group_at_exit()
-    failure: list = [None]
+    failure = None
     if dist.get_rank() == 0:
         try:
             check()
         except errors.AdaconvertError as exc:
-            failure[0] = exc
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise failure[0]
+            failure = exc
+    failure = broadcast_object(failure, src=0)
+    if failure is not None:
+        raise failure

@@ -36,7 +36,7 @@ from adaconvert.training.config import DEFAULT_THRESHOLD, TrainOptions, adalora_
 from adaconvert.training.data import CausalCollator, TokenizedDataset, load_texts, tokenize
 from adaconvert.training.heldout import eval_record, split_heldout
 from adaconvert.training.phase import PhaseStats, run_phase
-from adaconvert.training.sharding import adapter_state_dict, on_main_then_all, rank, world_size
+from adaconvert.training.sharding import adapter_state_dict, broadcast_object, on_main_then_all, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -645,9 +645,7 @@ def _same_on_every_process(scores: dict[str, float]) -> dict[str, float]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return scores
-    payload = [scores]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+    return broadcast_object(scores, src=0)
 
 
 def _write(result: TrainResult, opts: TrainOptions, state: dict) -> None:
