@@ -113,3 +113,11 @@ def test_load_tensors_matches_the_reference_reader(tmp_path, misaligned):
         assert list(back) == list(f.keys())  # the order the readers always had
     for k, v in reference.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)
+
+
+def test_a_failed_write_reaches_the_caller():
+    """A write that fails (a full disk: Linux's /dev/full) is raised to the caller, never lost in a buffer."""
+    layout = [(f"t{i}", torch.float32, (256, 1024)) for i in range(3)]
+    with pytest.raises(OSError, match="No space left"), SafetensorsWriter("/dev/full", layout) as w:
+        for name, _, shape in layout:
+            w.write(name, torch.ones(shape))
