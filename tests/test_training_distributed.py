@@ -45,8 +45,9 @@ lora = train("lora", output=out + "/lora", steps=4, gradient_checkpointing=True,
 rank = int(os.environ.get("RANK", "0"))
 extra = {}
 if mode != "single":  # LoRA-Drop's default policy: 6 of 14 modules kept, the rest share one LoRA per module kind
+    # (scored by the pilot's weights: the other importance, whose FSDP shards are gathered in one collective)
     share = train("lora-drop", output=out + "/lora-drop-share", steps=6, keep_fraction=0.4, pilot_fraction=0.5,
-                  granularity="module", **common)
+                  granularity="module", importance="weight-l1", **common)
     extra["share"] = share.lora_drop
 if mode == "fsdp":  # the mixed-precision policy each FSDP unit got from accelerate, in a bf16 run
     from torch.distributed.fsdp import FSDPModule
@@ -205,7 +206,7 @@ CLI_RUNS = {
     "adalora": ["adalora", "--steps", "16", "--init-r", "6", "--target-r", "2", "--tinit", "3", "--tfinal", "4",
                 "--delta-t", "2"],
     "lora-drop-share": ["lora-drop", "--steps", "6", "--keep-fraction", "0.4", "--pilot-fraction", "0.5",
-                        "--granularity", "module"],
+                        "--granularity", "module", "--importance", "weight-l1"],
 }  # fmt: skip
 
 

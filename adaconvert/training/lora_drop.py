@@ -23,7 +23,7 @@ from adaconvert.adapter import split_module_name
 from adaconvert.constants import PEFT_PREFIX
 from adaconvert.errors import InvalidConfigError
 from adaconvert.training.adalora import ADAPTER
-from adaconvert.training.sharding import full
+from adaconvert.training.sharding import full_tensors
 
 
 def lora_modules(model) -> dict:
@@ -91,14 +91,15 @@ def output_importance(model, batches) -> dict[str, float]:
 
 @torch.no_grad()
 def weight_l1_importance(model) -> dict[str, float]:
-    """‖A_m‖₁ + ‖B_m‖₁ (sum of absolute entries of both factors) for every LoRA module m (FSDP shards gathered:
-    every process must call this)."""
+    """‖A_m‖₁ + ‖B_m‖₁ (sum of absolute entries of both factors) for every LoRA module m (FSDP shards gathered, all
+    in one collective: every process must call this)."""
+    layers = lora_modules(model)
+    weights = full_tensors(
+        [w for layer in layers.values() for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+    )
     return {
-        name: float(
-            full(layer.lora_A[ADAPTER].weight).abs().double().sum()
-            + full(layer.lora_B[ADAPTER].weight).abs().double().sum()
-        )
-        for name, layer in lora_modules(model).items()
+        name: float(a.abs().double().sum() + b.abs().double().sum())
+        for name, a, b in zip(layers, weights[0::2], weights[1::2], strict=True)
     }
 
 
