@@ -4,7 +4,6 @@ against PEFT's own, the report and charts, bad input, a failing method, and an i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -135,8 +134,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
 def test_an_interrupted_comparison_keeps_finished_methods_and_resumes(inputs, tmp_path):
     output = tmp_path / "cmp"
     args = [sys.executable, "-m", "adaconvert.cli", *_args(inputs, output, "--methods", "lora,lora-drop")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not (output / "lora" / METHOD_RECORD_NAME).exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -163,9 +161,7 @@ def test_compare_demo_through_vllm(tmp_path):
     output = tmp_path / "demo"
     cmd = [sys.executable, "-m", "adaconvert.cli", "compare", "--demo", "--output", str(output), "--steps", "40",
            "--quiet"]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| eval loss" in proc.stdout and "in this run, lowest held-out loss" in proc.stdout
     report = json.loads((output / COMPARE_JSON_NAME).read_text())

@@ -25,8 +25,6 @@ from tests.helpers.training_utils import torchrun, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-
 SCRIPT = """
 import json, os, sys
 import torch
@@ -76,7 +74,7 @@ def _launch(tmp: Path, base: Path, data: Path, mode: str) -> Path:
     out.mkdir()
     script = tmp / "train_script.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets itself; the single process the same
     args = [str(script), str(base), str(data), str(out), mode]
     cmd = [sys.executable, *args] if mode == "single" else [torchrun(), "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -191,7 +189,7 @@ def test_a_refusal_on_the_main_process_stops_every_process(tiny_llama, tmp_path)
     torchrun's agent then killed rank 1; other launchers left it waiting in a collective until the timeout.)"""
     (tmp_path / "out").mkdir()
     data = write_jsonl(tmp_path / "d.jsonl")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets itself
     cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "adaconvert.cli", "train", "lora",
            "--model", str(tiny_llama), "--data", str(data), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

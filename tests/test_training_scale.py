@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -19,8 +18,6 @@ from safetensors.torch import load_file
 from tests.helpers.training_utils import torchrun, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import json, os, sys
@@ -107,11 +104,11 @@ def run(tiny_llama, tmp_path_factory):
     data = write_jsonl(tmp / "data.jsonl")
     script = tmp / "scale_script.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets itself
     cmd = [torchrun(), "--standalone", "--nproc_per_node", "2", str(script), str(tiny_llama), str(data), str(tmp)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    # what tells an abort during the run from one at exit (a record written): a rare SIGABRT of one process,
-    # "terminate called without an active exception", was seen once under full-suite load
+    # what tells an abort during the run from one at exit (a record written): a SIGABRT at exit, "terminate called
+    # without an active exception", was gloo's worker freeing a tensor during finalisation (sharding.released)
     written = sorted(p.name for p in tmp.glob("rank*.json"))
     output = f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, f"exit {proc.returncode}, records {written}\n{output}"

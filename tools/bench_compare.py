@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.25
 
 
@@ -35,7 +33,7 @@ def run(steps: int | None) -> tuple[dict, float]:
         cmd = [sys.executable, "-m", "adaconvert.cli", "compare", "--demo", "--output", str(output), "--quiet"]
         cmd += ["--steps", str(steps)] if steps else []
         started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode:
             raise SystemExit(f"compare failed ({proc.returncode}): {proc.stderr[-2000:]}")
