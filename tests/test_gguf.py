@@ -339,6 +339,73 @@ def test_written_file_is_the_same_over_an_existing_file(bases, tmp_path):
         assert (tmp_path / name).read_bytes() == (tmp_path / "fresh.gguf").read_bytes(), name
 
 
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_same_bytes_as_gguf_s_own_writer(outtype, bases, adaloras, tmp_path):
+    """Our GGUF writer (``io.gguf_file``) writes what gguf's ``GGUFWriter``, llama.cpp's own, writes for the same
+    keys and tensors: byte for byte, header, alignment and the f16 / bf16 / q8_0 encodings included (both round
+    element by element, no summation: bit-exact on any CPU). A trained adapter for the float types (pruned ranks,
+    q/k rows permuted); for q8_0 one whose rows are multiples of 32."""
+    import gguf
+
+    base = load_gguf_base(bases["llama"])
+    if outtype == "q8_0":
+        g = torch.Generator().manual_seed(0)
+        deltas = {
+            f"model.layers.{i}.self_attn.{m}": LowRankDelta(A=torch.randn(32, 64, generator=g), B=torch.randn(n, 32))
+            for i in range(2)
+            for m, n in (("q_proj", 64), ("k_proj", 32))
+        }
+        adapter = Adapter(deltas)
+    else:
+        adapter = prepare_conversion(adaloras["llama"]).adapter
+    tensors = write_gguf_lora(adapter, tmp_path / "ours.gguf", base=base, outtype=outtype, name="x")
+    assert any(t.heads for t in tensors)  # the permuted path is covered
+
+    qtype = gguf.GGMLQuantizationType[outtype.upper()]
+    writer = gguf.GGUFWriter(tmp_path / "theirs.gguf", base.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    writer.add_name("x")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    data = [gguf.quants.quantize(t.whole().numpy(), qtype) for t in tensors]
+    for tensor, array in zip(tensors, data, strict=True):
+        writer.add_tensor_info(tensor.name, array.shape, array.dtype, array.nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array in data:
+        writer.write_tensor_data(array)
+    writer.close()
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_tensor_names_are_gguf_s_own(arch, tied):
+    """Every module of the HF model (and a block past the last) gets the name gguf's ``TensorNameMap`` gives it when
+    that tensor is one a LoRA adapts in llama.cpp, and no name otherwise."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adaconvert.writers.gguf import gguf_base
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    config = AutoConfig.for_model(arch, **shape, num_hidden_layers=3, vocab_size=100, tie_word_embeddings=tied)
+    base = gguf_base(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[base.arch.upper()], base.n_layer)
+    adaptable = {"ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN", "OUTPUT"}
+    past = ["model.layers.3.self_attn.q_proj", "model.layers.01.mlp.up_proj"]  # no such block; not a block's name
+    modules = [name for name, _ in model.named_modules() if name] + past
+    assert "lm_head" in modules
+    for module in modules:
+        found = names.get_type_and_name(f"{module}.weight", try_suffixes=(".weight",))
+        want = found[1] if found and found[0].name in adaptable and not (tied and found[0].name == "OUTPUT") else None
+        assert base.tensor_name(module) == want, module
+
+
 def test_error_types(bases, adaloras, tmp_path):
     with pytest.raises(SourceNotFoundError):
         to_gguf(adaloras["llama"], tmp_path / "a.gguf", base=tmp_path / "nope")
