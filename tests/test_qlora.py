@@ -4,6 +4,7 @@ the validation against PEFT on the quantised base."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import adaconvert
-from adaconvert.base.model import BaseModel
+from adaconvert.base.model import KNOWN_QUANTIZED_LAYOUTS, BaseModel, known_quantized_modules, quantized_modules
 from adaconvert.base.quantization import bnb_config, requantized
 from adaconvert.cli import main
 from adaconvert.demo.tiny import build_tiny_model
@@ -66,6 +67,7 @@ def test_requantized_is_what_the_loaded_layer_holds(bases, method, double_quant,
     assert (
         set(BaseModel.resolve(base).quantized_modules) == quantized and len(quantized) == 14
     )  # the head stays unquantised
+    assert set(quantized_modules(json.loads((base / "config.json").read_text()))) == quantized  # what merge uses
     weights = dict(plain.named_parameters())
     layers = dict(loaded.named_modules())
     for name in sorted(quantized):
@@ -84,6 +86,33 @@ def test_requantized_conv1d_quantises_the_layer_weight(tmp_path):
     for name in modules:
         stored = weights[f"{name}.weight"]
         assert torch.equal(requantized(stored, "nf4", transposed=True), held_weights(layers[name]).T), name
+
+
+@pytest.mark.parametrize("model_type", sorted(KNOWN_QUANTIZED_LAYOUTS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_known_families_quantise_what_transformers_decides(model_type, tied):
+    """For the families merge decides from the config alone, the answer is transformers' own (its model built on
+    the meta device, its bitsandbytes rules applied: ``BaseModel.quantized_modules``, itself checked against the
+    loaded layers above), for tied and untied heads and any number of blocks."""
+    for blocks in (1, 3):
+        if model_type == "gpt2":
+            config = {"model_type": "gpt2", "n_embd": 64, "n_layer": blocks, "n_head": 2, "vocab_size": 100}
+        else:
+            shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+            config = {"model_type": model_type, **shape, "head_dim": 32, "num_hidden_layers": blocks}
+            config.update(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config["tie_word_embeddings"] = tied
+        assert known_quantized_modules(config) == BaseModel.resolve(config).quantized_modules, (model_type, blocks)
+
+
+def test_other_configs_are_left_to_transformers():
+    """A family outside the table (OLMo keeps its last block's down_proj in full precision when its head is tied:
+    transformers keeps the model's last parameter, and OLMo's norms have none), GPT-2 with cross-attention (more
+    layers), or a config without its block count: transformers decides."""
+    assert known_quantized_modules({"model_type": "olmo", "num_hidden_layers": 2}) is None
+    assert known_quantized_modules({"model_type": "gpt2", "n_layer": 2, "add_cross_attention": True}) is None
+    assert known_quantized_modules({"model_type": "llama"}) is None
+    assert known_quantized_modules({"model_type": "llama", "num_hidden_layers": "2"}) is None
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +173,12 @@ def test_requantized_merge_holds_dequant_quant_w(qlora, bases):
 
 
 @pytest.mark.slow  # CLI subprocesses, each importing torch
-def test_warm_requantising_merge_imports_neither_transformers_nor_bitsandbytes(qlora, bases, tmp_path):
+def test_requantising_merge_imports_neither_transformers_nor_bitsandbytes(qlora, bases, tmp_path):
     """Importing bitsandbytes sets up torch.compile and importing transformers its model classes: seconds each, more
-    than the work on a small model. The requantising merge needs neither once transformers has decided which layers
-    a base quantises (remembered per base config): its 4-bit loops and tables are ours, asserted bit for bit
-    against bitsandbytes above. The second merge writes the same bytes as the first."""
+    than the work on a small model. The requantising merge needs neither: its 4-bit loops and tables are ours,
+    asserted bit for bit against bitsandbytes above, and which layers a llama base quantises follows from its config
+    (other families: transformers decides once per base config, remembered). The first merge on the base, with an
+    empty cache, imports neither; a second writes the same bytes."""
     root, _ = qlora
     code = (
         "import sys; from adaconvert.cli import main\n"
@@ -156,30 +186,32 @@ def test_warm_requantising_merge_imports_neither_transformers_nor_bitsandbytes(q
         "print('imported:', *[name for name in ('transformers', 'bitsandbytes') if name in sys.modules])"
     )
     outputs = [tmp_path / "first", tmp_path / "second"]
+    env = {**os.environ, "ADACONVERT_CACHE": str(tmp_path / "cache")}  # an empty cache, not the developer's
     for out in outputs:
         argv = [sys.executable, "-c", code, str(bases / "f32"), str(root / "lora"), str(out)]
-        run = subprocess.run(argv, capture_output=True, text=True)
+        run = subprocess.run(argv, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.splitlines()[-1] == "imported:"  # the second run: nothing of either
+        assert run.stdout.splitlines()[-1] == "imported:", out.name
     first, second = (load_file(out / "model.safetensors") for out in outputs)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_quantised_layers_are_remembered_per_base_config(bases, tmp_path, monkeypatch):
-    """The cache of :func:`quantized_modules` holds transformers' answer; an entry that cannot be read is decided
-    again, and another config gets another entry."""
-    from adaconvert.base.model import BaseModel, quantized_modules
-
+def test_quantised_layers_are_remembered_per_base_config(tmp_path, monkeypatch):
+    """For a family outside the table, the cache of :func:`quantized_modules` holds transformers' answer; an entry
+    that cannot be read is decided again, and another config gets another entry."""
     monkeypatch.setenv("ADACONVERT_CACHE", str(tmp_path / "cache"))  # not the developer's own ~/.cache
-    config = json.loads((bases / "f32" / "config.json").read_text())
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+    config = {"model_type": "olmo", **shape, "num_hidden_layers": 2, "vocab_size": 100, "pad_token_id": 0}
+    config.update(bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     decided = BaseModel.resolve(config).quantized_modules
+    assert "model.layers.1.mlp.down_proj" not in decided  # OLMo's rule that the table would get wrong
     assert quantized_modules(config) == decided and decided
     (entry,) = (tmp_path / "cache" / "quantized-modules").iterdir()
     entry.write_text(json.dumps({"marker": True}))
     assert quantized_modules(config) == {"marker": True}  # read from the entry, not decided again
     entry.write_text("{")
     assert quantized_modules(config) == decided
-    other = {**config, "tie_word_embeddings": not config.get("tie_word_embeddings", False)}
+    other = {**config, "tie_word_embeddings": False}
     quantized_modules(other)
     assert len(list(entry.parent.iterdir())) == 2
 

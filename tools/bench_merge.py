@@ -5,8 +5,9 @@ The base is synthetic, with Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 3
 vocabulary, in bfloat16; the adapter a rank-varying AdaLoRA (init_r 16, about 60% kept) on all 7 projections.
 Each method runs in its own process, measured for wall time and peak RSS (``wait4`` from a minimal launcher, whose
 ~10 MiB is a floor for the figure), after a ``sync`` and with the base already in the page cache. With
-``--requantize``, the requantising merge runs twice per round: as usual (which layers the base quantises already
-remembered in the cache) and with an empty cache (transformers imported to decide it: a merge's first on a base);
+``--requantize``, the requantising merge runs twice per round: as usual, and with an empty cache (a merge's first on
+a base: which layers a llama base quantises follows from its config, so it costs what the second does; a family
+outside ``adaconvert.base.model.KNOWN_QUANTIZED_LAYOUTS`` would import transformers here, once per base config);
 its ratios to the plain merge are printed below the table.
 
     python tools/bench_merge.py                      # 2 and 8 layers (about 1.4 and 4 GB), ~10 min
@@ -110,7 +111,7 @@ def run(layers: int, work: Path, *, peft: bool, init_r: int, repeat: int, requan
     cold = f"merge --requantize {requantize} (first on this base)"
     if requantize:  # every linear layer quantised and dequantised whole by bitsandbytes before the update
         methods[f"merge --requantize {requantize}"] = [*methods["adaconvert merge"], "--requantize", requantize]
-        # with an empty cache: transformers decides which layers the base quantises (imported, its model built)
+        # with an empty cache: nothing remembered from an earlier merge on this base
         methods[cold] = methods[f"merge --requantize {requantize}"]
     walls: dict[str, list[float]] = {name: [] for name in methods}
     peaks: dict[str, list[int]] = {name: [] for name in methods}

@@ -151,10 +151,45 @@ class BaseModel:
         return open_checkpoint(self.root)
 
 
+# Decoder families whose quantised layers follow from the config alone: every listed projection of every block
+# (transformers keeps the embeddings and the head, tied or not, in full precision). model_type → (blocks' prefix,
+# projections, stored transposed (Conv1D), config field with the block count). ``tests/test_qlora.py`` checks each
+# entry against transformers' own decision (:attr:`BaseModel.quantized_modules`) for tied and untied heads.
+_LLAMA_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+KNOWN_QUANTIZED_LAYOUTS: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
+    **{
+        model_type: ("model.layers", _LLAMA_PROJECTIONS, False, "num_hidden_layers")
+        for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    },
+    "gpt2": ("transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), True, "n_layer"),
+}
+
+
+def known_quantized_modules(config: dict) -> dict[str, bool] | None:
+    """:attr:`BaseModel.quantized_modules` of a base of a family in :data:`KNOWN_QUANTIZED_LAYOUTS`, from its parsed
+    config.json alone; None for any other (or a config that adds layers: GPT-2's cross-attention)."""
+    known = KNOWN_QUANTIZED_LAYOUTS.get(config.get("model_type"))
+    if known is None or config.get("add_cross_attention"):
+        return None
+    prefix, projections, transposed, count = known
+    blocks = config.get(count)
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        return None
+    return {f"{prefix}.{block}.{projection}": transposed for block in range(blocks) for projection in projections}
+
+
 def quantized_modules(config: dict) -> dict[str, bool]:
-    """:attr:`BaseModel.quantized_modules` of the base whose parsed config.json is ``config``, remembered in
-    ``quantized-modules/`` of :func:`~adaconvert.io.location.cache_root`, keyed by the config and the transformers
-    version that decided it.
+    """:attr:`BaseModel.quantized_modules` of the base whose parsed config.json is ``config``: for the families of
+    :data:`KNOWN_QUANTIZED_LAYOUTS` from the config alone, for others remembered in ``quantized-modules/`` of
+    :func:`~adaconvert.io.location.cache_root`, keyed by the config and the transformers version that decided it.
 
     Deciding it imports transformers and builds the model on the meta device: measured 6 s on 2 cores, more than
     requantising a 2-layer Llama-8B-shaped slice takes; merging a batch of adapters onto one base pays it once.
@@ -167,6 +202,9 @@ def quantized_modules(config: dict) -> dict[str, bool]:
     from adaconvert.io.atomic import atomic_output_file
     from adaconvert.io.location import cache_root
 
+    known = known_quantized_modules(config)
+    if known is not None:
+        return known
     version = importlib.metadata.version("transformers")
     text = json.dumps([_QUANTIZED_CACHE_FORMAT, version, config], sort_keys=True)
     path = cache_root() / "quantized-modules" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
