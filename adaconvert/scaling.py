@@ -121,12 +121,25 @@ def _matcher(key: str) -> Callable[[str], bool]:
     return match
 
 
+class _Keys(tuple):
+    """A tuple of pattern keys whose hash is computed once: ``_pattern_key``'s cache hashes its arguments on every
+    call, and a tuple's hash is not kept (every key's hash combined again: 3 µs for 224 keys)."""
+
+    def __hash__(self) -> int:
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash = tuple.__hash__(self)
+            return self._hash
+
+
 class LoraPatterns:
     """A LoRA config's ``r`` and ``lora_alpha`` with its ``rank_pattern`` and ``alpha_pattern``, looked up per module
     the way PEFT does.
 
-    Build one per config and ask it for every module: the pattern keys are gathered once (gathering 224 keys on
-    each lookup cost 7 µs, 10 ms over the lookups of one 8B conversion's checks).
+    Build one per config and ask it for every module: the pattern keys are gathered, and hashed, once (gathering
+    224 keys on each lookup cost 7 µs, 10 ms over the lookups of one 8B conversion's checks; hashing them for the
+    lookup's cache, 3 µs).
     """
 
     def __init__(
@@ -139,7 +152,7 @@ class LoraPatterns:
     ):
         self.r, self.lora_alpha = r, lora_alpha
         self.rank_pattern, self.alpha_pattern = rank_pattern or {}, alpha_pattern or {}
-        self._rank_keys, self._alpha_keys = tuple(self.rank_pattern), tuple(self.alpha_pattern)
+        self._rank_keys, self._alpha_keys = _Keys(self.rank_pattern), _Keys(self.alpha_pattern)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """(r_m, alpha_m) of one module."""
