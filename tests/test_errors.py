@@ -229,3 +229,46 @@ def test_float16_range_is_checked_on_the_folded_factors_not_on_the_readers_bound
     b = next(k for k in f32 if k.endswith("lora_B.weight"))
     assert 300.0**2 > 65504 > f32[b].abs().max()  # the bound would refuse it
     assert torch.equal(f16[b], f32[b].half())
+
+
+@pytest.mark.parametrize(
+    ("tensor", "where"),
+    [
+        ("lora_A", (1, 0)),  # the masked component: lora_E is 0 there, and PEFT computes 0 · NaN = NaN
+        ("lora_E", (3, 0)),
+        ("lora_B", (5, 3)),
+    ],
+)
+def test_nan_anywhere_in_the_file_is_named(tmp_path, tensor, where):
+    """The reader checks all of a file's data in one reduction (``finite_magnitude``); when that finds NaN, each
+    module is checked on its own and the tensor is named: also lora_E, and a component rank_pattern null masks."""
+    from adaconvert import read_adapter
+    from adaconvert.errors import NonFiniteError
+    from adaconvert.io.source import load_tensors
+    from adaconvert.readers._common import finite_magnitude
+
+    src = write_adalora(tmp_path / "a", kept=(4, 4))
+    edit_config(src, lambda c: c.update(rank_pattern=None))
+    edit_tensors(src, lambda t: t[f"{Q}.lora_E"].__setitem__((1, 0), 0.0))  # masked, as rank_pattern null saves it
+    clean = load_tensors(src / "adapter_model.safetensors")
+    assert finite_magnitude(clean) == max(float(t.abs().max()) for t in clean.values())
+    assert read_adapter(src).ranks[Q.removeprefix("base_model.model.")] == 3
+    edit_tensors(src, lambda t: t[f"{Q}.{tensor}"].__setitem__(where, float("nan")))
+    assert finite_magnitude(load_tensors(src / "adapter_model.safetensors")) is None
+    with pytest.raises(NonFiniteError, match=f"{tensor} holds NaN or Inf"):
+        read_adapter(src)
+
+
+def test_finite_magnitude_needs_one_dtype_back_to_back():
+    """Tensors that are not one dtype laid back to back in one storage get None: the reader then checks each."""
+    from adaconvert.readers._common import finite_magnitude
+
+    flat = torch.arange(12, dtype=torch.float32) - 20
+    assert finite_magnitude({"a": flat[:4], "b": flat[4:]}) == 20.0  # a view of part of a storage: its own span
+    assert finite_magnitude({"a": flat[:4], "b": flat[5:]}) is None  # a gap
+    assert finite_magnitude({"a": flat[:4], "b": flat[2:]}) is None  # an overlap
+    assert finite_magnitude({"a": torch.ones(2), "b": torch.ones(2)}) is None  # two storages
+    assert finite_magnitude({"a": flat[:4], "b": flat[4:].to(torch.float64)}) is None
+    assert finite_magnitude({"a": flat.view(3, 4).t()}) is None  # not contiguous
+    assert finite_magnitude({"a": torch.zeros(2, dtype=torch.int64)}) is None
+    assert finite_magnitude({}) is None

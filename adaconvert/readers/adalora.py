@@ -13,6 +13,7 @@ from adaconvert.readers._common import (
     Field,
     boolean,
     check_config,
+    finite_magnitude,
     fold_scaling,
     group_by_module,
     integer,
@@ -57,6 +58,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
     scale = adalora_scaling(lora_alpha, init_r)
 
     tensors = load_tensors(files.weights_path)
+    magnitude = finite_magnitude(tensors)
     dtype = source_dtype(tensors)
     modules = group_by_module(tensors, ("lora_A", "lora_E", "lora_B"), path=files.weights_path)
 
@@ -72,6 +74,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
             E32 * scale,
             names=("lora_A", "lora_B"),
             keep=torch.nonzero(E32).flatten(),
+            magnitude=magnitude,
             weights_path=files.weights_path,
             config_path=files.config_path,
             why=f"lora_E × scaling {scale:.3g}",

@@ -12,6 +12,7 @@ from adaconvert.readers._common import (
     Field,
     boolean,
     check_config,
+    finite_magnitude,
     fold_scaling,
     group_by_module,
     integer,
@@ -69,7 +70,9 @@ def read_lora(files: AdapterFiles) -> Adapter:
     _reject_unsupported(cfg, files)
     rank_pattern, alpha_pattern = cfg["rank_pattern"], cfg["alpha_pattern"]
 
-    tensors = _without_saved_embedding_layers(load_tensors(files.weights_path))
+    loaded = load_tensors(files.weights_path)
+    magnitude = finite_magnitude(loaded)  # all of the file: a bound for the tensors kept
+    tensors = _without_saved_embedding_layers(loaded)
     dtype = source_dtype(tensors)
     hint = " (embedding LoRA, DoRA and bias terms are not supported)"
     modules = group_by_module(tensors, ("lora_A.weight", "lora_B.weight"), path=files.weights_path, hint=hint)
@@ -100,6 +103,7 @@ def read_lora(files: AdapterFiles) -> Adapter:
             parts,
             scaling,
             names=("lora_A.weight", "lora_B.weight"),
+            magnitude=magnitude,
             weights_path=files.weights_path,
             config_path=files.config_path,
             why=f"scaling {scaling:.3g}",
