@@ -182,6 +182,22 @@ def test_rank_above_every_bucket_without_max_lora_rank(converted, tmp_path):
     assert "greater than max_lora_rank 512" in str(problems[0])
 
 
+def test_a_weights_file_rewritten_in_place_is_read_again(converted, tmp_path):
+    """The check remembers each weights file's header per version of the file (inode, size, mtime): one rewritten
+    in place, as ``save_file`` over it does, is read again."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "a"
+    shutil.copytree(converted, adapter)
+    assert check_vllm_compat(adapter) == []
+    big = padded_rank(converted, tmp_path / "big", 600)
+    save_file(load_file(big / "adapter_model.safetensors"), adapter / "adapter_model.safetensors")  # same inode
+    (adapter / "adapter_config.json").write_text((big / "adapter_config.json").read_text())
+    assert {p.rule for p in check_vllm_compat(adapter)} == {"max-lora-rank"}
+
+
 REQUIRE_ERRORS = [
     (lambda s, d: padded_rank(s, d, 32), RankLimitError, r"would not load in vLLM: \[max-lora-rank\]"),
     (

@@ -8,6 +8,7 @@ whose weights vLLM would silently ignore. ``tests/test_vllm_static.py`` checks e
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -219,12 +220,21 @@ def tensor_shapes(adapter_dir: str | Path) -> dict[str, tuple[int, ...]]:
     Raises:
         SourceNotFoundError: no weights file. CorruptCheckpointError: it cannot be parsed.
     """
-    from adaconvert.io.checkpoint import read_header
     from adaconvert.io.source import load_tensors, weights_file
 
     path = weights_file(Path(adapter_dir))
     if path.suffix != ".safetensors":
         return {k: tuple(v.shape) for k, v in load_tensors(path).items()}
+    stat = path.stat()
+    return dict(_header_shapes(path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _header_shapes(path: Path, *identity: int) -> dict[str, tuple[int, ...]]:
+    """The shapes in ``path``'s safetensors header, read once per version of the file (``identity``: device, inode,
+    size, modification time): a conversion's static vLLM check and its runtime verdicts both read the output's."""
+    from adaconvert.io.checkpoint import read_header
+
     return {name: info.shape for name, info in read_header(path).items()}
 
 
