@@ -9,21 +9,36 @@ import torch
 from adaconvert.adapter import LowRankDelta
 
 
-def _frobenius_sq(B: torch.Tensor, A: torch.Tensor, *, cancelling: bool = False) -> float:
-    """‖B @ A‖_F² = Σ (BᵀB) ∘ (A Aᵀ).
+def _frobenius_sq(terms: list[tuple[torch.Tensor, torch.Tensor]], *, cancelling: bool = False) -> float:
+    """‖Σₖ Bₖ @ Aₖ‖_F² = Σⱼₖ Σ (BⱼᵀBₖ) ∘ (AⱼAₖᵀ), from the factors of each term (never concatenated: a copy of them
+    all, and (Σ rₖ)² Gram entries where the pairs j ≤ k need fewer).
 
-    In float32 when that is precise: when the sum is at least half its diagonal Σᵢ ‖bᵢ‖²‖aᵢ‖² (each term ≥ 0),
-    rounding costs a few float32 digits of the result at most (about 10⁻⁷ relative, measured, on 8B shapes). Else,
-    when the rank-one terms cancel (the difference of two near-equal deltas; ``cancelling``: the caller knows they
-    do), in float64, 3× slower: float32 could lose every digit there.
+    In float32 when that is precise: when the sum is at least half its diagonal Σᵢ ‖bᵢ‖²‖aᵢ‖² over every
+    component of every term (each ≥ 0), rounding costs a few float32 digits of the result at most (about 10⁻⁷
+    relative, measured, on 8B shapes). Else, when the terms cancel (the difference of two near-equal deltas;
+    ``cancelling``: the caller knows they do), in float64, 3× slower: float32 could lose every digit there.
     """
-    if B.dtype == A.dtype == torch.float32 and not cancelling:
-        products = (B.T @ B) * (A @ A.T)
-        total, diagonal = float(products.sum()), float(products.diagonal().sum())
+    if not cancelling and all(B.dtype == A.dtype == torch.float32 for B, A in terms):
+        total, diagonal = _gram_sums(terms)
         if math.isfinite(total) and total >= 0.5 * diagonal:
             return total
-    B64, A64 = B.double(), A.double()
-    return float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0))
+    total, _ = _gram_sums([(B.double(), A.double()) for B, A in terms])
+    return max(total, 0.0)
+
+
+def _gram_sums(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(Σⱼₖ Σ (BⱼᵀBₖ) ∘ (AⱼAₖᵀ), its diagonal Σⱼ Σᵢ (BⱼᵀBⱼ)ᵢᵢ (AⱼAⱼᵀ)ᵢᵢ), in the factors' dtype."""
+    total = diagonal = 0.0
+    for j, (Bj, Aj) in enumerate(terms):
+        for k in range(j, len(terms)):
+            Bk, Ak = terms[k]
+            products = (Bj.T @ Bk) * (Aj @ Ak.T)
+            if k == j:
+                total += float(products.sum())
+                diagonal += float(products.diagonal().sum())
+            else:  # the (k, j) block is its transpose: the same sum
+                total += 2 * float(products.sum())
+    return total, diagonal
 
 
 def factors(delta: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +49,7 @@ def factors(delta: LowRankDelta) -> tuple[torch.Tensor, torch.Tensor]:
 
 def frobenius_norm(delta: LowRankDelta) -> float:
     """‖ΔW‖_F of ΔW = B @ A."""
-    return math.sqrt(_frobenius_sq(*factors(delta)))
+    return math.sqrt(_frobenius_sq([factors(delta)]))
 
 
 def relative_error(reference: LowRankDelta, other: LowRankDelta) -> float:
@@ -42,15 +57,15 @@ def relative_error(reference: LowRankDelta, other: LowRankDelta) -> float:
 
     The difference is itself low rank. Factors of the same shapes (a cast, a copy) give it as two terms of its own
     size, B₁A₁ − B₂A₂ = (B₁ − B₂)A₁ + B₂(A₁ − A₂), which float32 computes precisely; other ranks give
-    [B₁, −B₂] @ [A₁; A₂], two terms of the size of ΔW that cancel (float64). Both zero gives 0; a zero reference
+    B₁A₁ + (−B₂)A₂, two terms of the size of ΔW that cancel (float64). Both zero gives 0; a zero reference
     and a non-zero other gives inf.
     """
     (B1, A1), (B2, A2) = factors(reference), factors(other)
     if B1.shape == B2.shape and A1.shape == A2.shape:
-        diff_sq = _frobenius_sq(torch.cat([B1 - B2, B2], dim=1), torch.cat([A1, A1 - A2], dim=0))
+        diff_sq = _frobenius_sq([(B1 - B2, A1), (B2, A1 - A2)])
     else:
-        diff_sq = _frobenius_sq(torch.cat([B1, -B2], dim=1), torch.cat([A1, A2], dim=0), cancelling=True)
-    ref_sq = _frobenius_sq(B1, A1)
+        diff_sq = _frobenius_sq([(B1, A1), (-B2, A2)], cancelling=True)
+    ref_sq = _frobenius_sq([(B1, A1)])
     if ref_sq == 0.0:
         return 0.0 if diff_sq == 0.0 else math.inf
     return math.sqrt(diff_sq / ref_sq)
