@@ -26,7 +26,7 @@ import torch
 
 from adaconvert.adapter import Adapter, Factor
 from adaconvert.errors import AdapterShapeError, InvalidConfigError
-from adaconvert.io.gguf_file import GGML_TYPES, Q8_0_BLOCK, GGUFTensorInfo, GGUFWriter, encode_q8_0
+from adaconvert.io.gguf_file import Q8_0_BLOCK, GGUFTensorInfo, GGUFWriter, encode_q8_0
 
 # base config ``model_type`` → (GGUF architecture, rows of q/k permuted). HF Mistral goes through the converter's
 # LlamaModel (``conversion/llama.py`` registers MistralForCausalLM): architecture ``llama``, permuted. Qwen2Model
@@ -36,7 +36,7 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
 }
-OUTTYPES = tuple(GGML_TYPES)
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # each a key of io.gguf_file.GGML_TYPES
 # The base tensors a LoRA can adapt in llama.cpp, by their module name in the HF model: the attention and MLP
 # projections of each block, and ``output`` when it is not tied. The names are those gguf's ``TensorNameMap`` gives
 # these modules for LLAMA and QWEN2 (``tests/test_gguf.py`` compares every module of each base); the map itself is
