@@ -272,3 +272,19 @@ def test_finite_magnitude_needs_one_dtype_back_to_back():
     assert finite_magnitude({"a": flat.view(3, 4).t()}) is None  # not contiguous
     assert finite_magnitude({"a": torch.zeros(2, dtype=torch.int64)}) is None
     assert finite_magnitude({}) is None
+
+
+@pytest.mark.parametrize("where", [10, 3_000_000])
+def test_finite_magnitude_on_two_threads_sees_nan_in_either_half(where):
+    """On one torch thread a large file is reduced in two halves, one on a thread of its own: NaN or Inf in either
+    half gives None, whichever half's extremes come first."""
+    from adaconvert.process import torch_threads
+    from adaconvert.readers._common import finite_magnitude
+
+    data = torch.linspace(-3, 2, 4_000_000)
+    with torch_threads(1):
+        assert finite_magnitude({"a": data[:1000], "b": data[1000:]}) == 3.0
+        for bad in (float("nan"), float("-inf")):
+            broken = data.clone()
+            broken[where] = bad
+            assert finite_magnitude({"a": broken[:1000], "b": broken[1000:]}) is None
