@@ -78,20 +78,45 @@ class LowRankDelta:
             self._B = self.rows("B", 0, self.out_features)
         return self._B
 
-    def rows(self, part: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, part: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of ``A`` (``part`` ``"A"``) or ``B`` (``"B"``), float32, with the values ``A`` and
-        ``B`` hold (the same operations, row by row): a view when nothing is left to compute, else new memory."""
+        ``B`` hold (the same operations, row by row): a view when nothing is left to compute, else new memory, or
+        ``out`` (a float32 (stop - start, cols) tensor, any strides) when one is given, which is returned."""
         done = self._A if part == "A" else self._B
         if done is not None:
-            return done[start:stop]
+            return done[start:stop] if out is None else out.copy_(done[start:stop])
         keep = self._keep
         if part == "A":
             saved = self._saved_A
-            return (saved[start:stop] if keep is None else saved.index_select(0, keep[start:stop])).float()
+            rows = saved[start:stop] if keep is None else saved.index_select(0, keep[start:stop])
+            return rows.float() if out is None else out.copy_(rows)
         rows = self._saved_B[start:stop]
         if keep is None:
-            return rows.float() * self._scale  # never in place: float() of float32 rows is the saved file's view
-        return rows.index_select(1, keep).float().mul_(self._scale)  # in place: index_select made a new copy
+            return _scaled(rows, self._scale, out)
+        return _scaled(rows.index_select(1, keep), self._scale, out, owned=True)
+
+    def columns(self, part: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Columns ``start:stop`` of ``A`` or ``B`` as the rows of its transpose, (stop - start, rows of the
+        factor), float32, with the values :meth:`rows` gives: into ``out`` when one is given, as there."""
+        done = self._A if part == "A" else self._B
+        if done is not None:
+            return done[:, start:stop].T if out is None else out.copy_(done[:, start:stop].T)
+        keep = self._keep
+        if part == "A":
+            saved = self._saved_A[:, start:stop]
+            columns = (saved if keep is None else saved.index_select(0, keep)).T
+            return columns.float() if out is None else out.copy_(columns)
+        # B's columns are the components: each one times its own scale
+        scale = self._scale[start:stop, None] if isinstance(self._scale, torch.Tensor) else self._scale
+        if keep is None:
+            return _scaled(self._saved_B[:, start:stop].T, scale, out)
+        return _scaled(self._saved_B.index_select(1, keep[start:stop]).T, scale, out, owned=True)
+
+    def is_view(self, part: str) -> bool:
+        """Whether :meth:`rows` of ``part`` are views of memory that exists already: nothing to compute."""
+        if (self._A if part == "A" else self._B) is not None:
+            return True
+        return part == "A" and self._keep is None and self._saved_A.dtype == torch.float32
 
     def factor(self, part: str) -> Factor:
         """``A`` (``part`` ``"A"``) or ``B`` (``"B"``) to be read in blocks of rows, as writers do."""
@@ -129,20 +154,47 @@ class LowRankDelta:
         return self.B @ self.A
 
 
+def _scaled(
+    factor: torch.Tensor, scale: torch.Tensor | float, out: torch.Tensor | None, *, owned: bool = False
+) -> torch.Tensor:
+    """``factor.float() * scale`` (float32), into ``out`` when one is given; ``owned``: ``factor`` is a copy of
+    its own (from ``index_select``), which may be scaled in place."""
+    if out is not None:
+        if factor.dtype == torch.float32:
+            return torch.mul(factor, scale, out=out)
+        return out.copy_(factor).mul_(scale)
+    if factor.dtype == torch.float32 and not owned:
+        return factor * scale  # never in place: float() of float32 saved rows is the file's view
+    return factor.float().mul_(scale)
+
+
 class Factor(NamedTuple):
-    """One factor of a :class:`LowRankDelta`, read block by block: ``shape`` (rows, cols) and ``rows(start, stop)``
-    (float32), without building the whole factor unless it already exists."""
+    """One factor of a :class:`LowRankDelta`, or its transpose, read block by block: ``shape`` (rows, cols) and
+    ``rows(start, stop)`` (float32), without building the whole factor unless it already exists."""
 
     delta: LowRankDelta
     part: str  # "A" or "B"
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         d = self.delta
-        return (d.rank, d.in_features) if self.part == "A" else (d.out_features, d.rank)
+        rows, cols = (d.rank, d.in_features) if self.part == "A" else (d.out_features, d.rank)
+        return (cols, rows) if self.transposed else (rows, cols)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.delta.rows(self.part, start, stop)
+    @property
+    def T(self) -> Factor:
+        """The transpose, read block by block as well (mlx-lm's ``lora_a`` = Aᵀ, ``lora_b`` = Bᵀ)."""
+        return self._replace(transposed=not self.transposed)
+
+    @property
+    def view(self) -> bool:
+        """Whether :meth:`rows` returns views of memory that exists already (nothing is computed)."""
+        return self.delta.is_view(self.part)
+
+    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        read = self.delta.columns if self.transposed else self.delta.rows
+        return read(self.part, start, stop, out)
 
     def whole(self) -> torch.Tensor:
         """The whole factor, float32, for a writer that needs it at once (to transpose or permute it): not kept

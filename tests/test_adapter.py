@@ -42,20 +42,32 @@ def test_deferred_fold_is_the_eager_fold(tmp_path, monkeypatch, dtype, how):
     blocks = torch.cat([delta.rows("B", start, start + 4) for start in range(0, 10, 4)])
     assert torch.equal(blocks, eager_B) and torch.equal(delta.rows("A", 1, 3), eager_A[1:3])
 
-    out = tmp_path / "f.safetensors"
-    r, specs = delta.rank, []
-    for out_dtype, pad in ((torch.float32, 0), (torch.bfloat16, 2)):
-        specs += [(f"A{pad}", out_dtype, (r + pad, 8)), (f"B{pad}", out_dtype, (10, r + pad))]
-    with SafetensorsWriter(out, specs) as writer:
-        for name, out_dtype, shape in specs:
-            writer.write_padded(name, delta.factor(name[0]), out_dtype, shape)
-    written = load_file(out)
-    for name, out_dtype, shape in specs:
-        expected = torch.zeros(shape, dtype=out_dtype)
-        factor = eager_A if name[0] == "A" else eager_B
-        expected[: factor.shape[0], : factor.shape[1]] = factor.to(out_dtype)
-        assert torch.equal(written[name], expected), name
+    columns = torch.cat([delta.columns("A", start, start + 3) for start in range(0, 8, 3)])
+    assert torch.equal(columns, eager_A.T) and torch.equal(delta.columns("B", 1, 3), eager_B[:, 1:3].T)
 
+    out = tmp_path / "f.safetensors"
+    r, specs = delta.rank, []  # (name, factor, dtype, padded shape): computed into the writer's buffer, or not
+    for out_dtype, pad in ((torch.float32, 0), (torch.float32, 2), (torch.bfloat16, 2)):
+        for part, factor, shape in (("A", eager_A, (r + pad, 8)), ("B", eager_B, (10, r + pad))):
+            transposed = shape[::-1]  # mlx-lm's lora_a (in, R) and lora_b (R, out)
+            specs += [(f"{part}{pad}{out_dtype}", part, False, factor, out_dtype, shape)]
+            specs += [(f"{part}T{pad}{out_dtype}", part, True, factor.T, out_dtype, transposed)]
+    _write_and_compare(out, delta, specs)
     assert torch.equal(delta.A, eager_A) and torch.equal(delta.B, eager_B)
     assert delta.B is delta.B  # computed once
     assert torch.equal(A, saved[0]) and torch.equal(B, saved[1])
+    _write_and_compare(tmp_path / "g.safetensors", delta, specs)  # from the factors built now
+
+
+def _write_and_compare(path, delta, specs):
+    """Write each factor of ``delta`` (or its transpose) padded to its shape; the file holds it, zero-padded."""
+    with SafetensorsWriter(path, [(name, dtype, shape) for name, _, _, _, dtype, shape in specs]) as writer:
+        for name, part, transposed, _, dtype, shape in specs:
+            factor = delta.factor(part).T if transposed else delta.factor(part)
+            assert factor.shape == (delta.columns if transposed else delta.rows)(part, 0, 10**6).shape
+            writer.write_padded(name, factor, dtype, shape)
+    written = load_file(path)
+    for name, _, _, factor, dtype, shape in specs:
+        expected = torch.zeros(shape, dtype=dtype)
+        expected[: factor.shape[0], : factor.shape[1]] = factor.to(dtype)
+        assert torch.equal(written[name], expected), name

@@ -90,6 +90,28 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
         assert torch.equal(loaded[name], expected), name
 
 
+def test_padding_rows_read_as_zeros_also_at_the_end(tmp_path):
+    """Padding rows are skipped, not written (the file system reads zeros there): they read as zeros, in the
+    middle and at the end of the file, whose length is the header's, also when the path held other bytes before."""
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(b"\xff" * (3 << 20))
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        ("mid", torch.randn(3, 256, generator=g), (600, 256)),
+        ("end", torch.randn(2, 256, generator=g), (900, 256)),
+    ]
+    with SafetensorsWriter(path, [(name, torch.float32, shape) for name, _, shape in cases]) as w:
+        for name, tensor, shape in cases:
+            w.write_padded(name, tensor, torch.float32, shape)
+    header = build_header([(name, torch.float32, shape) for name, _, shape in cases])
+    assert path.stat().st_size == len(header) + (600 + 900) * 256 * 4
+    loaded = load_file(path)
+    for name, tensor, shape in cases:
+        expected = torch.zeros(shape)
+        expected[: len(tensor)] = tensor
+        assert torch.equal(loaded[name], expected), name
+
+
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_load_tensors_matches_the_reference_reader(tmp_path, misaligned):
     """Tensors come as views of one mapping of the file, or (an offset not a multiple of the element size: 3 bytes

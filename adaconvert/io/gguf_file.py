@@ -110,7 +110,7 @@ class GGUFWriter(SafetensorsWriter):
         return gguf_header(metadata, self._infos)
 
     def _tensor_done(self, nbytes: int) -> None:
-        self._write_zeros(-nbytes % ALIGNMENT)
+        self._skip(-nbytes % ALIGNMENT)
 
 
 def encode_q8_0(values: torch.Tensor) -> torch.Tensor:

@@ -37,23 +37,27 @@ TensorSpec = tuple[str, torch.dtype, Sequence[int]]
 
 
 class Rows(Protocol):
-    """A 2-D tensor produced in blocks of rows: its ``shape`` and ``rows(start, stop)`` → (stop - start, cols)."""
+    """A 2-D float32 tensor produced in blocks of rows: its ``shape`` and ``rows(start, stop)`` → (stop - start,
+    cols), computed into ``out`` (a float32 (stop - start, cols) view, any strides) when one is given; ``view``:
+    the rows are views of memory that exists already, nothing is computed."""
 
     shape: tuple[int, int]
+    view: bool
 
-    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 _BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
-_ZEROS = memoryview(bytes(1 << 20))
 
 
 @dataclass
 class _PadBuffer:
-    """One of :meth:`SafetensorsWriter.write_padded`'s buffers and how many of its columns hold data."""
+    """One of :meth:`SafetensorsWriter.write_padded`'s buffers: any non-zero value lies in its first
+    ``dirty_rows`` rows and ``dirty`` columns."""
 
     data: torch.Tensor
     dirty: int = 0
+    dirty_rows: int = 0
 
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -119,6 +123,7 @@ class SafetensorsWriter:
         # and (R, out) lora_b) would otherwise allocate, and page-fault, a fresh one on every call
         self._buffers: dict[tuple[torch.dtype, int], _PadBuffer] = {}
         self._file = open_for_writing(self.path)
+        self._holes_end = False  # the file ends in a hole (:meth:`_skip`), so far
         self._file.write(self._header(metadata))
 
     def _header(self, metadata) -> bytes:
@@ -153,20 +158,29 @@ class SafetensorsWriter:
             self._write_tensor(tensor)
         elif rows:
             step = max(1, _BUFFER_BYTES // max(1, shape[1] * dtype.itemsize))
+            # a padded layout has few row widths (one buffer each); unpadded rows, one width per rank, are computed
+            # into fresh memory the size of a module instead
+            padded = (rows, cols) != tuple(shape)
             for start in range(0, rows, step):
-                block = tensor[start : start + step] if whole else tensor.rows(start, min(start + step, rows))
-                if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
-                    self._write_tensor(block)  # computed just now, in its final form
-                    continue
-                chunk = self._buffer(dtype, (min(step, rows), shape[1]), cols)[: len(block)]
-                chunk[:, :cols].copy_(block)
+                n = min(step, rows - start)
+                if padded and not whole and dtype == torch.float32 and not tensor.view:
+                    chunk = self._buffer(dtype, (n, shape[1]), cols)
+                    tensor.rows(start, start + n, out=chunk[:, :cols])  # computed in place: no new memory
+                else:
+                    block = tensor[start : start + n] if whole else tensor.rows(start, start + n)
+                    if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
+                        self._write_tensor(block)  # computed just now, in its final form (or a view of the file)
+                        continue
+                    chunk = self._buffer(dtype, (n, shape[1]), cols)
+                    chunk[:, :cols].copy_(block)
                 self._write_tensor(chunk)
-        self._write_zeros((shape[0] - rows) * shape[1] * dtype.itemsize)
+        self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._tensor_done(tensor_nbytes(dtype, shape))
         self._next += 1
 
     def _write_tensor(self, tensor: torch.Tensor) -> None:
         """The bytes of a contiguous CPU tensor, as they are in memory."""
+        self._holes_end = False
         self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
 
     def _announced(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -179,24 +193,28 @@ class SafetensorsWriter:
             )
 
     def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> torch.Tensor:
-        """A (rows, width) buffer of ``dtype`` whose columns from ``cols`` on are zero, reused from call to call
-        (only its first ``cols`` columns are written before the next call of the same dtype and width)."""
+        """The first ``rows`` of a (≥ rows, width) buffer of ``dtype`` whose columns from ``cols`` on are zero,
+        reused from call to call (only the first ``cols`` columns of the rows returned are written before the next
+        call of the same dtype and width)."""
         rows, width = shape
         buffer = self._buffers.get((dtype, width))
         if buffer is None or len(buffer.data) < rows:
             buffer = self._buffers[dtype, width] = _PadBuffer(torch.zeros(shape, dtype=dtype))
-        elif buffer.dirty > cols:  # data columns of an earlier call
-            buffer.data[:, cols : buffer.dirty].zero_()
-        buffer.dirty = cols
-        return buffer.data
+        elif buffer.dirty > cols:  # data columns of earlier calls, in the rows they used
+            buffer.data[: buffer.dirty_rows, cols : buffer.dirty].zero_()
+        buffer.dirty, buffer.dirty_rows = cols, max(buffer.dirty_rows, rows)
+        return buffer.data[:rows]
 
-    def _write_zeros(self, nbytes: int) -> None:
-        while nbytes > 0:
-            n = min(nbytes, len(_ZEROS))
-            self._file.write(_ZEROS[:n])
-            nbytes -= n
+    def _skip(self, nbytes: int) -> None:
+        """``nbytes`` zero bytes, as a hole: the file is new and empty (``open_for_writing``), so the file system
+        reads zeros there without writing any (``close`` sets the length when the file ends in one)."""
+        if nbytes:
+            self._file.seek(nbytes, os.SEEK_CUR)
+            self._holes_end = True
 
     def close(self) -> None:
+        if self._holes_end:
+            self._file.truncate()  # the file's length: the position, past the last hole
         self._file.close()
         if self._next != len(self._layout):
             missing = [n for n, _, _ in self._layout[self._next :]]

@@ -137,8 +137,8 @@ def write_mlx_adapter(adapter: Adapter, plan: MlxPlan, directory: str | Path, *,
         for name, key in names.items():
             fan_in, fan_out = plan.shapes[key]
             found = adapter.deltas.get(name) or zero_delta(fan_in, fan_out, 0)
-            a, b = found.factor("A").whole(), found.factor("B").whole()
-            writer.write_padded(f"{name}.lora_a", a.T, dtype, (fan_in, rank))  # transposed, cast and padded
-            writer.write_padded(f"{name}.lora_b", b.T, dtype, (rank, fan_out))
+            # transposed, cast and padded block by block
+            writer.write_padded(f"{name}.lora_a", found.factor("A").T, dtype, (fan_in, rank))
+            writer.write_padded(f"{name}.lora_b", found.factor("B").T, dtype, (rank, fan_out))
     config = mlx_config_dict(plan, rank)
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
