@@ -2,6 +2,8 @@
 
 Compares, in the same run and each in a fresh subprocess (so that peak RSS is its own):
   - copy: safetensors load_file + save_file of the same tensors (what any conversion must at least do);
+  - copy of uniform's output: the same, of what `to-lora --layout uniform` wrote (the padded layouts write more
+    bytes than they read: this row is the copy of as many bytes as they write);
   - every entry of OPERATIONS: an adaconvert verb through the CLI, as users run it (`to-lora` in both layouts,
     `to-mlx`, `to-gguf`: read, fold scaling, strip, measure errors, write, checks, card + report).
 Prints wall time and peak RSS, their ratios to the copy, and the output size against the compact layout's.
@@ -32,6 +34,8 @@ OPERATIONS = {
     "to-gguf (f32)": (["to-gguf", "--base", "{base}", "--overwrite"], ".gguf"),  # its side files stay
     "to-lora --dtype bfloat16": (["to-lora", "--dtype", "bfloat16"], ""),  # + the cast's error, measured
 }
+
+PADDED_COPY = "copy of uniform's output"
 
 # (name, in_features, out_features) of one Llama-3-8B decoder layer
 LLAMA3_8B = [
@@ -166,13 +170,16 @@ def main() -> None:
             size = make_adapter(src, layers=args.layers, init_r=args.init_r, pattern=pattern)
             modes = ("copy", *OPERATIONS)
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            runs[PADDED_COPY] = []
             for _ in range(args.repeat):  # the modes take turns, so that a change in the machine's load hits all
                 for i, mode in enumerate(modes):
                     dst = tmp / f"out-{i}{OPERATIONS[mode][1] if mode in OPERATIONS else ''}"
                     runs[mode].append(measure(mode, src, dst, base))
+                uniform = tmp / f"out-{modes.index('to-lora --layout uniform')}"
+                runs[PADDED_COPY].append(measure("copy", uniform, tmp / "out-copy", base))
             best = {
                 mode: {k: statistics.median(r[k] for r in runs[mode]) for k in ("seconds", "peak_rss", "bytes")}
-                for mode in modes
+                for mode in runs
             }
             rows.append((pattern, size, best))
 
