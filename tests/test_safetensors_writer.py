@@ -60,14 +60,21 @@ def test_header_is_valid_json_padded_with_spaces():
     assert json.loads(raw[8 : 8 + n]) == {"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}}
 
 
-def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch):
-    """write_padded streams a cast, zero-padded copy through reused buffers (one per row width): the file holds
-    exactly ``zeros(shape)`` with the tensor in its corner, for transposed views, row and column padding, several
-    buffer chunks, and a narrower tensor after a wider one, also with a tensor of another width in between (whose
-    data columns must not leak into its padding)."""
+@pytest.mark.parametrize("slow_disk", [False, True])
+def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch, slow_disk):
+    """write_padded streams a cast, zero-padded copy through reused buffers (two per row width, in turn, each
+    written by the writer's thread): the file holds exactly ``zeros(shape)`` with the tensor in its corner, for
+    transposed views, row and column padding, several buffer chunks, and a narrower tensor after a wider one, also
+    with a tensor of another width in between (whose data columns must not leak into its padding). With a slow
+    disk, a buffer refilled before its bytes were written would put the next chunk's bytes in their place."""
+    import time
+
     import adaconvert.io.safetensors_writer as writer_module
 
     monkeypatch.setattr(writer_module, "_BUFFER_BYTES", 64)  # 8 float32 rows of 2: every tensor takes several chunks
+    if slow_disk:
+        pwrite = writer_module._pwrite
+        monkeypatch.setattr(writer_module, "_pwrite", lambda *args: (time.sleep(0.002), pwrite(*args)))
     g = torch.Generator().manual_seed(0)
     cases = [  # (name, tensor, dtype, padded shape)
         ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +50,7 @@ class Rows(Protocol):
 
 
 _BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
+_IN_FLIGHT = 2  # tensors handed to the writing thread and not yet written: bounds the memory they hold
 
 
 @dataclass
@@ -58,6 +61,7 @@ class _PadBuffer:
     data: torch.Tensor
     dirty: int = 0
     dirty_rows: int = 0
+    written: Future | None = None  # the write of its last data, which must end before the buffer is reused
 
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -110,6 +114,12 @@ def open_for_writing(path: Path):
 class SafetensorsWriter:
     """Streams tensors into ``path`` in the order of ``layout``.
 
+    The bytes are written by a thread of the writer's own while the caller computes the next tensor (a write
+    and a torch operation both release the GIL): at most ``_IN_FLIGHT`` tensors wait for it. Each goes to its
+    offset in the file (``os.pwrite``), which the layout fixes; a failed write is raised by the next call, or by
+    ``close``. A tensor handed to :meth:`write` or :meth:`write_padded` may therefore be read after the call
+    returns: it must not change before ``close``.
+
     Example:
         >>> with SafetensorsWriter(path, [("w", torch.float32, (2, 3))]) as w:
         ...     w.write("w", torch.zeros(2, 3))
@@ -119,12 +129,17 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._layout = [(n, d, tuple(s)) for n, d, s in layout]
         self._next = 0
-        # write_padded's buffers, one per (dtype, width): a writer that alternates widths (mlx-lm's (in, R) lora_a
-        # and (R, out) lora_b) would otherwise allocate, and page-fault, a fresh one on every call
-        self._buffers: dict[tuple[torch.dtype, int], _PadBuffer] = {}
+        # write_padded's buffers, two per (dtype, width) used in turn (one is filled while the other is written): a
+        # writer that alternates widths (mlx-lm's (in, R) lora_a and (R, out) lora_b) would otherwise allocate, and
+        # page-fault, a fresh one on every call
+        self._buffers: dict[tuple[torch.dtype, int], deque[_PadBuffer]] = {}
         self._file = open_for_writing(self.path)
-        self._holes_end = False  # the file ends in a hole (:meth:`_skip`), so far
-        self._file.write(self._header(metadata))
+        header = self._header(metadata)
+        self._file.write(header)
+        self._file.flush()
+        self._offset = len(header)  # where the next bytes go; past the end of the file after a hole
+        self._pending: deque[Future] = deque()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer")
 
     def _header(self, metadata) -> bytes:
         """Everything before the first tensor's data (a subclass for another format overrides it)."""
@@ -164,24 +179,30 @@ class SafetensorsWriter:
             for start in range(0, rows, step):
                 n = min(step, rows - start)
                 if padded and not whole and dtype == torch.float32 and not tensor.view:
-                    chunk = self._buffer(dtype, (n, shape[1]), cols)
-                    tensor.rows(start, start + n, out=chunk[:, :cols])  # computed in place: no new memory
+                    pad = self._buffer(dtype, (n, shape[1]), cols)
+                    tensor.rows(start, start + n, out=pad.data[:n, :cols])  # computed in place: no new memory
                 else:
                     block = tensor[start : start + n] if whole else tensor.rows(start, start + n)
                     if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
                         self._write_tensor(block)  # computed just now, in its final form (or a view of the file)
                         continue
-                    chunk = self._buffer(dtype, (n, shape[1]), cols)
-                    chunk[:, :cols].copy_(block)
-                self._write_tensor(chunk)
+                    pad = self._buffer(dtype, (n, shape[1]), cols)
+                    pad.data[:n, :cols].copy_(block)
+                pad.written = self._write_tensor(pad.data[:n])
         self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._tensor_done(tensor_nbytes(dtype, shape))
         self._next += 1
 
-    def _write_tensor(self, tensor: torch.Tensor) -> None:
-        """The bytes of a contiguous CPU tensor, as they are in memory."""
-        self._holes_end = False
-        self._file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+    def _write_tensor(self, tensor: torch.Tensor) -> Future:
+        """The bytes of a contiguous CPU tensor, as they are in memory, handed to the writing thread (which keeps
+        ``tensor`` alive until they are written)."""
+        data = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+        offset, self._offset = self._offset, self._offset + len(data)
+        while len(self._pending) >= _IN_FLIGHT:
+            self._pending.popleft().result()  # raises a failed write's error
+        written = self._thread.submit(_pwrite, self._file.fileno(), data, offset)
+        self._pending.append(written)
+        return written
 
     def _announced(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if self._next >= len(self._layout):
@@ -192,30 +213,44 @@ class SafetensorsWriter:
                 f"{self.path}: expected {exp_name} {exp_dtype} {list(exp_shape)}, got {name} {dtype} {list(shape)}"
             )
 
-    def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> torch.Tensor:
-        """The first ``rows`` of a (≥ rows, width) buffer of ``dtype`` whose columns from ``cols`` on are zero,
-        reused from call to call (only the first ``cols`` columns of the rows returned are written before the next
-        call of the same dtype and width)."""
+    def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> _PadBuffer:
+        """A buffer of ``dtype`` and ``shape``'s width, with at least ``shape``'s rows, whose columns from ``cols``
+        on are zero there, and whose earlier data is written: only the first ``cols`` columns of those rows are
+        set before the next call of the same dtype and width."""
         rows, width = shape
-        buffer = self._buffers.get((dtype, width))
-        if buffer is None or len(buffer.data) < rows:
-            buffer = self._buffers[dtype, width] = _PadBuffer(torch.zeros(shape, dtype=dtype))
+        turns = self._buffers.setdefault((dtype, width), deque())
+        if len(turns) < 2:
+            turns.appendleft(_PadBuffer(torch.zeros(shape, dtype=dtype)))
+        turns.rotate(-1)
+        buffer = turns[-1]
+        if buffer.written is not None:
+            buffer.written.result()
+        if len(buffer.data) < rows:
+            buffer = turns[-1] = _PadBuffer(torch.zeros(shape, dtype=dtype))
         elif buffer.dirty > cols:  # data columns of earlier calls, in the rows they used
             buffer.data[: buffer.dirty_rows, cols : buffer.dirty].zero_()
         buffer.dirty, buffer.dirty_rows = cols, max(buffer.dirty_rows, rows)
-        return buffer.data[:rows]
+        return buffer
 
     def _skip(self, nbytes: int) -> None:
         """``nbytes`` zero bytes, as a hole: the file is new and empty (``open_for_writing``), so the file system
         reads zeros there without writing any (``close`` sets the length when the file ends in one)."""
-        if nbytes:
-            self._file.seek(nbytes, os.SEEK_CUR)
-            self._holes_end = True
+        self._offset += nbytes
+
+    def _finish(self) -> None:
+        """Wait for every write (raising the first failure) and stop the writing thread."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._thread.shutdown(cancel_futures=True)
 
     def close(self) -> None:
-        if self._holes_end:
-            self._file.truncate()  # the file's length: the position, past the last hole
-        self._file.close()
+        try:
+            self._finish()
+            os.ftruncate(self._file.fileno(), self._offset)  # the file's length, past a hole at its end
+        finally:
+            self._file.close()
         if self._next != len(self._layout):
             missing = [n for n, _, _ in self._layout[self._next :]]
             raise ValueError(f"{self.path}: {len(missing)} announced tensor(s) never written, first {missing[0]!r}")
@@ -226,8 +261,20 @@ class SafetensorsWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
+            return
+        try:
+            self._finish()
+        except OSError:
+            pass  # the caller's exception is the one raised
+        finally:
             self._file.close()
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` of ``fd`` (a write may take part of it)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
