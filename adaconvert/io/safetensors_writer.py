@@ -2,7 +2,7 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (name → dtype, shape, byte offsets),
 then the raw bytes of every tensor. The header depends only on names, dtypes and shapes, so it can be written
-before any data: each tensor is then appended as it is produced and can be dropped straight after.
+before any data: each tensor is then appended as it is produced and can be dropped once written.
 """
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ class SafetensorsWriter:
         layout announced. ``tensor`` is 2-D, any strides (a transposed view is fine), or a :class:`Rows` that
         computes it block by block (a folded factor: ``adapter.Factor``).
 
-        The padded tensor is never built whole: rows go through a reused buffer of a few MiB per row width, whose
-        memory is touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the copy
-        itself).
+        The padded tensor is never built whole: rows go through two reused buffers of a few MiB per row width,
+        whose memory is touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the
+        copy itself); padding rows are not written at all (:meth:`_skip`).
         """
         self._announced(name, dtype, tuple(shape))
         rows, cols = tensor.shape
@@ -173,8 +173,8 @@ class SafetensorsWriter:
             self._write_tensor(tensor)
         elif rows:
             step = max(1, _BUFFER_BYTES // max(1, shape[1] * dtype.itemsize))
-            # a padded layout has few row widths (one buffer each); unpadded rows, one width per rank, are computed
-            # into fresh memory the size of a module instead
+            # a padded layout has few row widths (two buffers each); unpadded rows, one width per rank, are
+            # computed into fresh memory the size of a module instead
             padded = (rows, cols) != tuple(shape)
             for start in range(0, rows, step):
                 n = min(step, rows - start)
