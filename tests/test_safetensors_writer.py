@@ -73,8 +73,8 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch, slow_disk):
 
     monkeypatch.setattr(writer_module, "_BUFFER_BYTES", 64)  # 8 float32 rows of 2: every tensor takes several chunks
     if slow_disk:
-        pwrite = writer_module._pwrite
-        monkeypatch.setattr(writer_module, "_pwrite", lambda *args: (time.sleep(0.002), pwrite(*args)))
+        write_at = SafetensorsWriter._write_at
+        monkeypatch.setattr(SafetensorsWriter, "_write_at", lambda *args: (time.sleep(0.002), write_at(*args)))
     g = torch.Generator().manual_seed(0)
     cases = [  # (name, tensor, dtype, padded shape)
         ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is

@@ -116,9 +116,9 @@ class SafetensorsWriter:
 
     The bytes are written by a thread of the writer's own while the caller computes the next tensor (a write
     and a torch operation both release the GIL): at most ``_IN_FLIGHT`` tensors wait for it. Each goes to its
-    offset in the file (``os.pwrite``), which the layout fixes; a failed write is raised by the next call, or by
-    ``close``. A tensor handed to :meth:`write` or :meth:`write_padded` may therefore be read after the call
-    returns: it must not change before ``close``.
+    offset in the file, which the layout fixes; a failed write is raised by the next call, or by ``close``. A
+    tensor handed to :meth:`write` or :meth:`write_padded` may therefore be read after the call returns: it must
+    not change before ``close``.
 
     Example:
         >>> with SafetensorsWriter(path, [("w", torch.float32, (2, 3))]) as w:
@@ -200,7 +200,7 @@ class SafetensorsWriter:
         offset, self._offset = self._offset, self._offset + len(data)
         while len(self._pending) >= _IN_FLIGHT:
             self._pending.popleft().result()  # raises a failed write's error
-        written = self._thread.submit(_pwrite, self._file.fileno(), data, offset)
+        written = self._thread.submit(self._write_at, data, offset)
         self._pending.append(written)
         return written
 
@@ -237,6 +237,11 @@ class SafetensorsWriter:
         reads zeros there without writing any (``close`` sets the length when the file ends in one)."""
         self._offset += nbytes
 
+    def _write_at(self, data: memoryview, offset: int) -> None:
+        """In the writing thread, the only one to use the file until ``close``."""
+        self._file.seek(offset)
+        self._file.write(data)
+
     def _finish(self) -> None:
         """Wait for every write (raising the first failure) and stop the writing thread."""
         try:
@@ -248,7 +253,7 @@ class SafetensorsWriter:
     def close(self) -> None:
         try:
             self._finish()
-            os.ftruncate(self._file.fileno(), self._offset)  # the file's length, past a hole at its end
+            self._file.truncate(self._offset)  # the file's length, past a hole at its end
         finally:
             self._file.close()
         if self._next != len(self._layout):
@@ -268,13 +273,6 @@ class SafetensorsWriter:
             pass  # the caller's exception is the one raised
         finally:
             self._file.close()
-
-
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-    """All of ``data`` at ``offset`` of ``fd`` (a write may take part of it)."""
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
