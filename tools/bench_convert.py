@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -140,6 +141,9 @@ def output_bytes(path: Path) -> int:
 
 def measure(mode: str, src: Path, dst: Path, base: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True) if dst.is_dir() else dst.unlink(missing_ok=True)
+    # the earlier runs' outputs go to disk now, not during this run (the kernel's writeback, on the other core,
+    # would slow whichever run it overlaps)
+    os.sync()
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, str(src), str(dst), str(base)],
         check=True,
@@ -153,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--init-r", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=5, help="runs per mode; the median time and RSS are kept")
+    parser.add_argument("--repeat", type=int, default=9, help="runs per mode; the median time and RSS are kept")
     parser.add_argument("--child", nargs=4, metavar=("MODE", "SRC", "DST", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
