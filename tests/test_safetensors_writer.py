@@ -73,8 +73,9 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch, slow_disk):
 
     monkeypatch.setattr(writer_module, "_BUFFER_BYTES", 64)  # 8 float32 rows of 2: every tensor takes several chunks
     if slow_disk:
-        write_at = SafetensorsWriter._write_at
-        monkeypatch.setattr(SafetensorsWriter, "_write_at", lambda *args: (time.sleep(0.002), write_at(*args)))
+        write = SafetensorsWriter._write_batch
+        monkeypatch.setattr(SafetensorsWriter, "_write_batch", lambda *args: (time.sleep(0.002), write(*args)))
+        monkeypatch.setattr(writer_module, "_BATCH_BYTES", 40)  # most chunks in a batch of their own, some not
     g = torch.Generator().manual_seed(0)
     cases = [  # (name, tensor, dtype, padded shape)
         ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is
