@@ -193,6 +193,7 @@ class SafetensorsWriter:
                     pad = self._buffer(dtype, (n, shape[1]), cols)
                     pad.data[:n, :cols].copy_(block)
                 pad.written = self._write_tensor(pad.data[:n])
+                self._hand_over()  # now: the buffer's turn comes again after one other, and waits for this write
         self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._tensor_done(tensor_nbytes(dtype, shape))
         self._next += 1
