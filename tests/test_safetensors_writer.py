@@ -75,7 +75,7 @@ def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch, slow_disk):
     if slow_disk:
         write = SafetensorsWriter._write_batch
         monkeypatch.setattr(SafetensorsWriter, "_write_batch", lambda *args: (time.sleep(0.002), write(*args)))
-        monkeypatch.setattr(writer_module, "_BATCH_BYTES", 40)  # most chunks in a batch of their own, some not
+        monkeypatch.setattr(writer_module, "_BATCH_BYTES", 40)  # tensors written as they are: some batched, some not
     g = torch.Generator().manual_seed(0)
     cases = [  # (name, tensor, dtype, padded shape)
         ("wide", torch.randn(9, 4, generator=g), torch.float32, (11, 4)),  # rows only: written as it is

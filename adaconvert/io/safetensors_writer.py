@@ -239,9 +239,7 @@ class SafetensorsWriter:
             turns.appendleft(_PadBuffer(torch.zeros(shape, dtype=dtype)))
         turns.rotate(-1)
         buffer = turns[-1]
-        if buffer.written is not None and not buffer.written.done():
-            if buffer.written is self._batch_written:
-                self._hand_over()  # its data is still in the batch
+        if buffer.written is not None:  # handed over as it was filled (write_padded)
             buffer.written.result()
         if len(buffer.data) < rows:
             buffer = turns[-1] = _PadBuffer(torch.zeros(shape, dtype=dtype))
