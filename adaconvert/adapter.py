@@ -197,7 +197,7 @@ class Factor(NamedTuple):
         return read(self.part, start, stop, out)
 
     def whole(self) -> torch.Tensor:
-        """The whole factor, float32, for a writer that needs it at once (to transpose or permute it): not kept
+        """The whole factor, float32, for a writer that needs it at once (to permute or quantise it): not kept
         by the delta, so that its memory serves the next module's (a view when the delta holds it already)."""
         return self.rows(0, self.shape[0])
 
