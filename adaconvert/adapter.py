@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -35,7 +36,10 @@ class LowRankDelta:
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         self._A, self._B = A, B
         self._saved_A = self._saved_B = self._keep = self._scale = None
-        self.bound: float | None = None  # no entry of A or B has a larger magnitude; None: not known
+        # no entry of A or B has a larger magnitude (a reader's checks set it from max|A|, and max|B| · max|scale|:
+        # float rounding is monotonic); lets a writer skip a range check (float16's) the factors pass anyway. None:
+        # not known
+        self.bound: float | None = None
 
     @classmethod
     def folding(
@@ -44,8 +48,6 @@ class LowRankDelta:
         B: torch.Tensor,
         scale: torch.Tensor | float,
         keep: torch.Tensor | None = None,
-        *,
-        bound: float | None = None,
     ) -> LowRankDelta:
         """The delta ``B[:, keep] · scale[keep] @ A[keep]``, computed in float32 when read.
 
@@ -53,9 +55,6 @@ class LowRankDelta:
             A: (r, in) and B: (out, r) as saved, any floating dtype; never written to.
             scale: a float, or an (r,) float32 vector (one scale per component).
             keep: (k,) indices of the components to keep, in order; None keeps all r.
-            bound: what the reader knows without computing the factors: no entry of A or B is larger in
-                magnitude (max|A|, and max|B| · max|scale|: float rounding is monotonic). Lets a writer skip a
-                range check (float16's) that the factors pass anyway.
         """
         delta = cls(None, None)
         if keep is not None and len(keep) == A.shape[0]:
@@ -63,7 +62,6 @@ class LowRankDelta:
         if keep is not None and isinstance(scale, torch.Tensor):
             scale = scale.index_select(0, keep)
         delta._saved_A, delta._saved_B, delta._scale, delta._keep = A, B, scale, keep
-        delta.bound = bound
         return delta
 
     @property
@@ -215,6 +213,8 @@ class Adapter:
         source_kind: ``adalora``, ``lora`` or ``lora-drop``.
         provenance: what the source said about itself: ranks as stored, init_r, scaling used,
             training metadata (rank history, layer importance).
+        pending_checks: the reader's value checks, when it left them running (``read_adapter(...,
+            defer_checks=True)``): see :meth:`verify`.
     """
 
     deltas: dict[str, LowRankDelta]
@@ -223,6 +223,13 @@ class Adapter:
     task_type: str | None = None
     source_kind: str = "lora"
     provenance: dict = field(default_factory=dict)
+    pending_checks: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def verify(self) -> None:
+        """Wait for the value checks the reader left running (every entry finite, and every scaling folded into B
+        too), raising their error (``NonFiniteError``); at once when there are none."""
+        if self.pending_checks is not None:
+            self.pending_checks()
 
     def replace(self, **changes) -> Adapter:
         """A shallow copy with some fields changed (transforms never mutate their input)."""

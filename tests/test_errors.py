@@ -274,17 +274,93 @@ def test_finite_magnitude_needs_one_dtype_back_to_back():
     assert finite_magnitude({}) is None
 
 
-@pytest.mark.parametrize("where", [10, 3_000_000])
-def test_finite_magnitude_on_two_threads_sees_nan_in_either_half(where):
-    """On one torch thread a large file is reduced in two halves, one on a thread of its own: NaN or Inf in either
-    half gives None, whichever half's extremes come first."""
-    from adaconvert.process import torch_threads
-    from adaconvert.readers._common import finite_magnitude
+def test_deferred_checks_raise_on_verify_every_time(tmp_path):
+    """``read_adapter(defer_checks=True)`` returns while the value checks run; ``verify`` raises their error, and
+    raises it again when called again (an export calls it once, but nothing may ever pass it)."""
+    from adaconvert import read_adapter
+    from adaconvert.errors import NonFiniteError
 
-    data = torch.linspace(-3, 2, 4_000_000)
-    with torch_threads(1):
-        assert finite_magnitude({"a": data[:1000], "b": data[1000:]}) == 3.0
-        for bad in (float("nan"), float("-inf")):
-            broken = data.clone()
-            broken[where] = bad
-            assert finite_magnitude({"a": broken[:1000], "b": broken[1000:]}) is None
+    src = write_adalora(tmp_path / "a", kept=(4, 4))
+    adapter = read_adapter(src, defer_checks=True)
+    adapter.verify()
+    assert all(d.bound is not None for d in adapter.deltas.values())  # set by the checks: float16's range check
+    edit_tensors(src, lambda t: t[f"{Q}.lora_B"].__setitem__((2, 1), float("-inf")))
+    with pytest.raises(NonFiniteError, match="lora_B holds NaN or Inf"):
+        read_adapter(src)
+    adapter = read_adapter(src, defer_checks=True)
+    for _ in range(2):
+        with pytest.raises(NonFiniteError, match="lora_B holds NaN or Inf"):
+            adapter.verify()
+
+
+def _first_kept(src):
+    """(PEFT key prefix, component index) of a component kept in a real AdaLoRA (lora_E non-zero)."""
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = next(k for k, t in sorted(tensors.items()) if k.endswith("lora_E") and t.count_nonzero())
+    return key.removesuffix(".lora_E"), int(tensors[key].flatten().nonzero()[0])
+
+
+def _first_masked(src):
+    """(PEFT key prefix, component index) of a component rank_pattern null masks (lora_E zero, A and B kept)."""
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = next(k for k, t in sorted(tensors.items()) if k.endswith("lora_E") and (t == 0).any() and t.any())
+    return key.removesuffix(".lora_E"), int((tensors[key].flatten() == 0).nonzero()[0])
+
+
+def _nan_in_a(find):
+    def breakage(src):
+        prefix, component = find(src)
+        edit_tensors(src, lambda t: t[f"{prefix}.lora_A"].__setitem__((component, 0), float("nan")))
+
+    return breakage
+
+
+VALUE_CASES = {
+    # (source fixture, breakage, message fragment, file the message names)
+    "nan-kept": ("adalora_llama", _nan_in_a(_first_kept), "lora_A holds NaN or Inf", "adapter_model.safetensors"),
+    # dropped from the output, but PEFT computes 0 · NaN = NaN through it: refused all the same
+    "nan-masked": (
+        "adalora_llama_no_pattern",
+        _nan_in_a(_first_masked),
+        "lora_A holds NaN or Inf",
+        "adapter_model.safetensors",
+    ),
+    "overflow": (
+        "adalora_llama",
+        lambda src: edit_config(src, lambda c: c.update(lora_alpha=1e300)),
+        "overflows float32",
+        "adapter_config.json",
+    ),
+}
+EXPORTS = {
+    # the value checks run while these write (float32 out, nothing compressed) ...
+    "to-lora": ["to-lora", "{src}", "{dst}"],
+    "to-lora-uniform": ["to-lora", "{src}", "{dst}", "--layout", "uniform"],
+    "to-mlx": ["to-mlx", "{src}", "{dst}", "--base", "{base}"],
+    "to-gguf": ["to-gguf", "{src}", "{dst}.gguf", "--base", "{base}"],
+    # ... and before, when a cast's range check or the compression's SVD reads the values
+    "to-lora-float16": ["to-lora", "{src}", "{dst}", "--dtype", "float16"],
+    "to-gguf-bf16": ["to-gguf", "{src}", "{dst}.gguf", "--base", "{base}", "--outtype", "bf16"],
+    "to-lora-compressed": ["to-lora", "{src}", "{dst}", "--max-rank", "1"],
+}
+
+
+@pytest.mark.parametrize("export", EXPORTS)
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_bad_values_refused_by_every_export_leaving_nothing(request, tiny_llama, tmp_path, capsys, case, export):
+    """NaN in a kept or a masked component, or a scaling that overflows float32, whether the value checks run
+    while the output is written or before: one line naming the file, exit 2, nothing published, no temporary
+    left (the checks end before the rename, ``Prepared.verify``)."""
+    fixture, breakage, message, names = VALUE_CASES[case]
+    src = tmp_path / "src"
+    shutil.copytree(request.getfixturevalue(fixture), src)
+    breakage(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.format(src=src, dst=out / "x", base=tiny_llama) for a in EXPORTS[export]]
+    capsys.readouterr()  # what building the fixture printed
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err and str(src / names) in err and "Traceback" not in err
+    assert list(out.iterdir()) == []

@@ -102,6 +102,7 @@ def to_gguf(
     # the GGUF, then its report and card, published as one group: two runs into one directory never mix their files
     with atomic_output_files(outputs, overwrite=overwrite, inputs=[src]) as (gguf_tmp, report_tmp, card_tmp):
         write_gguf_lora(adapter, gguf_tmp, base=gbase, outtype=outtype, name=dst.stem, progress=progress)
+        prepared.verify()  # the value checks ran while the output was written
         report.bytes_after = gguf_tmp.stat().st_size
         report_tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         card_tmp.write_text(gguf_card(report, dst.name, base_model=str(base), arch=gbase.arch), encoding="utf-8")

@@ -67,6 +67,7 @@ def to_mlx(
     report = prepared.report(dst, layout="mlx", overhead_params=overhead)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         write_mlx_adapter(adapter, plan, tmp, dtype=prepared.out_dtype)
+        prepared.verify()  # the value checks ran while the output was written
         report.runtimes = runtimes_dict(check_runtimes(tmp))
         write_report_and_card(tmp, report, conversion_card(report, base_model=prepared.adapter.base_model))
     logger.info("wrote %s: %d blocks × %d keys at rank %d", dst, plan.num_layers, len(plan.keys), adapter.max_rank)

@@ -74,6 +74,7 @@ def to_lora(
     report = prepared.report(dst, layout=layout, overhead_params=overhead)
     with atomic_output_dir(dst, overwrite=overwrite, inputs=[src]) as tmp:
         write_peft_lora(adapter, tmp, dtype=prepared.out_dtype, layout=layout, fill_from=prepared.source)
+        prepared.verify()  # the value checks ran while the output was written
         # docs/design.md §4, checked on the files as written: nothing vLLM would reject gets renamed into place.
         # Without --vllm-max-lora-rank a rank above every bucket is only a warning (PEFT still loads it).
         warn_only = ("max-lora-rank",) if vllm_max_lora_rank is None else ()

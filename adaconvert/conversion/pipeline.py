@@ -34,12 +34,19 @@ class Prepared:
         exact: ``strip_empty(source)``: the same ΔW per module, zero components and empty modules removed.
         adapter: what is to be written: ``exact``, compressed if asked (float32 factors, scaling folded in).
         out_dtype: the dtype the writer casts every tensor to.
+
+    The source's value checks may still be running (they are left to run while the output is written when nothing
+    before the write needs them): an export calls :meth:`verify` before its output is published.
     """
 
     source: Adapter
     exact: Adapter
     adapter: Adapter
     out_dtype: torch.dtype
+
+    def verify(self) -> None:
+        """Wait for the source's value checks; ``NonFiniteError`` if it holds NaN or Inf or a fold overflows."""
+        self.source.verify()
 
     def report(self, destination: str | Path, *, layout: str = "compact", overhead_params: int = 0):
         """The :class:`ConversionReport` of writing ``self.adapter`` to ``destination``.
@@ -104,7 +111,8 @@ def prepare_conversion(
         dtype: ``float32``, ``float16`` or ``bfloat16``; default the source's dtype.
 
     Returns:
-        :class:`Prepared`; without compression options ``adapter`` computes exactly the source's ΔW.
+        :class:`Prepared`; without compression options ``adapter`` computes exactly the source's ΔW. Its value
+        checks may still run: call ``verify()`` before publishing what was made from it.
 
     Raises:
         InvalidConfigError: bad option, or every module is empty; source errors from the readers.
@@ -117,13 +125,17 @@ def prepare_conversion(
     check_options(max_rank=max_rank, energy=energy, tol=tol, dtype=dtype)
     compressing = any(x is not None for x in (max_rank, energy, tol))
     limit = min((x for x in (max_rank, cap if compressing else None) if x is not None), default=None)
-    source = read_adapter(src)
+    # the value checks (one pass over all the data) run while the output is written, unless the compression's SVD
+    # or a cast's range check needs them first
+    source = read_adapter(src, defer_checks=True)
+    out_dtype = output_dtype(dtype) or getattr(torch, source.provenance.get("dtype", "float32"))
+    if compressing or out_dtype != torch.float32:
+        source.verify()
     exact = adapter = strip_empty(source)
     if compressing:
         adapter = strip_empty(compress_ranks(adapter, max_rank=limit, energy=energy, tol=tol))
     if not adapter.deltas:
         raise InvalidConfigError("every module is empty (rank 0 or all-zero weights); nothing to write", path=src)
-    out_dtype = output_dtype(dtype) or getattr(torch, source.provenance.get("dtype", "float32"))
     _check_fits(adapter, out_dtype, src)
     return Prepared(source=source, exact=exact, adapter=adapter, out_dtype=out_dtype)
 

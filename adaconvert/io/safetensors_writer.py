@@ -51,7 +51,8 @@ class Rows(Protocol):
 
 _BUFFER_BYTES = 4 << 20  # write_padded's reused buffer: large enough for few writes, small enough for the caches
 _BATCH_BYTES = 2 << 20  # tensors go to the writing thread in batches of at least this: a hand-over costs ~45 µs
-_IN_FLIGHT = 2  # batches handed to the writing thread and not yet written: bounds the memory they hold
+_IN_FLIGHT = 3  # batches handed to the writing thread and not yet written: bounds the memory they hold
+_TURNS = 3  # write_padded's buffers per dtype and width, used in turn: one is filled while the others are written
 
 
 @dataclass
@@ -130,10 +131,15 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._layout = [(n, d, tuple(s)) for n, d, s in layout]
         self._next = 0
-        # write_padded's buffers, two per (dtype, width) used in turn (one is filled while the other is written): a
-        # writer that alternates widths (mlx-lm's (in, R) lora_a and (R, out) lora_b) would otherwise allocate, and
-        # page-fault, a fresh one on every call
+        # write_padded's buffers, _TURNS per (dtype, width) used in turn (one is filled while the others are
+        # written): a writer that alternates widths (mlx-lm's (in, R) lora_a and (R, out) lora_b) would otherwise
+        # allocate, and page-fault, a fresh one on every call
         self._buffers: dict[tuple[torch.dtype, int], deque[_PadBuffer]] = {}
+        self._tallest: dict[tuple[torch.dtype, int], int] = {}  # (dtype, width) → most rows of a tensor of the layout
+        for _, dtype, shape in self._layout:
+            if len(shape) == 2:
+                key = (dtype, shape[1])
+                self._tallest[key] = max(self._tallest.get(key, 0), shape[0])
         self._file = open_for_writing(self.path)
         header = self._header(metadata)
         self._file.write(header)
@@ -164,7 +170,7 @@ class SafetensorsWriter:
         layout announced. ``tensor`` is 2-D, any strides (a transposed view is fine), or a :class:`Rows` that
         computes it block by block (a folded factor: ``adapter.Factor``).
 
-        The padded tensor is never built whole: rows go through two reused buffers of a few MiB per row width,
+        The padded tensor is never built whole: rows go through a few reused buffers of up to a few MiB per row width,
         whose memory is touched once (a fresh allocation per tensor costs a page fault per 4 KiB, more than the
         copy itself); padding rows are not written at all (:meth:`_skip`).
         """
@@ -183,17 +189,18 @@ class SafetensorsWriter:
             for start in range(0, rows, step):
                 n = min(step, rows - start)
                 if padded and not whole and dtype == torch.float32 and not tensor.view:
-                    pad = self._buffer(dtype, (n, shape[1]), cols)
+                    pad = self._buffer(dtype, shape[1], step, cols)
                     tensor.rows(start, start + n, out=pad.data[:n, :cols])  # computed in place: no new memory
                 else:
                     block = tensor[start : start + n] if whole else tensor.rows(start, start + n)
                     if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
                         self._write_tensor(block)  # computed just now, in its final form (or a view of the file)
                         continue
-                    pad = self._buffer(dtype, (n, shape[1]), cols)
+                    pad = self._buffer(dtype, shape[1], step, cols)
                     pad.data[:n, :cols].copy_(block)
+                pad.dirty_rows = max(pad.dirty_rows, n)
                 pad.written = self._write_tensor(pad.data[:n])
-                self._hand_over()  # now: the buffer's turn comes again after one other, and waits for this write
+                self._hand_over()  # now: the buffer's turn comes again after the others', and waits for this write
         self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._tensor_done(tensor_nbytes(dtype, shape))
         self._next += 1
@@ -229,23 +236,22 @@ class SafetensorsWriter:
                 f"{self.path}: expected {exp_name} {exp_dtype} {list(exp_shape)}, got {name} {dtype} {list(shape)}"
             )
 
-    def _buffer(self, dtype: torch.dtype, shape: tuple[int, int], cols: int) -> _PadBuffer:
-        """A buffer of ``dtype`` and ``shape``'s width, with at least ``shape``'s rows, whose columns from ``cols``
-        on are zero there, and whose earlier data is written: only the first ``cols`` columns of those rows are
-        set before the next call of the same dtype and width."""
-        rows, width = shape
+    def _buffer(self, dtype: torch.dtype, width: int, step: int, cols: int) -> _PadBuffer:
+        """A buffer of ``dtype`` and ``width`` for blocks of up to ``step`` rows (allocated once, as tall as the
+        layout's tallest tensor of that width needs), whose columns from ``cols`` on are zero and whose earlier
+        data is written: only the first ``cols`` columns of the rows used are set before the next call of the same
+        dtype and width."""
         turns = self._buffers.setdefault((dtype, width), deque())
-        if len(turns) < 2:
-            turns.appendleft(_PadBuffer(torch.zeros(shape, dtype=dtype)))
+        if len(turns) < _TURNS:
+            rows = min(step, self._tallest[dtype, width])
+            turns.appendleft(_PadBuffer(torch.zeros((rows, width), dtype=dtype)))
         turns.rotate(-1)
         buffer = turns[-1]
         if buffer.written is not None:  # handed over as it was filled (write_padded)
             buffer.written.result()
-        if len(buffer.data) < rows:
-            buffer = turns[-1] = _PadBuffer(torch.zeros(shape, dtype=dtype))
-        elif buffer.dirty > cols:  # data columns of earlier calls, in the rows they used
+        if buffer.dirty > cols:  # data columns of earlier calls, in the rows they used
             buffer.data[: buffer.dirty_rows, cols : buffer.dirty].zero_()
-        buffer.dirty, buffer.dirty_rows = cols, max(buffer.dirty_rows, rows)
+        buffer.dirty = cols
         return buffer
 
     def _skip(self, nbytes: int) -> None:

@@ -30,8 +30,13 @@ register_reader("ADALORA", read_adalora)
 register_reader("LORA", read_lora)
 
 
-def read_adapter(src: str | Path) -> Adapter:
+def read_adapter(src: str | Path, *, defer_checks: bool = False) -> Adapter:
     """Read any supported adapter (local directory or Hub repo id) into an :class:`Adapter`.
+
+    Args:
+        defer_checks: return while the value checks (every entry finite, every scaling folded into B too: one
+            pass over all the data) still run on a thread of their own; the caller calls ``adapter.verify()``
+            before anything it made from the values counts (a conversion: before its output is published).
 
     Raises:
         SourceNotFoundError: no such directory / repo, or files missing.
@@ -52,4 +57,7 @@ def read_adapter(src: str | Path) -> Adapter:
         raise UnknownAdapterTypeError(
             f"unknown peft_type {peft_type!r}; supported: {', '.join(sorted(READERS))}", path=files.config_path
         )
-    return reader(files)
+    adapter = reader(files)
+    if not defer_checks:
+        adapter.verify()
+    return adapter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +68,8 @@ def finite_magnitude(tensors: dict[str, torch.Tensor]) -> float | None:
     :func:`~adaconvert.io.source.load_tensors` from a safetensors file are), or holds NaN or Inf. On None, each
     module is checked on its own (:func:`check_finite`, which names the tensor that holds NaN or Inf).
 
-    One ``aminmax`` over the whole data, on up to two threads (:func:`_aminmax`), instead of one per tensor on the
-    CLI's one: for an 8B-shaped AdaLoRA (672 tensors, 160 MiB) 12-15 ms instead of 25. One hand-off to the second
-    thread, not one per tensor, so a busy machine does not make it slower than one thread.
+    One ``aminmax`` over the whole data instead of one per tensor: for an 8B-shaped AdaLoRA (672 tensors,
+    160 MiB) 25 ms instead of 35 on one thread.
     """
     values = list(tensors.values())
     if not values or not values[0].is_floating_point():
@@ -94,22 +93,8 @@ def finite_magnitude(tensors: dict[str, torch.Tensor]) -> float | None:
     if end == start:
         return 0.0
     data = torch.empty(0, dtype=dtype).set_(storage, start, (end - start,))
-    extremes = [float(x) for pair in _aminmax(data) for x in pair]
-    return max(-min(extremes), max(extremes)) if all(math.isfinite(x) for x in extremes) else None
-
-
-def _aminmax(data: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(min, max) of each part of a large 1-D tensor: two parts, one on a thread of our own, when torch computes on
-    one thread (the CLI's setting) and two CPUs are usable; torch's own thread count is process-wide, and other
-    threads of the process (a server's) share it, so it is not raised for this."""
-    from adaconvert.process import usable_cpus
-
-    if torch.get_num_threads() > 1 or usable_cpus() < 2 or len(data) < 1 << 20:
-        return [torch.aminmax(data)]
-    first, second = data.tensor_split(2)
-    with ThreadPoolExecutor(1) as pool:  # aminmax releases the GIL
-        other = pool.submit(torch.aminmax, second)
-        return [torch.aminmax(first), other.result()]
+    low, high = (float(x) for x in torch.aminmax(data))
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
 def source_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -238,6 +223,85 @@ def check_config(config: dict, schema: dict[str, Field], *, path: Path) -> dict:
     return values
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """One module's fold, as :class:`ValueChecks` checks it."""
+
+    module: str
+    parts: dict[str, torch.Tensor]
+    names: tuple[str, str]
+    delta: LowRankDelta
+    largest_scale: float
+    why: str
+
+
+class ValueChecks:
+    """The checks on the values of one adapter file: every entry finite, and every B times its scaling finite in
+    float32 (a huge ``lora_alpha`` turns finite inputs into Inf). They also set each folded delta's ``bound``.
+
+    They read all of the file's data, so they run on a thread of their own from the moment the file is read
+    (:func:`finite_magnitude`, one reduction): the reader's per-module work, and a conversion's writes
+    (``read_adapter(..., defer_checks=True)``), go on meanwhile. :meth:`wait` ends them and raises the first
+    problem, every time it is called.
+
+    Example:
+        >>> checks = ValueChecks(tensors, weights_path=w, config_path=c)
+        >>> delta = fold_scaling("m", parts, 0.5, names=("lora_A", "lora_B"), checks=checks, why="scaling 0.5")
+        >>> checks.wait()  # NonFiniteError if the file holds NaN or Inf, or the fold overflows
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], *, weights_path: Path, config_path: Path):
+        self.weights_path, self.config_path = weights_path, config_path
+        self._folds: list[_Fold] = []
+        self._error: BaseException | None = None
+        self._done = False
+        pool = ThreadPoolExecutor(1, thread_name_prefix="adaconvert-checks")  # aminmax releases the GIL
+        self._magnitude: Future = pool.submit(finite_magnitude, tensors)
+        pool.shutdown(wait=False)  # its thread ends with the reduction
+
+    def add(self, fold: _Fold) -> None:
+        self._folds.append(fold)
+
+    def wait(self) -> None:
+        """Wait for the file-wide reduction, then check each fold from it.
+
+        Raises:
+            NonFiniteError: an input holds NaN or Inf (the tensor named, ``weights_path``), or a product overflows
+                float32 (``config_path``).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return
+        try:
+            magnitude = self._magnitude.result()
+            for fold in self._folds:
+                self._check(fold, magnitude)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        self._done = True
+
+    def _check(self, fold: _Fold, magnitude: float | None) -> None:
+        if magnitude is None:  # NaN or Inf somewhere (or not one storage): each module on its own, to name it
+            magnitudes = check_finite(fold.module, fold.parts, path=self.weights_path)
+        else:
+            magnitudes = dict.fromkeys(fold.parts, magnitude)
+        delta, product = fold.delta, magnitudes[fold.names[1]] * fold.largest_scale
+        delta.bound = max(magnitudes[fold.names[0]], product)
+        # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest
+        # value nothing overflows and the product need not be computed here; near it (or past it), every element is
+        if (
+            delta.rank
+            and delta.out_features
+            and not product <= _FOLD_SAFE  # also NaN: 0 × Inf
+            and not torch.isfinite(torch.stack(torch.aminmax(delta.B))).all()
+        ):
+            raise NonFiniteError(
+                f"lora_B × {fold.why} overflows float32 (NaN or Inf)", path=self.config_path, module=fold.module
+            )
+
+
 def fold_scaling(
     module: str,
     parts: dict[str, torch.Tensor],
@@ -245,47 +309,27 @@ def fold_scaling(
     *,
     names: tuple[str, str],
     keep: torch.Tensor | None = None,
-    magnitude: float | None = None,
-    weights_path: Path,
-    config_path: Path,
+    checks: ValueChecks,
     why: str,
 ) -> LowRankDelta:
     """The module's delta ``(A[keep], B[:, keep] · scale[keep])`` in float32: its factors with its scaling folded into
-    B (computed when read: ``LowRankDelta.folding``), once the inputs are known finite and the product too.
+    B (computed when read: ``LowRankDelta.folding``), its values checked by ``checks``.
 
     Args:
-        parts: every tensor of the module as saved, A (r, in) and B (out, r) named by ``names``; each must be
-            finite (one read each): NaN or Inf anywhere reaches PEFT's output, also through a component that
-            ``keep`` drops (0 · NaN is NaN).
+        parts: every tensor of the module as saved, A (r, in) and B (out, r) named by ``names``; ``checks`` checks
+            each is finite: NaN or Inf anywhere reaches PEFT's output, also through a component that ``keep``
+            drops (0 · NaN is NaN).
         scale: a float or an (r,) float32 vector (AdaLoRA's lora_E × scaling).
         keep: (k,) indices of the components to keep (None: all r); they are selected before the product, so
             that only the kept columns are multiplied and copied.
-        magnitude: the file's :func:`finite_magnitude`, when known: every input is then finite and at most that
-            large, and is not read again here.
+        checks: the file's :class:`ValueChecks`, which also check that the product stays finite and set the
+            delta's ``bound``.
         why: names the factor in the overflow message.
-
-    Raises:
-        NonFiniteError: an input holds NaN or Inf (naming it, ``weights_path``), or the product overflows float32
-            (a huge ``lora_alpha`` turns finite inputs into Inf; ``config_path``).
     """
-    if magnitude is None:
-        magnitudes = check_finite(module, parts, path=weights_path)
-    else:
-        magnitudes = dict.fromkeys(parts, magnitude)
-    magnitude = magnitudes[names[1]]
     scale32 = torch.as_tensor(scale, dtype=torch.float32)  # as the product uses it: 1e300 is Inf there
-    biggest_scale = float(scale32.abs().max()) if scale32.numel() else 0.0
-    bound = max(magnitudes[names[0]], magnitude * biggest_scale)
-    delta = LowRankDelta.folding(parts[names[0]], parts[names[1]], scale, keep, bound=bound)
-    # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest value
-    # nothing overflows and the product need not be computed here; near it (or past it), every element is checked
-    if (
-        delta.rank
-        and delta.out_features
-        and not magnitude * biggest_scale <= _FOLD_SAFE  # also NaN: 0 × Inf
-        and not torch.isfinite(torch.stack(torch.aminmax(delta.B))).all()
-    ):
-        raise NonFiniteError(f"lora_B × {why} overflows float32 (NaN or Inf)", path=config_path, module=module)
+    largest = float(scale32.abs().max()) if scale32.numel() else 0.0
+    delta = LowRankDelta.folding(parts[names[0]], parts[names[1]], scale, keep)
+    checks.add(_Fold(module, parts, names, delta, largest, why))
     return delta
 
 

@@ -11,9 +11,9 @@ from adaconvert.io.source import AdapterFiles, load_tensors, read_json
 from adaconvert.readers._common import (
     REQUIRED,
     Field,
+    ValueChecks,
     boolean,
     check_config,
-    finite_magnitude,
     fold_scaling,
     group_by_module,
     integer,
@@ -58,7 +58,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
     scale = adalora_scaling(lora_alpha, init_r)
 
     tensors = load_tensors(files.weights_path)
-    magnitude = finite_magnitude(tensors)
+    checks = ValueChecks(tensors, weights_path=files.weights_path, config_path=files.config_path)
     dtype = source_dtype(tensors)
     modules = group_by_module(tensors, ("lora_A", "lora_E", "lora_B"), path=files.weights_path)
 
@@ -74,9 +74,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
             E32 * scale,
             names=("lora_A", "lora_B"),
             keep=torch.nonzero(E32).flatten(),
-            magnitude=magnitude,
-            weights_path=files.weights_path,
-            config_path=files.config_path,
+            checks=checks,
             why=f"lora_E × scaling {scale:.3g}",
         )
 
@@ -105,6 +103,7 @@ def read_adalora(files: AdapterFiles) -> Adapter:
         task_type=cfg["task_type"],
         source_kind="adalora",
         provenance=provenance,
+        pending_checks=checks.wait,
     )
 
 

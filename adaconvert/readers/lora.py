@@ -10,9 +10,9 @@ from adaconvert.io.source import AdapterFiles, load_tensors, read_json
 from adaconvert.readers._common import (
     REQUIRED,
     Field,
+    ValueChecks,
     boolean,
     check_config,
-    finite_magnitude,
     fold_scaling,
     group_by_module,
     integer,
@@ -71,7 +71,8 @@ def read_lora(files: AdapterFiles) -> Adapter:
     rank_pattern, alpha_pattern = cfg["rank_pattern"], cfg["alpha_pattern"]
 
     loaded = load_tensors(files.weights_path)
-    magnitude = finite_magnitude(loaded)  # all of the file: a bound for the tensors kept
+    # all of the file, in one reduction (a bound for the tensors kept)
+    checks = ValueChecks(loaded, weights_path=files.weights_path, config_path=files.config_path)
     tensors = _without_saved_embedding_layers(loaded)
     dtype = source_dtype(tensors)
     hint = " (embedding LoRA, DoRA and bias terms are not supported)"
@@ -103,9 +104,7 @@ def read_lora(files: AdapterFiles) -> Adapter:
             parts,
             scaling,
             names=("lora_A.weight", "lora_B.weight"),
-            magnitude=magnitude,
-            weights_path=files.weights_path,
-            config_path=files.config_path,
+            checks=checks,
             why=f"scaling {scaling:.3g}",
         )
         return delta, scaling
@@ -135,6 +134,7 @@ def read_lora(files: AdapterFiles) -> Adapter:
         task_type=cfg["task_type"],
         source_kind=source_kind,
         provenance=provenance,
+        pending_checks=checks.wait,
     )
 
 
