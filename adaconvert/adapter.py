@@ -31,11 +31,11 @@ class LowRankDelta:
     (about 60 ms of a 200 ms export of an 8B-shaped AdaLoRA), writing them from a few MiB at a time does not.
     """
 
-    __slots__ = ("_A", "_B", "_keep", "_saved_A", "_saved_B", "_scale", "bound")
+    __slots__ = ("_A", "_B", "_keep", "_rank", "_saved_A", "_saved_B", "_scale", "bound")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         self._A, self._B = A, B
-        self._saved_A = self._saved_B = self._keep = self._scale = None
+        self._saved_A = self._saved_B = self._keep = self._scale = self._rank = None
         # no entry of A or B has a larger magnitude (a reader's checks set it from max|A|, and max|B| · max|scale|:
         # float rounding is monotonic); lets a writer skip a range check (float16's) the factors pass anyway. None:
         # not known
@@ -62,6 +62,7 @@ class LowRankDelta:
         if keep is not None and isinstance(scale, torch.Tensor):
             scale = scale.index_select(0, keep)
         delta._saved_A, delta._saved_B, delta._scale, delta._keep = A, B, scale, keep
+        delta._rank = A.shape[0] if keep is None else len(keep)  # an int: writers ask for it per block
         return delta
 
     @property
@@ -131,9 +132,7 @@ class LowRankDelta:
 
     @property
     def rank(self) -> int:
-        if self._A is not None:
-            return self._A.shape[0]
-        return self._saved_A.shape[0] if self._keep is None else len(self._keep)
+        return self._A.shape[0] if self._A is not None else self._rank
 
     @property
     def in_features(self) -> int:

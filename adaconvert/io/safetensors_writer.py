@@ -65,6 +65,14 @@ class _PadBuffer:
     dirty_rows: int = 0
     written: Future | None = None  # the write of its last data, which must end before the buffer is reused
 
+    def __post_init__(self):
+        self.bytes = byte_view(self.data)  # made once: a view per block costs ~20 µs, 448 blocks per 8B adapter
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as they are in memory (no copy; it keeps ``tensor`` alive)."""
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
 
 def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     return math.prod(shape) * dtype.itemsize
@@ -199,7 +207,7 @@ class SafetensorsWriter:
                     pad = self._buffer(dtype, shape[1], step, cols)
                     pad.data[:n, :cols].copy_(block)
                 pad.dirty_rows = max(pad.dirty_rows, n)
-                pad.written = self._write_tensor(pad.data[:n])
+                pad.written = self._write_bytes(pad.bytes[: n * shape[1] * dtype.itemsize])
                 self._hand_over()  # now: the buffer's turn comes again after the others', and waits for this write
         self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
         self._tensor_done(tensor_nbytes(dtype, shape))
@@ -208,7 +216,10 @@ class SafetensorsWriter:
     def _write_tensor(self, tensor: torch.Tensor) -> Future:
         """The bytes of a contiguous CPU tensor, as they are in memory, for the writing thread (which keeps
         ``tensor`` alive until they are written); the future ends when they are."""
-        data = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+        return self._write_bytes(byte_view(tensor))
+
+    def _write_bytes(self, data: memoryview) -> Future:
+        """``data`` at the next offset, for the writing thread; the future ends when it is written."""
         self._batch.append((self._offset, data))
         self._offset += len(data)
         self._batch_bytes += len(data)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from adaconvert.io.safetensors_writer import byte_view
 from adaconvert.writers.sharded import Shard, ShardFiles, parse_size, plan_shards
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -242,4 +243,4 @@ def write_shards(directory: Path, shards: Sequence[Shard], tensors: Iterable[tup
     """
     with ShardFiles(directory, shards) as files:
         for name, tensor in tensors:
-            files.write(name, 0, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            files.write(name, 0, byte_view(tensor.contiguous()))
