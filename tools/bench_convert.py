@@ -6,7 +6,10 @@ Compares, in the same run and each in a fresh subprocess (so that peak RSS is it
     bytes than they read: this row is the copy of as many bytes as they write);
   - every entry of OPERATIONS: an adaconvert verb through the CLI, as users run it (`to-lora` in both layouts,
     `to-mlx`, `to-gguf`: read, fold scaling, strip, measure errors, write, checks, card + report).
-Prints wall time and peak RSS, their ratios to the copy, and the output size against the compact layout's.
+Prints wall time (median of the runs) and peak RSS, their ratios to the copy, and the output size against the compact
+layout's. The modes take turns in rounds, and "time / copy" is the median over the rounds of each run's time over the
+same round's copy: the machine's speed drifts (the same copy took 0.12 to 0.20 s from one run of this benchmark to the
+next), and a ratio within one round is less exposed to it than a ratio of medians.
 
     python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB, ~320 MiB)
     python tools/bench_convert.py --layers 4      # quick
@@ -185,6 +188,9 @@ def main() -> None:
                 mode: {k: statistics.median(r[k] for r in runs[mode]) for k in ("seconds", "peak_rss", "bytes")}
                 for mode in runs
             }
+            for mode in runs:  # each run against the copy of its own round: the machine's speed drifts between rounds
+                rounds = zip(runs[mode], runs["copy"], strict=True)
+                best[mode]["ratio"] = statistics.median(r["seconds"] / c["seconds"] for r, c in rounds)
             rows.append((pattern, size, best))
 
     mb = 2**20
@@ -199,11 +205,11 @@ def main() -> None:
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for pattern, size, best in rows:
-        copy, compact = best["copy"], best["to-lora (compact)"]
+        compact = best["to-lora (compact)"]
         for mode, m in best.items():
             print(
                 f"| {'set' if pattern else 'null'} | {size / mb:.0f} | {mode} | {m['seconds']:.2f} "
-                f"| {m['seconds'] / copy['seconds']:.2f} | {m['peak_rss'] / mb:.0f} | {m['peak_rss'] / size:.2f} "
+                f"| {m['ratio']:.2f} | {m['peak_rss'] / mb:.0f} | {m['peak_rss'] / size:.2f} "
                 f"| {(m['peak_rss'] - idle['peak_rss']) / size:.2f} | {m['bytes'] / mb:.0f} "
                 f"| {m['bytes'] / compact['bytes']:.2f} |"
             )
