@@ -69,7 +69,7 @@ def finite_magnitude(tensors: dict[str, torch.Tensor]) -> float | None:
     module is checked on its own (:func:`check_finite`, which names the tensor that holds NaN or Inf).
 
     One ``aminmax`` over the whole data instead of one per tensor: for an 8B-shaped AdaLoRA (672 tensors,
-    160 MiB) 25 ms instead of 35 on one thread.
+    160 MiB) about 24 ms against 26-30 ms on one thread, and one task for :class:`ValueChecks`' thread.
     """
     values = list(tensors.values())
     if not values or not values[0].is_floating_point():
