@@ -66,7 +66,7 @@ class _PadBuffer:
     written: Future | None = None  # the write of its last data, which must end before the buffer is reused
 
     def __post_init__(self):
-        self.bytes = byte_view(self.data)  # made once: a view per block costs ~20 µs, 448 blocks per 8B adapter
+        self.bytes = byte_view(self.data)  # made once, not per block (448 blocks in an 8B-shaped mlx-lm export)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
