@@ -9,7 +9,9 @@ Compares, in the same run and each in a fresh subprocess (so that peak RSS is it
 Prints wall time (median of the runs) and peak RSS, their ratios to the copy, and the output size against the compact
 layout's. The modes take turns in rounds, and "time / copy" is the median over the rounds of each run's time over the
 same round's copy: the machine's speed drifts (the same copy took 0.12 to 0.20 s from one run of this benchmark to the
-next), and a ratio within one round is less exposed to it than a ratio of medians.
+next), and a ratio within one round is less exposed to it than a ratio of medians. "time / copy of as many bytes"
+compares with a copy of the larger of what the operation reads and what it writes: the input's copy, or, for the
+padded layouts, which write more than they read, the copy of uniform's output.
 
     python tools/bench_convert.py                 # 32 layers, init_r 32, float32 (~335 MB, ~320 MiB)
     python tools/bench_convert.py --layers 4      # quick
@@ -135,6 +137,11 @@ def child(mode: str, src: str, dst: str, base: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes()}))
 
 
+def _per_round(runs: list[dict], copies: list[dict]) -> float:
+    """The median over the rounds of each run's time over the copy's of the same round."""
+    return statistics.median(r["seconds"] / c["seconds"] for r, c in zip(runs, copies, strict=True))
+
+
 def output_bytes(path: Path) -> int:
     """Size of everything written (a directory's files, or one file; 0 when nothing was)."""
     if not path.exists():
@@ -188,9 +195,12 @@ def main() -> None:
                 mode: {k: statistics.median(r[k] for r in runs[mode]) for k in ("seconds", "peak_rss", "bytes")}
                 for mode in runs
             }
-            for mode in runs:  # each run against the copy of its own round: the machine's speed drifts between rounds
-                rounds = zip(runs[mode], runs["copy"], strict=True)
-                best[mode]["ratio"] = statistics.median(r["seconds"] / c["seconds"] for r, c in rounds)
+            for mode in runs:  # each run against a copy of its own round: the machine's speed drifts between rounds
+                best[mode]["ratio"] = _per_round(runs[mode], runs["copy"])
+                # against a copy of as many bytes as it moves: the larger of what it reads and what it writes
+                moved = max(best[mode]["bytes"] if mode == PADDED_COPY else size, best[mode]["bytes"])
+                same = next((c for c in ("copy", PADDED_COPY) if abs(moved - best[c]["bytes"]) <= moved / 100), None)
+                best[mode]["same"] = _per_round(runs[mode], runs[same]) if same else None
             rows.append((pattern, size, best))
 
     mb = 2**20
@@ -199,17 +209,18 @@ def main() -> None:
         f"init_r {args.init_r}, float32; median of {args.repeat}; idle RSS {idle['peak_rss'] / mb:.0f} MiB"
     )
     header = (
-        "| rank_pattern | adapter MiB | operation | s | time / copy | peak RSS MiB | RSS / adapter "
-        "| (RSS - idle) / adapter | output MiB | output / compact |"
+        "| rank_pattern | adapter MiB | operation | s | time / copy | time / copy of as many bytes | peak RSS MiB "
+        "| RSS / adapter | (RSS - idle) / adapter | output MiB | output / compact |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for pattern, size, best in rows:
         compact = best["to-lora (compact)"]
         for mode, m in best.items():
+            same = "-" if m["same"] is None else f"{m['same']:.2f}"
             print(
                 f"| {'set' if pattern else 'null'} | {size / mb:.0f} | {mode} | {m['seconds']:.2f} "
-                f"| {m['ratio']:.2f} | {m['peak_rss'] / mb:.0f} | {m['peak_rss'] / size:.2f} "
+                f"| {m['ratio']:.2f} | {same} | {m['peak_rss'] / mb:.0f} | {m['peak_rss'] / size:.2f} "
                 f"| {(m['peak_rss'] - idle['peak_rss']) / size:.2f} | {m['bytes'] / mb:.0f} "
                 f"| {m['bytes'] / compact['bytes']:.2f} |"
             )
