@@ -191,7 +191,7 @@ class SafetensorsWriter:
             self._write_tensor(tensor)
         elif rows:
             step = max(1, _BUFFER_BYTES // max(1, shape[1] * dtype.itemsize))
-            # a padded layout has few row widths (two buffers each); unpadded rows, one width per rank, are
+            # a padded layout has few row widths (_TURNS buffers each); unpadded rows, one width per rank, are
             # computed into fresh memory the size of a module instead
             padded = (rows, cols) != tuple(shape)
             for start in range(0, rows, step):
