@@ -291,6 +291,7 @@ class ValueChecks:
         delta.bound = max(magnitudes[fold.names[0]], product)
         # max|B| · max|scale| bounds every product and float rounding is monotonic: far below float32's largest
         # value nothing overflows and the product need not be computed here; near it (or past it), every element is
+        # checked
         if (
             delta.rank
             and delta.out_features
