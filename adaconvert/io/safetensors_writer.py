@@ -197,16 +197,15 @@ class SafetensorsWriter:
             for start in range(0, rows, step):
                 n = min(step, rows - start)
                 if padded and not whole and dtype == torch.float32 and not tensor.view:
-                    pad = self._buffer(dtype, shape[1], step, cols)
+                    pad = self._buffer(dtype, shape[1], step, n, cols)
                     tensor.rows(start, start + n, out=pad.data[:n, :cols])  # computed in place: no new memory
                 else:
                     block = tensor[start : start + n] if whole else tensor.rows(start, start + n)
                     if (cols, block.dtype) == (shape[1], dtype) and block.is_contiguous():
                         self._write_tensor(block)  # computed just now, in its final form (or a view of the file)
                         continue
-                    pad = self._buffer(dtype, shape[1], step, cols)
+                    pad = self._buffer(dtype, shape[1], step, n, cols)
                     pad.data[:n, :cols].copy_(block)
-                pad.dirty_rows = max(pad.dirty_rows, n)
                 pad.written = self._write_bytes(pad.bytes[: n * shape[1] * dtype.itemsize])
                 self._hand_over()  # now: the buffer's turn comes again after the others', and waits for this write
         self._skip((shape[0] - rows) * shape[1] * dtype.itemsize)
@@ -247,22 +246,22 @@ class SafetensorsWriter:
                 f"{self.path}: expected {exp_name} {exp_dtype} {list(exp_shape)}, got {name} {dtype} {list(shape)}"
             )
 
-    def _buffer(self, dtype: torch.dtype, width: int, step: int, cols: int) -> _PadBuffer:
+    def _buffer(self, dtype: torch.dtype, width: int, step: int, rows: int, cols: int) -> _PadBuffer:
         """A buffer of ``dtype`` and ``width`` for blocks of up to ``step`` rows (allocated once, as tall as the
         layout's tallest tensor of that width needs), whose columns from ``cols`` on are zero and whose earlier
-        data is written: only the first ``cols`` columns of the rows used are set before the next call of the same
-        dtype and width."""
+        data is written: the caller sets the first ``cols`` columns of its first ``rows`` rows, nothing else,
+        before the next call of the same dtype and width."""
         turns = self._buffers.setdefault((dtype, width), deque())
         if len(turns) < _TURNS:
-            rows = min(step, self._tallest[dtype, width])
-            turns.appendleft(_PadBuffer(torch.zeros((rows, width), dtype=dtype)))
+            tallest = min(step, self._tallest[dtype, width])
+            turns.appendleft(_PadBuffer(torch.zeros((tallest, width), dtype=dtype)))
         turns.rotate(-1)
         buffer = turns[-1]
         if buffer.written is not None:  # handed over as it was filled (write_padded)
             buffer.written.result()
         if buffer.dirty > cols:  # data columns of earlier calls, in the rows they used
             buffer.data[: buffer.dirty_rows, cols : buffer.dirty].zero_()
-        buffer.dirty = cols
+        buffer.dirty, buffer.dirty_rows = cols, max(buffer.dirty_rows, rows)
         return buffer
 
     def _skip(self, nbytes: int) -> None:
