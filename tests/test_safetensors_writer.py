@@ -62,7 +62,7 @@ def test_header_is_valid_json_padded_with_spaces():
 
 @pytest.mark.parametrize("slow_disk", [False, True])
 def test_write_padded_is_the_padded_tensor(tmp_path, monkeypatch, slow_disk):
-    """write_padded streams a cast, zero-padded copy through reused buffers (two per row width, in turn, each
+    """write_padded streams a cast, zero-padded copy through reused buffers (a few per row width, in turn, each
     written by the writer's thread): the file holds exactly ``zeros(shape)`` with the tensor in its corner, for
     transposed views, row and column padding, several buffer chunks, and a narrower tensor after a wider one, also
     with a tensor of another width in between (whose data columns must not leak into its padding). With a slow
